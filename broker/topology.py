@@ -1,0 +1,95 @@
+"""Every exchange, queue, binding and argument of a federation, declared in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ExchangeType = Literal["direct", "fanout"]
+UPDATE_ROUTING_KEY = "update"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType = "direct"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, str | int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+Spec = ExchangeSpec | QueueSpec | BindingSpec
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments for one federation; several federations can share one vhost."""
+
+    federation: str
+    prefix: str = "flexlora"
+    # A message that makes consumers die this many times is dead-lettered instead of looping forever.
+    delivery_limit: int = 5
+
+    def _name(self, *parts: str) -> str:
+        return ".".join((self.prefix, self.federation, *parts))
+
+    @property
+    def updates_exchange(self) -> str:
+        return self._name("updates")
+
+    @property
+    def updates_queue(self) -> str:
+        return self._name("updates")
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return self._name("dead-letter")
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return self._name("dead-letter")
+
+    @property
+    def adapters_exchange(self) -> str:
+        return self._name("adapters")
+
+    def adapter_queue(self, client_id: str) -> str:
+        return self._name("adapters", client_id)
+
+    def core(self) -> list[Spec]:
+        """What the aggregators need: the updates path and the dead-letter path."""
+        return [
+            ExchangeSpec(self.updates_exchange),
+            ExchangeSpec(self.dead_letter_exchange, "fanout"),
+            ExchangeSpec(self.adapters_exchange),
+            QueueSpec(
+                self.updates_queue,
+                {
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": self.delivery_limit,
+                    "x-dead-letter-exchange": self.dead_letter_exchange,
+                },
+            ),
+            QueueSpec(self.dead_letter_queue, {"x-queue-type": "quorum"}),
+            BindingSpec(self.updates_queue, self.updates_exchange, UPDATE_ROUTING_KEY),
+            BindingSpec(self.dead_letter_queue, self.dead_letter_exchange, ""),
+        ]
+
+    def client(self, client_id: str) -> list[Spec]:
+        """One client's adapter mailbox: it keeps only the newest adapter, so no stale backlog builds up."""
+        queue = self.adapter_queue(client_id)
+        return [
+            ExchangeSpec(self.adapters_exchange),
+            QueueSpec(queue, {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"}),
+            BindingSpec(queue, self.adapters_exchange, client_id),
+        ]

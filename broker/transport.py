@@ -1,0 +1,93 @@
+"""The transport contract every broker implementation fulfils (RabbitMQ, in-memory)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from broker.topology import Spec
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message as a consumer sees it. `redelivered` means some consumer held it before: be idempotent."""
+
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    message_id: str | None = None
+    routing_key: str = ""
+    redelivered: bool = False
+    # Set by the broker from the authenticated connection (RabbitMQ validates it), never from the body.
+    user_id: str | None = None
+
+
+class Delivery(abc.ABC):
+    """One unacknowledged message. Exactly one of ack / dead_letter / requeue settles it."""
+
+    message: Message
+
+    @abc.abstractmethod
+    def ack(self) -> None:
+        """Settle the message as done. Call only after its effect is durably recorded."""
+
+    @abc.abstractmethod
+    def dead_letter(self, reason: str, detail: str = "") -> None:
+        """Move the message to the dead-letter queue with a reason header (confirmed), then ack it."""
+
+    @abc.abstractmethod
+    def requeue(self) -> None:
+        """Give the message back to the queue for another consumer (e.g. a dependency is down)."""
+
+
+class Subscription(abc.ABC):
+    """Manual-ack consumption of one queue with a prefetch limit; pulled from the caller's thread."""
+
+    @abc.abstractmethod
+    def get(self, timeout: float) -> Delivery | None:
+        """The next delivery, or None when none arrived within `timeout` seconds."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop consuming; unsettled deliveries go back to the queue."""
+
+
+class Transport(abc.ABC):
+    """A connection to a broker. Its methods are safe to call from any thread."""
+
+    @abc.abstractmethod
+    def declare(self, specs: Sequence[Spec]) -> None:
+        """Declare exchanges, queues and bindings (idempotent)."""
+
+    @abc.abstractmethod
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm; PublishRefused if unroutable or nacked."""
+
+    @abc.abstractmethod
+    def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:
+        """Start consuming `queue`; dead_letter() on its deliveries publishes to `dead_letter_exchange`."""
+
+    @abc.abstractmethod
+    def queue_depth(self, queue: str) -> int:
+        """Messages ready in `queue` (not counting unacknowledged ones)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection; unsettled deliveries go back to their queues."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

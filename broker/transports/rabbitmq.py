@@ -1,0 +1,316 @@
+"""The RabbitMQ transport over pika: one I/O thread owns the connection, work runs on the callers' threads."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from broker.errors import BrokerError, ConnectionLost, DeliveryGone, PublishRefused
+from broker.topology import BindingSpec, ExchangeSpec, QueueSpec, Spec
+from broker.transport import Delivery, Message, Subscription, Transport
+from schemas.messages import DETAIL_KEY, REASON_KEY
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_names = itertools.count(1)
+
+
+def _header_text(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """Keep the string headers; RabbitMQ's own tables (x-death) are summarised, not passed on raw."""
+    out: dict[str, str] = {}
+    for key, value in (headers or {}).items():
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, bytes):
+            out[key] = value.decode("utf-8", "replace")
+    # The broker's own dead-lettering (delivery limit, expiry) names its reason here; surface it the same way.
+    first_death = out.get("x-first-death-reason")
+    if first_death is not None:
+        out.setdefault(REASON_KEY, first_death)
+    return out
+
+
+class RabbitMQTransport(Transport):
+    """A pika BlockingConnection driven by its own thread, so heartbeats flow while callers train or run SVDs.
+
+    pika connections are not thread-safe; every channel operation is handed to the I/O thread with
+    `add_callback_threadsafe` and its result (or error) comes back through a Future.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: int = 30,
+        connection_name: str = "flexlora",
+        call_timeout: float = 60.0,
+    ) -> None:
+        self.params = pika.URLParameters(url)
+        self.params.heartbeat = heartbeat
+        self.params.client_properties = {"connection_name": connection_name}
+        self.user_id = self.params.credentials.username
+        self.call_timeout = call_timeout
+        self._conn: pika.BlockingConnection | None = None
+        self._publish_channel: BlockingChannel | None = None
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name=f"amqp-io-{next(_names)}", daemon=True)
+        self._thread.start()
+        try:
+            self._ready.result(timeout=call_timeout)
+        except FutureTimeout as exc:
+            self._stopping.set()
+            raise ConnectionLost(f"timed out connecting to {self.params.host}:{self.params.port}") from exc
+
+    # --- the I/O thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._conn = pika.BlockingConnection(self.params)
+            self._publish_channel = self._conn.channel()
+            self._publish_channel.confirm_delivery()
+        except Exception as exc:
+            self._ready.set_exception(_convert(exc))
+            return
+        self._ready.set_result(None)
+        try:
+            while not self._stopping.is_set():
+                self._conn.process_data_events(time_limit=0.2)
+        except Exception as exc:
+            self._error = _convert(exc)
+            log.warning("AMQP connection lost: %s", exc)
+        finally:
+            if self._conn.is_open:
+                try:
+                    self._conn.close()
+                except Exception:  # closing a half-dead connection can fail in many ways; it is gone either way
+                    log.debug("error while closing the AMQP connection", exc_info=True)
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run `fn` on the I/O thread and return its result, re-raising its error as a BrokerError."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        self._check()
+        assert self._conn is not None
+        future: Future[_T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(_convert(exc))
+
+        try:
+            self._conn.add_callback_threadsafe(run)
+        except Exception as exc:
+            raise _convert(exc) from exc
+        remaining = self.call_timeout
+        while True:
+            try:
+                return future.result(timeout=min(remaining, 0.5))
+            except FutureTimeout:
+                remaining -= 0.5
+                self._check()
+                if remaining <= 0:
+                    future.cancel()
+                    raise ConnectionLost("the AMQP I/O thread did not answer in time") from None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise ConnectionLost(str(self._error)) from self._error
+        if not self._thread.is_alive():
+            raise ConnectionLost("the AMQP connection is closed")
+
+    @property
+    def is_open(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    # --- the contract ---------------------------------------------------------------------------
+    def declare(self, specs: Sequence[Spec]) -> None:
+        def run() -> None:
+            assert self._conn is not None
+            # A failed declare closes its channel, so declarations get a channel of their own.
+            channel = self._conn.channel()
+            try:
+                for spec in specs:
+                    if isinstance(spec, ExchangeSpec):
+                        channel.exchange_declare(spec.name, exchange_type=spec.type, durable=True)
+                    elif isinstance(spec, QueueSpec):
+                        channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
+                    elif isinstance(spec, BindingSpec):
+                        channel.queue_bind(spec.queue, spec.exchange, routing_key=spec.routing_key)
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+        self._call(run)
+
+    def _properties(self, headers: Mapping[str, str], message_id: str | None) -> BasicProperties:
+        return BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type="application/vnd.safetensors",
+            headers=dict(headers),
+            message_id=message_id,
+            # RabbitMQ refuses a user_id that differs from the connection's user, so it is trustworthy.
+            user_id=self.user_id,
+        )
+
+    def _publish_now(self, exchange: str, routing_key: str, body: bytes, properties: BasicProperties) -> None:
+        assert self._conn is not None
+        if self._publish_channel is None or not self._publish_channel.is_open:
+            self._publish_channel = self._conn.channel()
+            self._publish_channel.confirm_delivery()
+        self._publish_channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        properties = self._properties(headers, message_id)
+        self._call(lambda: self._publish_now(exchange, routing_key, body, properties))
+
+    def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:
+        return _RabbitSubscription(self, queue, prefetch, dead_letter_exchange)
+
+    def queue_depth(self, queue: str) -> int:
+        def run() -> int:
+            assert self._conn is not None
+            channel = self._conn.channel()
+            try:
+                result = channel.queue_declare(queue, passive=True)
+                return int(result.method.message_count)
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+        return self._call(run)
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._conn is not None and self._thread.is_alive():
+            try:
+                self._conn.add_callback_threadsafe(lambda: None)  # wake the loop so it sees the flag
+            except Exception:
+                log.debug("connection already closed", exc_info=True)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+
+class _RabbitDelivery(Delivery):
+    def __init__(self, sub: _RabbitSubscription, channel: BlockingChannel, tag: int, message: Message) -> None:
+        self.message = message
+        self._sub = sub
+        self._channel = channel
+        self._tag = tag
+
+    def _settle(self, action: Callable[[], None]) -> None:
+        def run() -> None:
+            if not self._channel.is_open:
+                raise DeliveryGone("the channel closed; the broker will redeliver this message")
+            action()
+
+        self._sub.transport._call(run)
+
+    def ack(self) -> None:
+        self._settle(lambda: self._channel.basic_ack(self._tag))
+
+    def dead_letter(self, reason: str, detail: str = "") -> None:
+        transport = self._sub.transport
+        headers = {**self.message.headers, REASON_KEY: reason, DETAIL_KEY: detail[:1000]}
+        properties = transport._properties(headers, self.message.message_id)
+
+        def run() -> None:
+            # Publish (confirmed) before the ack: a crash between the two duplicates, never loses.
+            transport._publish_now(
+                self._sub.dead_letter_exchange, self.message.routing_key, self.message.body, properties
+            )
+            self._channel.basic_ack(self._tag)
+
+        self._settle(run)
+
+    def requeue(self) -> None:
+        self._settle(lambda: self._channel.basic_nack(self._tag, requeue=True))
+
+
+class _RabbitSubscription(Subscription):
+    def __init__(self, transport: RabbitMQTransport, queue_name: str, prefetch: int, dead_letter_exchange: str):
+        self.transport = transport
+        self.dead_letter_exchange = dead_letter_exchange
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+
+        def start() -> BlockingChannel:
+            assert transport._conn is not None
+            channel = transport._conn.channel()
+            channel.basic_qos(prefetch_count=max(1, prefetch))
+            channel.basic_consume(queue_name, self._on_message, auto_ack=False)
+            return channel
+
+        self._channel = transport._call(start)
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes
+    ) -> None:
+        message = Message(
+            body=body,
+            headers=_header_text(properties.headers),
+            message_id=properties.message_id,
+            routing_key=method.routing_key or "",
+            redelivered=bool(method.redelivered),
+            user_id=properties.user_id,
+        )
+        assert method.delivery_tag is not None
+        self._inbox.put(_RabbitDelivery(self, channel, method.delivery_tag, message))
+
+    def get(self, timeout: float) -> Delivery | None:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            self.transport._check()
+            return None
+
+    def close(self) -> None:
+        def run() -> None:
+            # Closing the channel hands every unacked delivery back to the queue.
+            if self._channel.is_open:
+                self._channel.close()
+
+        if self.transport.is_open:
+            try:
+                self.transport._call(run)
+            except BrokerError:
+                log.debug("subscription channel already gone", exc_info=True)
+
+
+def _convert(exc: BaseException) -> BaseException:
+    """Third-party errors become ours at the boundary; ours pass through."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        return PublishRefused(f"unroutable: {exc}")
+    if isinstance(exc, pika.exceptions.NackError):
+        return PublishRefused(f"nacked by the broker: {exc}")
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        return BrokerError(f"channel closed by the broker: {exc.reply_code} {exc.reply_text}")
+    if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionWrongStateError, OSError)):
+        return ConnectionLost(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, pika.exceptions.AMQPError):
+        return BrokerError(f"{type(exc).__name__}: {exc}")
+    return exc

@@ -1,0 +1,1 @@
+"""Everything that crosses a process boundary: message headers, tensor payloads, LoRA key layout."""

@@ -1,0 +1,74 @@
+"""The LoRA key layout on the wire, which is PEFT's own adapter_model.safetensors layout."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import torch
+
+from schemas.errors import LoraLayoutError
+
+# PEFT saves `base_model.model.<module path>.lora_A.weight`; keeping that prefix means a payload
+# can be written straight to an adapter directory and loaded with PeftModel.from_pretrained.
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+class LoraFactors(NamedTuple):
+    """One module's factors: A is (rank × d_in), B is (d_out × rank)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def lora_key(module: str, factor: str) -> str:
+    return f"{PEFT_PREFIX}{module}.lora_{factor}.weight"
+
+
+def join_lora(factors: Mapping[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    """Flatten per-module factors into PEFT state-dict keys."""
+    out: dict[str, torch.Tensor] = {}
+    for module, (a, b) in factors.items():
+        out[lora_key(module, "A")] = a
+        out[lora_key(module, "B")] = b
+    return out
+
+
+def split_lora(
+    tensors: Mapping[str, torch.Tensor], *, rank: int, target_modules: Iterable[str] | None = None
+) -> dict[str, LoraFactors]:
+    """Group PEFT state-dict keys by module, checking every key, rank and shape; raises LoraLayoutError."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise LoraLayoutError(f"unexpected tensor key {key!r}; expected {PEFT_PREFIX}<module>.lora_A|B.weight")
+        parts.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not parts:
+        raise LoraLayoutError("payload holds no LoRA tensors")
+    targets = tuple(target_modules) if target_modules is not None else None
+    factors: dict[str, LoraFactors] = {}
+    for module in sorted(parts):
+        pair = parts[module]
+        if set(pair) != {"A", "B"}:
+            raise LoraLayoutError(f"module {module!r} lacks lora_{'B' if 'A' in pair else 'A'}")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2:
+            raise LoraLayoutError(f"module {module!r}: factors must be 2-D, got {tuple(a.shape)}, {tuple(b.shape)}")
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise LoraLayoutError(
+                f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have the declared rank {rank}"
+            )
+        if targets is not None and module.rsplit(".", 1)[-1] not in targets:
+            raise LoraLayoutError(f"module {module!r} is not one of the declared target modules {list(targets)}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoraLayoutError(f"module {module!r} holds NaN or infinite values")
+        factors[module] = LoraFactors(a, b)
+    return factors
+
+
+def module_shapes(factors: Mapping[str, LoraFactors]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every module: what two updates must agree on to be aggregated together."""
+    return {m: (int(f.B.shape[0]), int(f.A.shape[1])) for m, f in factors.items()}

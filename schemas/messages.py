@@ -1,0 +1,100 @@
+"""Pydantic models of the messages: an update from an edge client, an adapter release to one."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from schemas.errors import HeaderError
+
+SCHEMA_VERSION: Literal[1] = 1
+# AMQP header that carries the JSON of the models below; the body is the safetensors payload.
+HEADER_KEY = "x-flexlora-header"
+REASON_KEY = "x-flexlora-reason"
+DETAIL_KEY = "x-flexlora-detail"
+
+_M = TypeVar("_M", bound=BaseModel)
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PayloadInfo(_Strict):
+    """Integrity fields of the safetensors body that travels beside a header."""
+
+    size: int = Field(ge=0)
+    sha256: Sha256
+
+
+class LoraUpdate(_Strict):
+    """One client's locally trained LoRA factors, trained from global version `base_version`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["update"] = "update"
+    update_id: Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")] = Field(
+        default_factory=lambda: str(uuid.uuid4())
+    )
+    federation: Identifier
+    client_id: Identifier
+    base_version: int = Field(ge=0)
+    rank: int = Field(ge=1, le=4096)
+    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
+    num_samples: int = Field(ge=1)
+    target_modules: tuple[ModuleName, ...] = Field(min_length=1)
+    base_model_fingerprint: Sha256
+    payload: PayloadInfo
+    train_loss: float | None = Field(default=None, allow_inf_nan=False)
+    created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @model_validator(mode="after")
+    def _unique_modules(self) -> LoraUpdate:
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError("target_modules has duplicates")
+        return self
+
+
+class AdapterRelease(_Strict):
+    """The global adapter of `version`, cut to one client's rank and alpha."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["adapter"] = "adapter"
+    federation: Identifier
+    version: int = Field(ge=1)
+    client_id: Identifier
+    rank: int = Field(ge=1, le=4096)
+    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
+    target_modules: tuple[ModuleName, ...] = Field(min_length=1)
+    base_model_fingerprint: Sha256
+    strategy: Identifier = "flexlora"
+    num_updates: int = Field(ge=1)
+    payload: PayloadInfo
+    created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+
+def parse_update(raw: str | bytes | None) -> LoraUpdate:
+    """Parse an update header, converting pydantic's error into a HeaderError with a readable detail."""
+    return _parse(LoraUpdate, raw)
+
+
+def parse_release(raw: str | bytes | None) -> AdapterRelease:
+    """Parse an adapter-release header (see parse_update)."""
+    return _parse(AdapterRelease, raw)
+
+
+def _parse(model: type[_M], raw: str | bytes | None) -> _M:
+    if raw is None:
+        raise HeaderError(f"message has no {HEADER_KEY} header")
+    try:
+        # Strict models still accept ISO datetimes and arrays-as-tuples from JSON: that is JSON mode.
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise HeaderError(f"invalid {model.__name__} header: {problems}") from exc

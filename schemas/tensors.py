@@ -1,0 +1,51 @@
+"""Tensor payloads: safetensors bytes with a size and sha256 check; never pickle."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from schemas.errors import PayloadIntegrityError, TensorDecodeError
+from schemas.messages import PayloadInfo
+
+ALLOWED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, PayloadInfo]:
+    """Serialise tensors to safetensors bytes and describe them for the message header."""
+    # safetensors refuses views that share storage or are not contiguous; a detached copy is safe.
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    data = st_save(plain)
+    return data, PayloadInfo(size=len(data), sha256=sha256_hex(data))
+
+
+def verify_payload(data: bytes, info: PayloadInfo) -> None:
+    """Raise PayloadIntegrityError unless `data` has exactly the declared size and sha256."""
+    if len(data) != info.size:
+        raise PayloadIntegrityError(f"payload is {len(data)} bytes, header declares {info.size}")
+    digest = sha256_hex(data)
+    if digest != info.sha256:
+        raise PayloadIntegrityError(f"payload sha256 {digest[:12]}… differs from the declared {info.sha256[:12]}…")
+
+
+def decode_tensors(data: bytes, info: PayloadInfo | None = None) -> dict[str, torch.Tensor]:
+    """Check integrity (if `info` is given) and parse safetensors bytes into float tensors."""
+    if info is not None:
+        verify_payload(data, info)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise TensorDecodeError(f"payload is not valid safetensors: {exc}") from exc
+    for name, tensor in tensors.items():
+        if tensor.dtype not in ALLOWED_DTYPES:
+            raise TensorDecodeError(f"tensor {name!r} has dtype {tensor.dtype}; only float dtypes are accepted")
+    return tensors

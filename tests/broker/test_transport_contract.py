@@ -1,0 +1,176 @@
+"""One contract, run against every transport: the in-memory twin and the real RabbitMQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.connect import connect
+from broker.errors import PublishRefused
+from broker.topology import UPDATE_ROUTING_KEY, Topology
+from broker.transport import Transport
+from broker.transports.memory import MemoryBroker
+from schemas.messages import REASON_KEY
+from tests.conftest import AMQP_URL
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def transport_factory(request: pytest.FixtureRequest, federation: str) -> Iterator[tuple[callable, Topology]]:  # type: ignore[valid-type]
+    opened: list[Transport] = []
+    memory = MemoryBroker()
+
+    def factory(heartbeat: int = 30) -> Transport:
+        url = "memory://" if request.param == "memory" else AMQP_URL
+        transport = connect(url, memory=memory, heartbeat=heartbeat)
+        opened.append(transport)
+        return transport
+
+    if request.param == "rabbitmq":
+        cleanup = request.getfixturevalue("amqp_cleanup")
+        cleanup.extend(Topology(federation).adapter_queue(c) for c in ("c1", "c2"))
+    topo = Topology(federation, delivery_limit=2)
+    yield factory, topo
+    for transport in opened:
+        transport.close()
+
+
+@pytest.fixture
+def transport(transport_factory) -> Transport:  # type: ignore[no-untyped-def]
+    factory, topo = transport_factory
+    t = factory()
+    t.declare(topo.core())
+    return t
+
+
+@pytest.fixture
+def topo(transport_factory) -> Topology:  # type: ignore[no-untyped-def]
+    return transport_factory[1]
+
+
+def _publish_update(t: Transport, topo: Topology, body: bytes, **headers: str) -> None:
+    t.publish(topo.updates_exchange, UPDATE_ROUTING_KEY, body, headers, message_id=body.decode(errors="replace"))
+
+
+def _drain(t: Transport, queue: str, dlx: str, timeout: float = 2.0) -> list[bytes]:
+    sub = t.subscribe(queue, prefetch=10, dead_letter_exchange=dlx)
+    bodies = []
+    while (d := sub.get(timeout)) is not None:
+        bodies.append(d.message.body)
+        d.ack()
+        timeout = 0.5
+    sub.close()
+    return bodies
+
+
+def test_publish_consume_ack(transport: Transport, topo: Topology) -> None:
+    _publish_update(transport, topo, b"one", hello="world")
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    delivery = sub.get(5)
+    assert delivery is not None
+    assert delivery.message.body == b"one"
+    assert delivery.message.headers["hello"] == "world"
+    assert delivery.message.message_id == "one"
+    assert not delivery.message.redelivered
+    assert delivery.message.user_id in (None, "guest")
+    delivery.ack()
+    assert sub.get(0.3) is None
+    sub.close()
+    assert transport.queue_depth(topo.updates_queue) == 0
+
+
+def test_unroutable_publish_is_refused(transport: Transport, topo: Topology) -> None:
+    with pytest.raises(PublishRefused):
+        transport.publish(topo.adapters_exchange, "nobody-listens", b"x", {})
+
+
+def test_dead_letter_carries_reason_and_removes_original(transport: Transport, topo: Topology) -> None:
+    _publish_update(transport, topo, b"bad")
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    delivery = sub.get(5)
+    assert delivery is not None
+    delivery.dead_letter("schema", "rank: Input should be a valid integer")
+    sub.close()
+    assert transport.queue_depth(topo.updates_queue) == 0
+    dead = transport.subscribe(topo.dead_letter_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    got = dead.get(5)
+    assert got is not None
+    assert got.message.body == b"bad"
+    assert got.message.headers[REASON_KEY] == "schema"
+    got.ack()
+    dead.close()
+
+
+def test_unsettled_delivery_comes_back_redelivered(transport_factory, transport: Transport, topo: Topology) -> None:  # type: ignore[no-untyped-def]
+    _publish_update(transport, topo, b"held")
+    first = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    assert first.get(5) is not None
+    first.close()  # as if the consumer died holding it
+    other = transport_factory[0]()
+    second = other.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    again = second.get(5)
+    assert again is not None
+    assert again.message.body == b"held"
+    assert again.message.redelivered
+    again.ack()
+    second.close()
+
+
+def test_prefetch_limits_unacked_deliveries(transport: Transport, topo: Topology) -> None:
+    for body in (b"a", b"b"):
+        _publish_update(transport, topo, body)
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    first = sub.get(5)
+    assert first is not None
+    assert sub.get(0.5) is None  # the second waits for the first's ack
+    first.ack()
+    second = sub.get(5)
+    assert second is not None and second.message.body != first.message.body
+    second.ack()
+    sub.close()
+
+
+def test_poison_message_is_dead_lettered_past_the_delivery_limit(transport: Transport, topo: Topology) -> None:
+    _publish_update(transport, topo, b"poison")
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    for _ in range(topo.delivery_limit + 3):
+        delivery = sub.get(3)
+        if delivery is None:
+            break
+        delivery.requeue()
+    sub.close()
+    dead = _drain(transport, topo.dead_letter_queue, topo.dead_letter_exchange)
+    assert dead == [b"poison"]
+
+
+def test_adapter_mailbox_keeps_only_the_newest(transport: Transport, topo: Topology) -> None:
+    transport.declare(topo.client("c1"))
+    for version in (b"v1", b"v2", b"v3"):
+        transport.publish(topo.adapters_exchange, "c1", version, {})
+    assert _drain(transport, topo.adapter_queue("c1"), topo.dead_letter_exchange) == [b"v3"]
+
+
+def test_concurrent_publishers_share_one_transport(transport: Transport, topo: Topology) -> None:
+    bodies = [f"m{i}".encode() for i in range(40)]
+
+    def send(chunk: list[bytes]) -> None:
+        for body in chunk:
+            _publish_update(transport, topo, body)
+
+    threads = [threading.Thread(target=send, args=(bodies[i::4],)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(_drain(transport, topo.updates_queue, topo.dead_letter_exchange)) == sorted(bodies)
+
+
+def test_connection_survives_a_busy_caller(transport_factory, topo: Topology) -> None:  # type: ignore[no-untyped-def]
+    # The caller's thread blocks far longer than the heartbeat; the I/O thread must keep the link alive.
+    t = transport_factory[0](heartbeat=1)
+    t.declare(topo.core())
+    time.sleep(4.0)
+    _publish_update(t, topo, b"after-sleep")
+    assert _drain(t, topo.updates_queue, topo.dead_letter_exchange) == [b"after-sleep"]
