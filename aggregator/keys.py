@@ -1,0 +1,64 @@
+"""Every Redis key of a federation, under one namespace, so several federations can share one Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    federation: str
+    prefix: str = "flexlora"
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of every key; Lua scripts build per-round keys from it, matching the methods below."""
+        return f"{self.prefix}:{self.federation}:"
+
+    def _k(self, *parts: str | int) -> str:
+        return self.namespace + ":".join(map(str, parts))
+
+    @property
+    def version(self) -> str:  # int: the newest committed global version; round N builds version N+1
+        return self._k("version")
+
+    @property
+    def seen(self) -> str:  # set of every update id ever recorded: the exactly-once guard
+        return self._k("seen")
+
+    def round_updates(self, round_id: int) -> str:  # list of update ids, in arrival order
+        return self._k("round", round_id, "updates")
+
+    def round_opened(self, round_id: int) -> str:  # float: when the round's first update arrived
+        return self._k("round", round_id, "opened")
+
+    def update(self, update_id: str) -> str:  # hash: header (JSON), payload (safetensors)
+        return self._k("update", update_id)
+
+    def lease(self, round_id: int) -> str:  # "owner:token" with a TTL: who finalises the round now
+        return self._k("round", round_id, "lease")
+
+    def fence(self, round_id: int) -> str:  # the newest token issued for the round; commits must carry it
+        return self._k("round", round_id, "fence")
+
+    @property
+    def tokens(self) -> str:  # counter that issues fencing tokens
+        return self._k("tokens")
+
+    def releases(self, version: int) -> str:  # hash: client id -> AdapterRelease JSON
+        return self._k("release", version)
+
+    def adapter(self, version: int, rank: int, alpha: float) -> str:  # safetensors of one cut, shared by clients
+        return self._k("adapter", version, rank, repr(float(alpha)))
+
+    @property
+    def unpublished(self) -> str:  # set of committed versions whose adapters are not yet all published
+        return self._k("unpublished")
+
+    @property
+    def history(self) -> str:  # list of RoundRecord JSON, one per committed round
+        return self._k("history")
+
+    @property
+    def pins(self) -> str:  # hash of facts fixed by the first accepted update (base model, module shapes)
+        return self._k("pins")

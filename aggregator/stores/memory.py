@@ -1,0 +1,120 @@
+"""An in-process round store with the Redis store's semantics: the embedded default and unit tests."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
+from aggregator.rounds import (
+    Lease,
+    RecordedUpdate,
+    RecordResult,
+    RoundRecord,
+    RoundStatus,
+    RoundStore,
+    StoredRelease,
+)
+from schemas.messages import LoraUpdate
+
+
+class MemoryRoundStore(RoundStore):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._version = 0
+        self._seen: set[str] = set()
+        self._rounds: dict[int, list[str]] = {}
+        self._opened: dict[int, float] = {}
+        self._updates: dict[str, RecordedUpdate] = {}
+        self._leases: dict[int, tuple[Lease, float]] = {}  # round -> (lease, expires at, monotonic)
+        self._fences: dict[int, int] = {}
+        self._tokens = itertools.count(1)
+        self._releases: dict[int, dict[str, StoredRelease]] = {}
+        self._unpublished: set[int] = set()
+        self._history: list[RoundRecord] = []
+        self._pins: dict[str, str] = {}
+
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def status(self) -> RoundStatus:
+        with self._lock:
+            ids = self._rounds.get(self._version, [])
+            return RoundStatus(self._version, len(ids), self._opened.get(self._version))
+
+    def record(self, header: LoraUpdate, payload: bytes, now: float) -> RecordResult:
+        with self._lock:
+            if header.update_id in self._seen:
+                return RecordResult.DUPLICATE
+            self._seen.add(header.update_id)
+            self._updates[header.update_id] = RecordedUpdate(header, bytes(payload))
+            ids = self._rounds.setdefault(self._version, [])
+            ids.append(header.update_id)
+            self._opened.setdefault(self._version, now)
+            return RecordResult.RECORDED
+
+    def round_updates(self, round_id: int) -> list[RecordedUpdate]:
+        with self._lock:
+            return [self._updates[i] for i in self._rounds.get(round_id, [])]
+
+    def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
+        with self._lock:
+            if round_id != self._version:
+                return None
+            held = self._leases.get(round_id)
+            if held is not None and held[1] > time.monotonic():
+                return None
+            lease = Lease(round_id, owner, next(self._tokens))
+            self._leases[round_id] = (lease, time.monotonic() + ttl_s)
+            self._fences[round_id] = lease.token
+            return lease
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._lock:
+            held = self._leases.get(lease.round_id)
+            if held is not None and held[0] == lease:
+                del self._leases[lease.round_id]
+
+    def commit(
+        self, lease: Lease, consumed: int, releases: Sequence[StoredRelease], record: RoundRecord, now: float
+    ) -> bool:
+        with self._lock:
+            round_id = lease.round_id
+            if self._version != round_id or self._fences.get(round_id) != lease.token:
+                return False
+            ids = self._rounds.get(round_id, [])
+            if not 1 <= consumed <= len(ids):
+                return False
+            carried = ids[consumed:]
+            self._rounds[round_id] = ids[:consumed]
+            self._version = round_id + 1
+            if carried:
+                self._rounds[self._version] = carried
+                self._opened[self._version] = now
+            self._releases[self._version] = {r.header.client_id: r for r in releases}
+            self._unpublished.add(self._version)
+            self._history.append(record)
+            self._leases.pop(round_id, None)
+            return True
+
+    def releases(self, version: int) -> dict[str, StoredRelease]:
+        with self._lock:
+            return dict(self._releases.get(version, {}))
+
+    def unpublished(self) -> list[int]:
+        with self._lock:
+            return sorted(self._unpublished)
+
+    def mark_published(self, version: int) -> None:
+        with self._lock:
+            self._unpublished.discard(version)
+
+    def history(self) -> list[RoundRecord]:
+        with self._lock:
+            return list(self._history)
+
+    def pin(self, name: str, value: str) -> str:
+        with self._lock:
+            return self._pins.setdefault(name, value)

@@ -1,0 +1,210 @@
+"""The Redis round store: every transition is one Lua script, so concurrent aggregators never interleave."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import redis
+
+from aggregator.keys import Keys
+from aggregator.rounds import (
+    Lease,
+    RecordedUpdate,
+    RecordResult,
+    RoundRecord,
+    RoundStatus,
+    RoundStore,
+    StoredRelease,
+)
+from schemas.messages import LoraUpdate, parse_release, parse_update
+
+# Per-round keys are built inside the scripts from the namespace (ARGV), because the round number
+# is only known there; aggregator.keys.Keys builds the same names (tests check they agree).
+_RECORD = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+local v = redis.call('GET', KEYS[2]) or '0'
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], 'header', ARGV[2], 'payload', ARGV[3])
+redis.call('RPUSH', ARGV[5] .. 'round:' .. v .. ':updates', ARGV[1])
+redis.call('SET', ARGV[5] .. 'round:' .. v .. ':opened', ARGV[4], 'NX')
+return 1
+"""
+
+_ACQUIRE = """
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local token = redis.call('INCR', KEYS[4])
+redis.call('SET', KEYS[2], ARGV[2] .. '|' .. token, 'PX', ARGV[3])
+redis.call('SET', KEYS[3], token)
+return token
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: version, fence, lease, unpublished, history, releases(next)
+# ARGV: round, token, consumed, record, now, namespace, n_adapters, (key, payload)*, (client, header)*
+_COMMIT = """
+local round = tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= round then return 0 end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local consumed = tonumber(ARGV[3])
+local ns = ARGV[6]
+local cur = ns .. 'round:' .. round .. ':updates'
+local nxt = ns .. 'round:' .. (round + 1) .. ':updates'
+if consumed < 1 or consumed > redis.call('LLEN', cur) then return 0 end
+local late = redis.call('LRANGE', cur, consumed, -1)
+if #late > 0 then
+  for _, id in ipairs(late) do redis.call('RPUSH', nxt, id) end
+  redis.call('LTRIM', cur, 0, consumed - 1)
+  redis.call('SET', ns .. 'round:' .. (round + 1) .. ':opened', ARGV[5], 'NX')
+end
+local n_adapters = tonumber(ARGV[7])
+local i = 8
+for _ = 1, n_adapters do
+  redis.call('SET', ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('SET', KEYS[1], round + 1)
+redis.call('SADD', KEYS[4], round + 1)
+redis.call('RPUSH', KEYS[5], ARGV[4])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+class RedisRoundStore(RoundStore):
+    def __init__(self, client: redis.Redis, federation: str, *, prefix: str = "flexlora") -> None:
+        self.r = client
+        self.keys = Keys(federation, prefix)
+        self._record = client.register_script(_RECORD)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self._commit = client.register_script(_COMMIT)
+
+    @classmethod
+    def from_url(cls, url: str, federation: str, *, prefix: str = "flexlora") -> RedisRoundStore:
+        return cls(redis.Redis.from_url(url, decode_responses=False), federation, prefix=prefix)
+
+    def version(self) -> int:
+        return int(cast(bytes | None, self.r.get(self.keys.version)) or 0)
+
+    def status(self) -> RoundStatus:
+        # One MULTI so the version and its round's counters are read together.
+        pipe = self.r.pipeline(transaction=True)
+        version = self.version()
+        pipe.get(self.keys.version)
+        pipe.llen(self.keys.round_updates(version))
+        pipe.get(self.keys.round_opened(version))
+        raw_version, count, opened = pipe.execute()
+        if int(raw_version or 0) != version:  # a commit slipped in between; read again
+            return self.status()
+        return RoundStatus(version, int(count), float(opened) if opened is not None else None)
+
+    def record(self, header: LoraUpdate, payload: bytes, now: float) -> RecordResult:
+        k = self.keys
+        done = self._record(
+            keys=[k.seen, k.version, k.update(header.update_id)],
+            args=[header.update_id, header.model_dump_json(), payload, repr(now), k.namespace],
+        )
+        return RecordResult.RECORDED if int(done) == 1 else RecordResult.DUPLICATE
+
+    def round_updates(self, round_id: int) -> list[RecordedUpdate]:
+        ids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
+        pipe = self.r.pipeline(transaction=False)
+        for update_id in ids:
+            pipe.hmget(self.keys.update(update_id.decode()), ["header", "payload"])
+        out = []
+        for header, payload in pipe.execute():
+            out.append(RecordedUpdate(parse_update(header), bytes(payload)))
+        return out
+
+    def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
+        k = self.keys
+        token = int(
+            self._acquire(
+                keys=[k.version, k.lease(round_id), k.fence(round_id), k.tokens],
+                args=[str(round_id), owner, max(1, int(ttl_s * 1000))],
+            )
+        )
+        return Lease(round_id, owner, token) if token > 0 else None
+
+    def release_lease(self, lease: Lease) -> None:
+        self._release(keys=[self.keys.lease(lease.round_id)], args=[f"{lease.owner}|{lease.token}"])
+
+    def commit(
+        self, lease: Lease, consumed: int, releases: Sequence[StoredRelease], record: RoundRecord, now: float
+    ) -> bool:
+        k = self.keys
+        version = lease.round_id + 1
+        adapters: dict[str, bytes] = {}
+        headers: list[str | bytes] = []
+        for rel in releases:
+            h = rel.header
+            adapters[k.adapter(version, h.rank, h.lora_alpha)] = rel.payload
+            headers += [h.client_id, h.model_dump_json()]
+        args: list[str | bytes | int] = [
+            str(lease.round_id),
+            str(lease.token),
+            consumed,
+            record.model_dump_json(),
+            repr(now),
+            k.namespace,
+            len(adapters),
+        ]
+        for key, payload in adapters.items():
+            args += [key, payload]
+        args += headers
+        keys = [
+            k.version,
+            k.fence(lease.round_id),
+            k.lease(lease.round_id),
+            k.unpublished,
+            k.history,
+            k.releases(version),
+        ]
+        return int(self._commit(keys=keys, args=args)) == 1
+
+    def releases(self, version: int) -> dict[str, StoredRelease]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.keys.releases(version)))
+        headers = [parse_release(v) for v in raw.values()]
+        keys = sorted({self.keys.adapter(version, h.rank, h.lora_alpha) for h in headers})
+        payloads = dict(zip(keys, cast(list[bytes | None], self.r.mget(keys)), strict=True)) if keys else {}
+        out = {}
+        for h in headers:
+            payload = payloads[self.keys.adapter(version, h.rank, h.lora_alpha)]
+            if payload is None:
+                raise RuntimeError(f"release of {h.client_id} at version {version} has no stored adapter")
+            out[h.client_id] = StoredRelease(h, bytes(payload))
+        return out
+
+    def unpublished(self) -> list[int]:
+        return sorted(int(v) for v in cast(set[bytes], self.r.smembers(self.keys.unpublished)))
+
+    def mark_published(self, version: int) -> None:
+        self.r.srem(self.keys.unpublished, version)
+
+    def history(self) -> list[RoundRecord]:
+        return [RoundRecord.model_validate_json(v) for v in cast(list[bytes], self.r.lrange(self.keys.history, 0, -1))]
+
+    def pin(self, name: str, value: str) -> str:
+        self.r.hsetnx(self.keys.pins, name, value)
+        return cast(bytes, self.r.hget(self.keys.pins, name)).decode()
+
+    def wipe(self) -> int:
+        """Delete every key of this federation (tests and `reset`); returns how many went."""
+        deleted = 0
+        for batch in self._scan_batches():
+            deleted += int(self.r.delete(*batch))
+        return deleted
+
+    def _scan_batches(self) -> list[list[bytes]]:
+        keys = list(self.r.scan_iter(match=self.keys.namespace + "*", count=500))
+        return [keys[i : i + 500] for i in range(0, len(keys), 500)]

@@ -1,0 +1,110 @@
+"""The FlexLoRA math against an independent numpy computation of GUIDE §1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.flexlora import ClientAdapter, RankRequest, data_size_weights, flexlora
+from schemas.lora import LoraFactors
+
+
+def _client(rng: np.random.Generator, d_out: int, d_in: int, rank: int, alpha: float, module: str = "m") -> ClientAdapter:
+    a = torch.from_numpy(rng.standard_normal((rank, d_in))).float()
+    b = torch.from_numpy(rng.standard_normal((d_out, rank))).float()
+    return ClientAdapter({module: LoraFactors(A=a, B=b)}, rank=rank, alpha=alpha)
+
+
+def _reference(clients: list[ClientAdapter], n: list[int], rank: int, module: str = "m") -> np.ndarray:
+    p = np.asarray(n, dtype=np.float64) / sum(n)
+    delta = sum(
+        pk * (c.alpha / c.rank) * (c.factors[module].B.double().numpy() @ c.factors[module].A.double().numpy())
+        for pk, c in zip(p, clients, strict=True)
+    )
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def _product(f: LoraFactors, req: RankRequest) -> np.ndarray:
+    return (req.alpha / req.rank) * (f.B.double() @ f.A.double()).numpy()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d_out=st.integers(4, 24),
+    d_in=st.integers(4, 24),
+    ranks=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=1, max_size=5),
+    target=st.sampled_from([1, 2, 4, 8, 16]),
+    alpha=st.sampled_from([1.0, 8.0, 16.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_each_cut_is_the_best_rank_r_approximation(d_out, d_in, ranks, target, alpha, seed) -> None:
+    rng = np.random.default_rng(seed)
+    clients = [_client(rng, d_out, d_in, r, float(2 * r)) for r in ranks]
+    n = [int(x) for x in rng.integers(1, 100, size=len(clients))]
+    req = RankRequest(target, alpha)
+    out = flexlora(clients, data_size_weights(n), [req], dtype=torch.float64)
+    got = _product(out[req]["m"], req)
+    want = _reference(clients, n, target)
+    assert out[req]["m"].B.shape == (d_out, target)
+    assert out[req]["m"].A.shape == (target, d_in)
+    assert np.linalg.norm(got - want) <= 1e-8 * max(1.0, np.linalg.norm(want))
+
+
+def test_full_rank_cut_reproduces_the_weighted_sum() -> None:
+    rng = np.random.default_rng(0)
+    clients = [_client(rng, 16, 12, r, 16.0) for r in (2, 4, 8)]
+    n = [10, 20, 70]
+    req = RankRequest(14, 16.0)  # 2+4+8 = 14 ≥ rank of ΔW, so nothing is cut away
+    got = _product(flexlora(clients, data_size_weights(n), [req], torch.float64)[req]["m"], req)
+    p = np.asarray(n) / 100
+    want = sum(pk * (c.alpha / c.rank) * (c.factors["m"].B.double() @ c.factors["m"].A.double()).numpy() for pk, c in zip(p, clients))
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+def test_singular_values_go_into_b_and_a_is_orthonormal() -> None:
+    rng = np.random.default_rng(1)
+    clients = [_client(rng, 20, 10, 4, 8.0), _client(rng, 20, 10, 8, 16.0)]
+    req = RankRequest(4, 8.0)
+    f = flexlora(clients, [1.0, 1.0], [req], torch.float64)[req]["m"]
+    np.testing.assert_allclose((f.A @ f.A.T).numpy(), np.eye(4), atol=1e-10)
+    norms = torch.linalg.norm(f.B, dim=0).numpy()
+    assert np.all(np.diff(norms) <= 1e-12), "columns of B carry descending singular values"
+
+
+def test_repeated_runs_give_identical_adapters() -> None:
+    rng = np.random.default_rng(2)
+    clients = [_client(rng, 32, 24, r, 2.0 * r) for r in (4, 8, 16)]
+    reqs = [RankRequest(4, 8.0), RankRequest(16, 32.0)]
+    first = flexlora(clients, [3, 1, 2], reqs)
+    second = flexlora(list(clients), [3, 1, 2], reqs)
+    for req in reqs:
+        assert torch.equal(first[req]["m"].A, second[req]["m"].A)
+        assert torch.equal(first[req]["m"].B, second[req]["m"].B)
+
+
+def test_rank_above_available_singular_values_is_zero_padded() -> None:
+    rng = np.random.default_rng(3)
+    clients = [_client(rng, 6, 5, 2, 4.0)]
+    req = RankRequest(8, 16.0)
+    f = flexlora(clients, [1.0], [req], torch.float64)[req]["m"]
+    assert f.B.shape == (6, 8) and f.A.shape == (8, 5)
+    assert torch.all(f.B[:, 5:] == 0) and torch.all(f.A[5:] == 0)
+    np.testing.assert_allclose(_product(f, req), _reference(clients, [1], 8), atol=1e-10)
+
+
+def test_weights_and_inputs_are_checked() -> None:
+    assert data_size_weights([1, 3]) == [0.25, 0.75]
+    with pytest.raises(ValueError):
+        data_size_weights([0, 3])
+    rng = np.random.default_rng(4)
+    a, b = _client(rng, 4, 4, 2, 2.0), _client(rng, 4, 4, 2, 2.0, module="other")
+    with pytest.raises(ValueError, match="module sets"):
+        flexlora([a, b], [1, 1], [RankRequest(2, 2.0)])
+    with pytest.raises(ValueError, match="weights"):
+        flexlora([a], [1, 1], [RankRequest(2, 2.0)])
+    with pytest.raises(ValueError, match="shapes"):
+        flexlora([a, _client(rng, 5, 4, 2, 2.0)], [1, 1], [RankRequest(2, 2.0)])

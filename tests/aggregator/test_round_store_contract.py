@@ -1,0 +1,202 @@
+"""One contract for every round store: the in-memory twin and the real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from aggregator.rounds import RecordResult, RoundPolicy, RoundRecord, RoundStatus, RoundStore, StoredRelease
+from aggregator.stores.memory import MemoryRoundStore
+from aggregator.stores.redis import RedisRoundStore
+from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
+from tests.conftest import REDIS_URL
+
+FP = "f" * 64
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, federation: str) -> Iterator[RoundStore]:
+    if request.param == "memory":
+        yield MemoryRoundStore()
+        return
+    s = RedisRoundStore.from_url(REDIS_URL, federation)
+    yield s
+    s.wipe()
+
+
+def _update(client: str = "c1", update_id: str | None = None, base: int = 0) -> LoraUpdate:
+    extra = {"update_id": update_id} if update_id else {}
+    return LoraUpdate(
+        federation="f",
+        client_id=client,
+        base_version=base,
+        rank=4,
+        lora_alpha=8.0,
+        num_samples=10,
+        target_modules=("q_proj",),
+        base_model_fingerprint=FP,
+        payload=PayloadInfo(size=3, sha256="0" * 64),
+        **extra,
+    )
+
+
+def _release(client: str, version: int, rank: int = 4, payload: bytes = b"adapter") -> StoredRelease:
+    header = AdapterRelease(
+        federation="f",
+        version=version,
+        client_id=client,
+        rank=rank,
+        lora_alpha=8.0,
+        target_modules=("q_proj",),
+        base_model_fingerprint=FP,
+        num_updates=1,
+        payload=PayloadInfo(size=len(payload), sha256="1" * 64),
+    )
+    return StoredRelease(header, payload)
+
+
+def _record(version: int) -> RoundRecord:
+    return RoundRecord(
+        version=version,
+        strategy="flexlora",
+        participants=[],
+        opened_at=None,
+        closed_at=0.0,
+        aggregate_seconds=0.0,
+        finalised_by="t",
+    )
+
+
+def test_record_is_idempotent_on_update_id(store: RoundStore) -> None:
+    u = _update()
+    assert store.record(u, b"abc", now=100.0) is RecordResult.RECORDED
+    assert store.record(u, b"abc", now=101.0) is RecordResult.DUPLICATE
+    assert store.status() == RoundStatus(round_id=0, count=1, opened_at=100.0)
+    [got] = store.round_updates(0)
+    assert got.header == u and got.payload == b"abc"
+
+
+def test_updates_keep_arrival_order_and_first_arrival_opens_the_round(store: RoundStore) -> None:
+    ids = [f"update-{i:04d}" for i in range(5)]
+    for i, uid in enumerate(ids):
+        store.record(_update(client=f"c{i}", update_id=uid), bytes([i]), now=10.0 + i)
+    assert [r.header.update_id for r in store.round_updates(0)] == ids
+    assert store.status().opened_at == 10.0
+
+
+def test_only_one_lease_at_a_time_and_tokens_grow(store: RoundStore) -> None:
+    first = store.acquire(0, "a", ttl_s=30)
+    assert first is not None
+    assert store.acquire(0, "b", ttl_s=30) is None
+    store.release_lease(first)
+    second = store.acquire(0, "b", ttl_s=30)
+    assert second is not None and second.token > first.token
+    assert store.acquire(5, "c", ttl_s=30) is None, "only the open round can be leased"
+
+
+def test_commit_advances_version_and_stores_everything(store: RoundStore) -> None:
+    store.record(_update("c1", "update-aaaa"), b"x", now=1.0)
+    store.record(_update("c2", "update-bbbb"), b"y", now=2.0)
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    releases = [_release("c1", 1, rank=4, payload=b"r4"), _release("c2", 1, rank=8, payload=b"r8")]
+    assert store.commit(lease, consumed=2, releases=releases, record=_record(1), now=3.0)
+    assert store.version() == 1
+    assert store.status() == RoundStatus(1, 0, None)
+    stored = store.releases(1)
+    assert {c: r.payload for c, r in stored.items()} == {"c1": b"r4", "c2": b"r8"}
+    assert stored["c2"].header.rank == 8
+    assert store.unpublished() == [1]
+    store.mark_published(1)
+    assert store.unpublished() == []
+    assert [h.version for h in store.history()] == [1]
+    assert not store.commit(lease, consumed=2, releases=releases, record=_record(1), now=4.0), "a round commits once"
+
+
+def test_updates_recorded_during_aggregation_move_to_the_next_round(store: RoundStore) -> None:
+    store.record(_update("c1", "update-0001"), b"1", now=1.0)
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    store.record(_update("c2", "update-0002"), b"2", now=2.0)  # arrives while round 0 aggregates
+    assert store.commit(lease, consumed=1, releases=[_release("c1", 1)], record=_record(1), now=3.0)
+    assert [u.header.update_id for u in store.round_updates(0)] == ["update-0001"]
+    assert [u.header.update_id for u in store.round_updates(1)] == ["update-0002"]
+    assert store.status() == RoundStatus(1, 1, 3.0)
+
+
+def test_a_stale_lease_holder_cannot_commit(store: RoundStore) -> None:
+    store.record(_update(), b"x", now=1.0)
+    stale = store.acquire(0, "paused", ttl_s=0.05)
+    assert stale is not None
+    time.sleep(0.15)  # the holder "pauses" past its lease
+    fresh = store.acquire(0, "other", ttl_s=30)
+    assert fresh is not None
+    assert not store.commit(stale, consumed=1, releases=[_release("c1", 1)], record=_record(1), now=2.0)
+    assert store.version() == 0
+    assert store.commit(fresh, consumed=1, releases=[_release("c1", 1)], record=_record(1), now=2.0)
+    assert store.version() == 1
+
+
+def test_commit_needs_at_least_the_consumed_updates(store: RoundStore) -> None:
+    store.record(_update(), b"x", now=1.0)
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    assert not store.commit(lease, consumed=2, releases=[], record=_record(1), now=2.0)
+    assert not store.commit(lease, consumed=0, releases=[], record=_record(1), now=2.0)
+    assert store.version() == 0
+
+
+def test_pin_keeps_the_first_value(store: RoundStore) -> None:
+    assert store.pin("fingerprint", "aaa") == "aaa"
+    assert store.pin("fingerprint", "bbb") == "aaa"
+
+
+def test_concurrent_recorders_count_each_update_once(store: RoundStore) -> None:
+    ids = [f"update-{i:04d}" for i in range(60)]
+    results: list[RecordResult] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        # Every worker tries every id, as redeliveries to several aggregators would.
+        for uid in ids[offset:] + ids[:offset]:
+            res = store.record(_update(update_id=uid), b"p", now=1.0)
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=worker, args=(k * 15,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results.count(RecordResult.RECORDED) == len(ids)
+    assert sorted(u.header.update_id for u in store.round_updates(0)) == ids
+
+
+def test_redis_lua_keys_match_the_key_module(federation: str) -> None:
+    s = RedisRoundStore.from_url(REDIS_URL, federation)
+    try:
+        s.record(_update(update_id="update-keys"), b"x", now=5.0)
+        assert s.r.llen(s.keys.round_updates(0)) == 1
+        assert float(s.r.get(s.keys.round_opened(0))) == 5.0  # type: ignore[arg-type]
+        assert all(k.startswith(s.keys.namespace.encode()) for k in s.r.scan_iter(match=f"*{federation}*"))
+    finally:
+        s.wipe()
+
+
+@pytest.mark.parametrize(
+    ("count", "opened", "now", "closes"),
+    [(4, 0.0, 0.0, True), (1, 0.0, 5.0, False), (2, 0.0, 9.9, False), (2, 0.0, 10.0, True), (0, None, 99.0, False)],
+)
+def test_round_policy(count: int, opened: float | None, now: float, closes: bool) -> None:
+    policy = RoundPolicy(max_updates=4, min_updates=2, deadline_s=10.0)
+    assert policy.should_close(RoundStatus(0, count, opened), now) is closes
+
+
+def test_round_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        RoundPolicy(max_updates=2, min_updates=3)
+    with pytest.raises(ValueError):
+        RoundPolicy(deadline_s=0)
