@@ -12,7 +12,9 @@ from aggregator.flexlora import ClientAdapter, RankRequest, data_size_weights, f
 from schemas.lora import LoraFactors
 
 
-def _client(rng: np.random.Generator, d_out: int, d_in: int, rank: int, alpha: float, module: str = "m") -> ClientAdapter:
+def _client(
+    rng: np.random.Generator, d_out: int, d_in: int, rank: int, alpha: float, module: str = "m"
+) -> ClientAdapter:
     a = torch.from_numpy(rng.standard_normal((rank, d_in))).float()
     b = torch.from_numpy(rng.standard_normal((d_out, rank))).float()
     return ClientAdapter({module: LoraFactors(A=a, B=b)}, rank=rank, alpha=alpha)
@@ -25,7 +27,8 @@ def _reference(clients: list[ClientAdapter], n: list[int], rank: int, module: st
         for pk, c in zip(p, clients, strict=True)
     )
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+    out: np.ndarray = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return out
 
 
 def _product(f: LoraFactors, req: RankRequest) -> np.ndarray:
@@ -51,7 +54,7 @@ def test_each_cut_is_the_best_rank_r_approximation(d_out, d_in, ranks, target, a
     want = _reference(clients, n, target)
     assert out[req]["m"].B.shape == (d_out, target)
     assert out[req]["m"].A.shape == (target, d_in)
-    assert np.linalg.norm(got - want) <= 1e-8 * max(1.0, np.linalg.norm(want))
+    assert np.linalg.norm(got - want) <= 1e-8 * max(1.0, float(np.linalg.norm(want)))
 
 
 def test_full_rank_cut_reproduces_the_weighted_sum() -> None:
@@ -61,7 +64,10 @@ def test_full_rank_cut_reproduces_the_weighted_sum() -> None:
     req = RankRequest(14, 16.0)  # 2+4+8 = 14 ≥ rank of ΔW, so nothing is cut away
     got = _product(flexlora(clients, data_size_weights(n), [req], torch.float64)[req]["m"], req)
     p = np.asarray(n) / 100
-    want = sum(pk * (c.alpha / c.rank) * (c.factors["m"].B.double() @ c.factors["m"].A.double()).numpy() for pk, c in zip(p, clients))
+    want = sum(
+        pk * (c.alpha / c.rank) * (c.factors["m"].B.double() @ c.factors["m"].A.double()).numpy()
+        for pk, c in zip(p, clients, strict=True)
+    )
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 

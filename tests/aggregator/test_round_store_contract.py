@@ -28,8 +28,7 @@ def store(request: pytest.FixtureRequest, federation: str) -> Iterator[RoundStor
 
 
 def _update(client: str = "c1", update_id: str | None = None, base: int = 0) -> LoraUpdate:
-    extra = {"update_id": update_id} if update_id else {}
-    return LoraUpdate(
+    update = LoraUpdate(
         federation="f",
         client_id=client,
         base_version=base,
@@ -39,8 +38,8 @@ def _update(client: str = "c1", update_id: str | None = None, base: int = 0) -> 
         target_modules=("q_proj",),
         base_model_fingerprint=FP,
         payload=PayloadInfo(size=3, sha256="0" * 64),
-        **extra,
     )
+    return update.model_copy(update={"update_id": update_id}) if update_id else update
 
 
 def _release(client: str, version: int, rank: int = 4, payload: bytes = b"adapter") -> StoredRelease:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -16,9 +16,11 @@ from broker.transports.memory import MemoryBroker
 from schemas.messages import REASON_KEY
 from tests.conftest import AMQP_URL
 
+Factory = Callable[..., Transport]
+
 
 @pytest.fixture(params=["memory", "rabbitmq"])
-def transport_factory(request: pytest.FixtureRequest, federation: str) -> Iterator[tuple[callable, Topology]]:  # type: ignore[valid-type]
+def transport_factory(request: pytest.FixtureRequest, federation: str) -> Iterator[tuple[Factory, Topology]]:
     opened: list[Transport] = []
     memory = MemoryBroker()
 
@@ -38,7 +40,7 @@ def transport_factory(request: pytest.FixtureRequest, federation: str) -> Iterat
 
 
 @pytest.fixture
-def transport(transport_factory) -> Transport:  # type: ignore[no-untyped-def]
+def transport(transport_factory: tuple[Factory, Topology]) -> Transport:
     factory, topo = transport_factory
     t = factory()
     t.declare(topo.core())
@@ -46,7 +48,7 @@ def transport(transport_factory) -> Transport:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def topo(transport_factory) -> Topology:  # type: ignore[no-untyped-def]
+def topo(transport_factory: tuple[Factory, Topology]) -> Topology:
     return transport_factory[1]
 
 
@@ -103,7 +105,9 @@ def test_dead_letter_carries_reason_and_removes_original(transport: Transport, t
     dead.close()
 
 
-def test_unsettled_delivery_comes_back_redelivered(transport_factory, transport: Transport, topo: Topology) -> None:  # type: ignore[no-untyped-def]
+def test_unsettled_delivery_comes_back_redelivered(
+    transport_factory: tuple[Factory, Topology], transport: Transport, topo: Topology
+) -> None:
     _publish_update(transport, topo, b"held")
     first = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
     assert first.get(5) is not None
@@ -167,7 +171,7 @@ def test_concurrent_publishers_share_one_transport(transport: Transport, topo: T
     assert sorted(_drain(transport, topo.updates_queue, topo.dead_letter_exchange)) == sorted(bodies)
 
 
-def test_connection_survives_a_busy_caller(transport_factory, topo: Topology) -> None:  # type: ignore[no-untyped-def]
+def test_connection_survives_a_busy_caller(transport_factory: tuple[Factory, Topology], topo: Topology) -> None:
     # The caller's thread blocks far longer than the heartbeat; the I/O thread must keep the link alive.
     t = transport_factory[0](heartbeat=1)
     t.declare(topo.core())

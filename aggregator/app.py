@@ -1,0 +1,45 @@
+"""Assemble the aggregator process from settings and keep it serving through broker outages."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
+
+from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.settings import AggregatorSettings
+from aggregator.stores.redis import RedisRoundStore
+from broker.connect import connect
+from broker.errors import ConnectionLost
+
+log = logging.getLogger(__name__)
+
+
+def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = None) -> None:
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    config = AggregatorConfig(
+        federation=settings.federation, policy=settings.policy(), lease_s=settings.lease_s, prefetch=settings.prefetch
+    )
+
+    # Deliveries held when the connection drops go back to the queue; the store makes their second
+    # arrival a no-op, so reconnecting and carrying on is always safe.
+    @retry(
+        retry=retry_if_exception_type(ConnectionLost),
+        wait=wait_exponential(multiplier=0.5, max=15),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+    )
+    def serve() -> None:
+        transport = connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=config.owner)
+        try:
+            AggregatorService(transport, store, config).run(stop)
+        finally:
+            transport.close()
+
+    log.info("aggregator %s serving federation %r", config.owner, settings.federation)
+    serve()

@@ -1,0 +1,243 @@
+"""The aggregator process: consume updates into rounds, finalise a round under a fenced lease, publish adapters."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aggregator.flexlora import ClientAdapter, RankRequest, data_size_weights, flexlora
+from aggregator.rounds import Lease, Participant, RecordResult, RoundPolicy, RoundRecord, RoundStore, StoredRelease
+from aggregator.validation import validate_update
+from broker.topology import Topology
+from broker.transport import Delivery, Subscription, Transport
+from schemas.errors import SchemaError
+from schemas.lora import join_lora, split_lora
+from schemas.messages import HEADER_KEY, AdapterRelease
+from schemas.tensors import decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    federation: str
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    lease_s: float = 120.0
+    prefetch: int = 8
+    poll_s: float = 0.2
+    republish_every_s: float = 10.0
+    owner: str = field(default_factory=default_owner)
+    # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
+    # should fail loudly rather than loop through redeliveries.
+    fail_fast: bool = False
+
+
+OnCommit = Callable[[RoundRecord, dict[str, StoredRelease]], None]
+
+
+class AggregatorService:
+    """Joins a transport and a round store. Any number of these may consume the same federation."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        store: RoundStore,
+        config: AggregatorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_commit: OnCommit | None = None,
+    ) -> None:
+        self.transport = transport
+        self.store = store
+        self.config = config
+        self.topology = Topology(config.federation)
+        self.clock = clock
+        self.on_commit = on_commit
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._declared_clients: set[str] = set()
+        self._last_republish = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.transport.declare(self.topology.core())
+        self.publish_pending()
+
+    def subscribe(self) -> Subscription:
+        return self.transport.subscribe(
+            self.topology.updates_queue,
+            prefetch=self.config.prefetch,
+            dead_letter_exchange=self.topology.dead_letter_exchange,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set. Broker errors propagate so the caller can reconnect."""
+        self.setup()
+        subscription = self.subscribe()
+        try:
+            while not stop.is_set():
+                self.step(subscription)
+        finally:
+            subscription.close()
+
+    def step(self, subscription: Subscription) -> None:
+        delivery = subscription.get(self.config.poll_s)
+        if delivery is not None:
+            self.handle(delivery)
+        self.maybe_finalise()
+        if self.clock() - self._last_republish >= self.config.republish_every_s:
+            self.publish_pending()
+
+    # --- ingest ---------------------------------------------------------------------------------
+    def handle(self, delivery: Delivery) -> None:
+        """Validate, record (idempotently), then ack; refusals go to the dead-letter queue with a reason."""
+        try:
+            valid = validate_update(delivery.message, self.config.federation, self.store)
+            result = self.store.record(valid.header, delivery.message.body, self.clock())
+        except SchemaError as exc:
+            self.counters[f"refused:{exc.reason}"] += 1
+            log.warning("dead-lettering update (%s): %s", exc.reason, exc.detail)
+            delivery.dead_letter(exc.reason, exc.detail)
+            return
+        except Exception:
+            # Not the message's fault (e.g. Redis is away): give it back for a later try. A message that
+            # crashes every consumer reaches the queue's delivery limit and is dead-lettered by the broker.
+            self.counters["requeued"] += 1
+            log.exception("could not record an update; requeueing it")
+            delivery.requeue()
+            if self.config.fail_fast:
+                raise
+            time.sleep(min(1.0, self.config.poll_s * 5))
+            return
+        delivery.ack()
+        self.counters["accepted" if result is RecordResult.RECORDED else "duplicate"] += 1
+        log.info(
+            "%s update %s from %s (rank %d, base v%d)",
+            result.value,
+            valid.header.update_id[:8],
+            valid.header.client_id,
+            valid.header.rank,
+            valid.header.base_version,
+        )
+
+    # --- rounds ---------------------------------------------------------------------------------
+    def maybe_finalise(self) -> RoundRecord | None:
+        status = self.store.status()
+        if not self.config.policy.should_close(status, self.clock()):
+            return None
+        lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
+        if lease is None:
+            return None  # another aggregator is finalising it
+        try:
+            return self.finalise(lease)
+        finally:
+            self.store.release_lease(lease)
+
+    def finalise(self, lease: Lease) -> RoundRecord | None:
+        started = self.clock()
+        recorded = self.store.round_updates(lease.round_id)
+        if not recorded:
+            return None
+        clients, participants = [], []
+        for item in recorded:
+            h = item.header
+            factors = split_lora(decode_tensors(item.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+            clients.append(ClientAdapter(factors, h.rank, h.lora_alpha))
+        weights = data_size_weights([item.header.num_samples for item in recorded])
+        # A client that sent twice in one round gets its adapter at the rank of its newest update.
+        wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
+        cuts = flexlora(clients, weights, list(wanted.values()))
+        version = lease.round_id + 1
+        first = recorded[0].header
+        payloads = {req: encode_tensors(join_lora(cut)) for req, cut in cuts.items()}
+        releases = []
+        for client_id, req in sorted(wanted.items()):
+            data, info = payloads[req]
+            header = AdapterRelease(
+                federation=self.config.federation,
+                version=version,
+                client_id=client_id,
+                rank=req.rank,
+                lora_alpha=req.alpha,
+                target_modules=first.target_modules,
+                base_model_fingerprint=first.base_model_fingerprint,
+                num_updates=len(recorded),
+                payload=info,
+            )
+            releases.append(StoredRelease(header, data))
+        for item, weight in zip(recorded, weights, strict=True):
+            h = item.header
+            participants.append(
+                Participant(
+                    update_id=h.update_id,
+                    client_id=h.client_id,
+                    rank=h.rank,
+                    lora_alpha=h.lora_alpha,
+                    num_samples=h.num_samples,
+                    base_version=h.base_version,
+                    staleness=lease.round_id - h.base_version,
+                    weight=weight,
+                )
+            )
+        status = self.store.status()
+        now = self.clock()
+        record = RoundRecord(
+            version=version,
+            strategy="flexlora",
+            participants=participants,
+            opened_at=status.opened_at if status.round_id == lease.round_id else None,
+            closed_at=now,
+            aggregate_seconds=now - started,
+            finalised_by=self.config.owner,
+        )
+        if not self.store.commit(lease, len(recorded), releases, record, now):
+            log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)
+            return None
+        log.info(
+            "round %d committed: version %d from %d updates in %.2fs",
+            lease.round_id,
+            version,
+            len(recorded),
+            record.aggregate_seconds,
+        )
+        self.counters["rounds"] += 1
+        self.publish_version(version)
+        if self.on_commit is not None:
+            self.on_commit(record, {r.header.client_id: r for r in releases})
+        return record
+
+    # --- release --------------------------------------------------------------------------------
+    def publish_version(self, version: int) -> None:
+        for client_id, release in sorted(self.store.releases(version).items()):
+            if client_id not in self._declared_clients:
+                self.transport.declare(self.topology.client(client_id))
+                self._declared_clients.add(client_id)
+            self.transport.publish(
+                self.topology.adapters_exchange,
+                client_id,
+                release.payload,
+                {HEADER_KEY: release.header.model_dump_json()},
+                message_id=f"{self.config.federation}:{version}:{client_id}",
+            )
+        self.store.mark_published(version)
+
+    def publish_pending(self) -> None:
+        """Publish committed versions whose adapters may not have gone out (their finaliser died)."""
+        self._last_republish = self.clock()
+        current = self.store.version()
+        for version in self.store.unpublished():
+            # Only the newest matters to clients; older unpublished versions are superseded.
+            if version == current:
+                self.publish_version(version)
+            else:
+                self.store.mark_published(version)

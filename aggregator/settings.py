@@ -1,0 +1,30 @@
+"""Aggregator settings: CLI flags and FLEXLORA_* environment variables; unknown keys refused."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aggregator.rounds import RoundPolicy
+
+
+class AggregatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEXLORA_", extra="forbid", frozen=True)
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
+    max_updates: int = Field(default=4, ge=1)
+    min_updates: int = Field(default=1, ge=1)
+    round_deadline_s: float | None = Field(default=None, gt=0)
+    lease_s: float = Field(default=120.0, gt=0)
+    prefetch: int = Field(default=8, ge=1)
+    heartbeat_s: int = Field(default=30, ge=1)
+
+    @model_validator(mode="after")
+    def _policy_is_valid(self) -> AggregatorSettings:
+        self.policy()
+        return self
+
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(self.max_updates, self.min_updates, self.round_deadline_s)

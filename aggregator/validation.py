@@ -1,0 +1,52 @@
+"""Checks an update passes before it may touch a round; each refusal names its dead-letter reason."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aggregator.rounds import RoundStore
+from broker.transport import Message
+from schemas.errors import SchemaError
+from schemas.lora import LoraFactors, module_shapes, split_lora
+from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
+from schemas.tensors import decode_tensors
+
+PIN_FINGERPRINT = "base_model_fingerprint"
+PIN_MODULES = "module_shapes"
+
+
+@dataclass(frozen=True)
+class ValidUpdate:
+    header: LoraUpdate
+    factors: dict[str, LoraFactors]
+
+
+def validate_update(message: Message, federation: str, store: RoundStore) -> ValidUpdate:
+    """Header, integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes.
+
+    The first accepted update pins the base-model fingerprint and the module shapes; every later update
+    must match them, so updates from a different base model can never be averaged together.
+    """
+    header = parse_update(message.headers.get(HEADER_KEY))
+    if header.federation != federation:
+        raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
+    tensors = decode_tensors(message.body, header.payload)
+    factors = split_lora(tensors, rank=header.rank, target_modules=header.target_modules)
+    pinned = store.pin(PIN_FINGERPRINT, header.base_model_fingerprint)
+    if pinned != header.base_model_fingerprint:
+        raise SchemaError(
+            f"base model {header.base_model_fingerprint[:12]}… differs from the federation's {pinned[:12]}…",
+            reason="base-model",
+        )
+    shapes = json.dumps({m: list(s) for m, s in module_shapes(factors).items()}, sort_keys=True)
+    pinned_shapes = store.pin(PIN_MODULES, shapes)
+    if pinned_shapes != shapes:
+        theirs = json.loads(pinned_shapes)
+        ours = json.loads(shapes)
+        differing = sorted(m for m in set(theirs) | set(ours) if theirs.get(m) != ours.get(m))
+        raise SchemaError(
+            f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",
+            reason="modules",
+        )
+    return ValidUpdate(header, factors)

@@ -1,0 +1,54 @@
+"""Edge client settings: every option is a CLI flag and a FLEXLORA_* environment variable; unknown keys refused."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge_client.tasks import task_names
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEXLORA_", extra="forbid", frozen=True)
+
+    broker_url: str = DEFAULT_BROKER_URL
+    federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
+    client_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
+    model: str = "smollm2"
+    rank: int = Field(default=8, ge=1, le=1024)
+    lora_alpha: float | None = Field(default=None, gt=0)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    tasks: tuple[str, ...] = ()
+    samples_per_task: int = Field(default=32, ge=1)
+    local_steps: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    seed: int = 0
+    rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
+    heartbeat_s: int = Field(default=30, ge=1)
+    adapter_timeout_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> ClientSettings:
+        unknown = sorted(set(self.tasks) - set(task_names()))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; choose from {task_names()}")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha; 2·rank unless set, so (alpha / rank) is the same at every rank."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank
+
+    @property
+    def task_list(self) -> list[str]:
+        """The client's tasks; by default two picked from its id, so every device holds different data."""
+        if self.tasks:
+            return list(self.tasks)
+        names = task_names()
+        start = int(hashlib.sha256(self.client_id.encode()).hexdigest(), 16) % len(names)
+        return [names[start], names[(start + 1) % len(names)]]

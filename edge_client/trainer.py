@@ -1,0 +1,122 @@
+"""Local LoRA training and held-out scoring on one device; pure compute, no broker."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from edge_client.data import Encoded, batches, encode, format_prompt
+from edge_client.model import TextTokenizer, adapter_state, load_adapter_state
+from edge_client.tasks import Example, rouge_l
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 20
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ValueError(f"invalid training config {self}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    num_samples: int
+
+
+class LocalTrainer:
+    """Trains only the LoRA factors of a PeftModel on the device's own examples."""
+
+    def __init__(
+        self, model: PeftModel, tokenizer: TextTokenizer, examples: Sequence[Example], config: TrainConfig
+    ) -> None:
+        if not examples:
+            raise ValueError("a client needs at least one training example")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.encoded: list[Encoded] = [encode(tokenizer, ex, config.max_length) for ex in examples]
+        self.rng = random.Random(config.seed)
+        self._batches = batches(self.encoded, config.batch_size, tokenizer.pad_id, self.rng)
+        # Called after every step with (step, loss): progress bars and logs hook in here.
+        self.on_step: Callable[[int, float], None] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.encoded)
+
+    def train(self) -> TrainResult:
+        """One local epoch of `local_steps` steps from the current adapter; a fresh optimiser each time,
+        since the factors were just replaced by the aggregator's and old moments no longer apply."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=0.0)
+        self.model.train()
+        losses: list[float] = []
+        for step in range(self.config.local_steps):
+            batch = next(self._batches)
+            loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            losses.append(float(loss.item()))
+            if self.on_step is not None:
+                self.on_step(step, losses[-1])
+        self.model.eval()
+        return TrainResult(sum(losses) / len(losses), len(losses), self.num_samples)
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, tensors)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module, tokenizer: TextTokenizer, examples: Sequence[Example], max_new_tokens: int = 16
+) -> list[str]:
+    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(examples), 16):
+        chunk = examples[start : start + 16]
+        prompts = [tokenizer.encode(format_prompt(ex)) for ex in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        generated = model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eos_id,
+        )
+        for row in generated[:, width:].tolist():
+            answer = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+            out.append(tokenizer.decode(answer).strip())
+    return out
+
+
+def score(model: torch.nn.Module, tokenizer: TextTokenizer, examples: Sequence[Example]) -> float:
+    """Mean ROUGE-L F of greedy answers against the exact outputs."""
+    answers = generate_answers(model, tokenizer, examples)
+    value = rouge_l(answers, [ex.output for ex in examples])
+    return 0.0 if math.isnan(value) else value

@@ -1,0 +1,1 @@
+"""The `flexlora` command: one entry point for every role (aggregator, client, demo)."""

@@ -1,0 +1,164 @@
+"""`flexlora aggregator | client | demo`: each role imports only its own package, so devices need no server code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Flags the user actually passed; the rest come from FLEXLORA_* variables or the defaults."""
+    return {k: v for k, v in values.items() if v is not None and v != ()}
+
+
+def _settings_error(exc: ValidationError) -> typer.Exit:
+    for err in exc.errors():
+        console.print(f"[red]invalid setting[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def aggregator(
+    broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+    federation: Annotated[str | None, typer.Option(help="namespace of queues and Redis keys")] = None,
+    max_updates: Annotated[int | None, typer.Option(help="close a round at this many updates")] = None,
+    min_updates: Annotated[int | None, typer.Option(help="fewest updates a deadline may close a round with")] = None,
+    round_deadline_s: Annotated[
+        float | None, typer.Option(help="close after this long once min_updates are in")
+    ] = None,
+    lease_s: Annotated[
+        float | None, typer.Option(help="finalising lease; another aggregator takes over after it")
+    ] = None,
+    prefetch: Annotated[int | None, typer.Option(help="unacked updates held at once")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+) -> None:
+    """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
+    from aggregator.app import run_aggregator
+    from aggregator.settings import AggregatorSettings
+
+    _logging(verbose)
+    try:
+        settings = AggregatorSettings(
+            **_given(
+                broker_url=broker_url,
+                redis_url=redis_url,
+                federation=federation,
+                max_updates=max_updates,
+                min_updates=min_updates,
+                round_deadline_s=round_deadline_s,
+                lease_s=lease_s,
+                prefetch=prefetch,
+            )
+        )
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+    run_aggregator(settings)
+
+
+@app.command()
+def client(
+    client_id: Annotated[str | None, typer.Option(help="this device's id (unique in the federation)")] = None,
+    broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
+    federation: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank this device trains at")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2·rank)")] = None,
+    target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
+    samples_per_task: Annotated[int | None, typer.Option()] = None,
+    local_steps: Annotated[int | None, typer.Option(help="training steps per round")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+) -> None:
+    """Train a LoRA adapter locally at this device's rank and federate it round after round."""
+    from edge_client.app import run_client
+    from edge_client.settings import ClientSettings
+
+    _logging(verbose)
+    try:
+        settings = ClientSettings(
+            **_given(
+                client_id=client_id,
+                broker_url=broker_url,
+                federation=federation,
+                model=model,
+                rank=rank,
+                lora_alpha=lora_alpha,
+                target_modules=tuple(target_module or ()),
+                tasks=tuple(task or ()),
+                samples_per_task=samples_per_task,
+                local_steps=local_steps,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                seed=seed,
+                rounds=rounds,
+            )
+        )
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+    done = run_client(settings)
+    console.print(f"{settings.client_id}: {done} rounds completed")
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="smollm2 (bundled) or tiny")] = "smollm2",
+    rounds: Annotated[int, typer.Option(min=1)] = 3,
+    rank: Annotated[list[int] | None, typer.Option(help="one client per --rank (default 4 8 16 8)")] = None,
+    local_steps: Annotated[int, typer.Option(min=1)] = 10,
+    broker_url: Annotated[str, typer.Option(help="memory:// (embedded) or amqp://…")] = "memory://",
+    redis_url: Annotated[str, typer.Option(help="memory:// (embedded) or redis://…")] = "memory://",
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = False,
+) -> None:
+    """Run a small heterogeneous-rank federation and print the global model's held-out score every round."""
+    from flexlora.demo import DEFAULT_RANKS, DemoConfig, run_demo
+
+    _logging(verbose)
+    out = Console()
+    config = DemoConfig(
+        model=model,
+        rounds=rounds,
+        ranks=tuple(rank or DEFAULT_RANKS),
+        local_steps=local_steps,
+        broker_url=broker_url,
+        redis_url=redis_url,
+    )
+    if len(config.ranks) < 1:
+        raise typer.BadParameter("give at least one --rank")
+    run_demo(config, out)
+    if broker_url.startswith("memory://"):
+        out.print(
+            "\nThat ran on the embedded in-memory broker and round store. The same federation over the real\n"
+            "RabbitMQ and Redis:  [bold].venv/bin/flexlora demo --broker-url amqp://guest:guest@127.0.0.1:5672/%2F "
+            "--redis-url redis://127.0.0.1:6379/0[/]\n"
+            "or as separate processes: `flexlora aggregator` and one `flexlora client --client-id … --rank …` per "
+            "device (see README)."
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
