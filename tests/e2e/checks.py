@@ -6,17 +6,18 @@ import json
 import subprocess
 
 import numpy as np
+import torch
 
 from aggregator.rounds import RoundStore
 from schemas.tensors import decode_tensors
 
 
-def _factors(tensors: dict[str, object]) -> dict[str, dict[str, np.ndarray]]:
+def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """module -> {"A": ..., "B": ...} from PEFT keys, parsed here without the project's helpers."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for key, t in tensors.items():
         stem, factor, _ = key.rsplit(".", 2)  # base_model.model.<module>.lora_A.weight
-        out.setdefault(stem, {})[factor[-1]] = t.double().numpy()  # type: ignore[attr-defined]
+        out.setdefault(stem, {})[factor[-1]] = t.double().numpy()
     return out
 
 
@@ -50,7 +51,7 @@ def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float =
             assert a.shape == (rank, dense[m].shape[1]) and b.shape == (dense[m].shape[0], rank)
             u_, s_, vt_ = svds[m]
             best = (u_[:, :rank] * s_[:rank]) @ vt_[:rank]
-            err = np.linalg.norm((alpha / rank) * (b @ a) - best) / max(np.linalg.norm(best), 1e-12)
+            err = float(np.linalg.norm((alpha / rank) * (b @ a) - best)) / max(float(np.linalg.norm(best)), 1e-12)
             assert err <= rel_tol, f"{client_id} {m}: relative error {err:.2e}"
     return len(releases)
 

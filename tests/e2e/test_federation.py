@@ -19,6 +19,7 @@ from broker.transports.memory import MemoryBroker, MemoryTransport
 from edge_client.app import build_worker
 from edge_client.model import tiny_model
 from edge_client.settings import ClientSettings
+from edge_client.worker import EdgeWorker
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.e2e.checks import assert_round_matches_dense, rabbit_queue_counts
 
@@ -121,7 +122,7 @@ def test_same_federation_on_the_embedded_default() -> None:
         finally:
             sub.close()
 
-    def client(worker):  # type: ignore[no-untyped-def]
+    def client(worker: EdgeWorker) -> None:
         try:
             assert worker.run(ROUNDS, stop) == ROUNDS
         except BaseException as exc:
