@@ -77,6 +77,10 @@ class Transport(abc.ABC):
         """Start consuming `queue`; dead_letter() on its deliveries publishes to `dead_letter_exchange`."""
 
     @abc.abstractmethod
+    def delete(self, specs: Sequence[Spec]) -> None:
+        """Delete the queues and exchanges among `specs` (bindings go with them), with their messages."""
+
+    @abc.abstractmethod
     def queue_depth(self, queue: str) -> int:
         """Messages ready in `queue` (not counting unacknowledged ones)."""
 

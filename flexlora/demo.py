@@ -186,6 +186,14 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     for worker in workers:
         worker.close()
         worker.transport.close()
+    if not embedded:
+        # A demo federation is throwaway: leave no queues or keys behind on the shared services.
+        topology = aggregator.topology
+        specs = topology.core() + [s for w in workers for s in topology.client(w.config.client_id)]
+        aggregator.transport.delete(specs)
+        wipe = getattr(store, "wipe", None)
+        if wipe is not None:
+            wipe()
     aggregator.transport.close()
     if errors:
         raise RuntimeError(f"the demo federation failed: {errors[0]!r}") from errors[0]

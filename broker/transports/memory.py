@@ -88,8 +88,20 @@ class MemoryBroker:
             queue.ready.appendleft((replace(message, redelivered=True), delivered))
             self.cond.notify_all()
 
+    def delete(self, spec: Spec) -> None:
+        with self.cond:
+            if isinstance(spec, ExchangeSpec):
+                self.exchanges.pop(spec.name, None)
+                self.bindings = {b for b in self.bindings if b[0] != spec.name}
+            elif isinstance(spec, QueueSpec):
+                self.queues.pop(spec.name, None)
+                self.bindings = {b for b in self.bindings if b[2] != spec.name}
+            self.cond.notify_all()
+
     def depth(self, queue: str) -> int:
         with self.cond:
+            if queue not in self.queues:
+                raise BrokerError(f"no queue {queue!r}")
             return len(self.queues[queue].ready)
 
 
@@ -195,6 +207,10 @@ class MemoryTransport(Transport):
         sub = _MemorySubscription(self.broker, queue, prefetch, dead_letter_exchange)
         self._subs.append(sub)
         return sub
+
+    def delete(self, specs: Sequence[Spec]) -> None:
+        for spec in specs:
+            self.broker.delete(spec)
 
     def queue_depth(self, queue: str) -> int:
         return self.broker.depth(queue)

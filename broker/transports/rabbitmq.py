@@ -190,6 +190,22 @@ class RabbitMQTransport(Transport):
     def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:
         return _RabbitSubscription(self, queue, prefetch, dead_letter_exchange)
 
+    def delete(self, specs: Sequence[Spec]) -> None:
+        def run() -> None:
+            assert self._conn is not None
+            channel = self._conn.channel()
+            try:
+                for spec in specs:
+                    if isinstance(spec, QueueSpec):
+                        channel.queue_delete(spec.name)
+                    elif isinstance(spec, ExchangeSpec):
+                        channel.exchange_delete(spec.name)
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+        self._call(run)
+
     def queue_depth(self, queue: str) -> int:
         def run() -> int:
             assert self._conn is not None

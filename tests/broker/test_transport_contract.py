@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from broker.connect import connect
-from broker.errors import PublishRefused
+from broker.errors import BrokerError, PublishRefused
 from broker.topology import UPDATE_ROUTING_KEY, Topology
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
@@ -178,3 +178,12 @@ def test_connection_survives_a_busy_caller(transport_factory: tuple[Factory, Top
     time.sleep(4.0)
     _publish_update(t, topo, b"after-sleep")
     assert _drain(t, topo.updates_queue, topo.dead_letter_exchange) == [b"after-sleep"]
+
+
+def test_delete_removes_queues_with_their_messages(transport: Transport, topo: Topology) -> None:
+    transport.declare(topo.client("c2"))
+    transport.publish(topo.adapters_exchange, "c2", b"v1", {})
+    assert transport.queue_depth(topo.adapter_queue("c2")) == 1
+    transport.delete(topo.client("c2"))
+    with pytest.raises(BrokerError):
+        transport.queue_depth(topo.adapter_queue("c2"))

@@ -1,0 +1,180 @@
+"""The aggregator service: bad updates are dead-lettered with a reason and the service keeps serving."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from aggregator.rounds import RoundPolicy, RoundStore
+from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.stores.memory import MemoryRoundStore
+from aggregator.stores.redis import RedisRoundStore
+from broker.connect import connect
+from broker.topology import UPDATE_ROUTING_KEY, Topology
+from broker.transport import Transport
+from broker.transports.memory import MemoryBroker
+from schemas.lora import LoraFactors, join_lora
+from schemas.messages import HEADER_KEY, REASON_KEY, LoraUpdate, PayloadInfo
+from schemas.tensors import encode_tensors, sha256_hex
+from tests.conftest import AMQP_URL, REDIS_URL
+
+FP = "a" * 64
+
+
+@dataclass
+class Rig:
+    transport: Transport
+    store: RoundStore
+    service: AggregatorService
+    topo: Topology
+
+
+@pytest.fixture(params=["memory", "services"])
+def rig(request: pytest.FixtureRequest, federation: str) -> Iterator[Rig]:
+    if request.param == "memory":
+        transport: Transport = connect("memory://", memory=MemoryBroker())
+        store: RoundStore = MemoryRoundStore()
+    else:
+        request.getfixturevalue("amqp_cleanup").append(Topology(federation).adapter_queue("c1"))
+        transport = connect(AMQP_URL)
+        store = RedisRoundStore.from_url(REDIS_URL, federation)
+    service = AggregatorService(
+        transport, store, AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=2), poll_s=0.05)
+    )
+    service.setup()
+    yield Rig(transport, store, service, Topology(federation))
+    transport.close()
+    if isinstance(store, RedisRoundStore):
+        store.wipe()
+
+
+def _factors(rank: int, seed: int, d: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return join_lora(
+        {
+            f"model.layers.{i}.self_attn.q_proj": LoraFactors(
+                torch.randn(rank, d, generator=g), torch.randn(d, rank, generator=g)
+            )
+            for i in range(2)
+        }
+    )
+
+
+def _update(federation: str, client: str, rank: int, payload: PayloadInfo, **changes: object) -> LoraUpdate:
+    update = LoraUpdate(
+        federation=federation,
+        client_id=client,
+        base_version=0,
+        rank=rank,
+        lora_alpha=2.0 * rank,
+        num_samples=10,
+        target_modules=("q_proj",),
+        base_model_fingerprint=FP,
+        payload=payload,
+    )
+    return update.model_copy(update=changes)
+
+
+def _send(rig: Rig, body: bytes, headers: dict[str, str]) -> None:
+    rig.transport.publish(rig.topo.updates_exchange, UPDATE_ROUTING_KEY, body, headers)
+
+
+def _valid(rig: Rig, client: str, rank: int, seed: int) -> None:
+    data, info = encode_tensors(_factors(rank, seed))
+    _send(rig, data, {HEADER_KEY: _update(rig.topo.federation, client, rank, info).model_dump_json()})
+
+
+def _serve_until(rig: Rig, done: threading.Event, timeout: float = 20.0) -> None:
+    sub = rig.service.subscribe()
+    stop = threading.Timer(timeout, done.set)
+    stop.start()
+    try:
+        while not done.is_set():
+            rig.service.step(sub)
+            if rig.store.version() >= 1:
+                done.set()
+    finally:
+        stop.cancel()
+        sub.close()
+
+
+def test_bad_updates_are_dead_lettered_with_reasons_and_the_service_keeps_serving(rig: Rig) -> None:
+    fed = rig.topo.federation
+    good, info = encode_tensors(_factors(4, 0))
+    garbage = b"\x00not safetensors at all"
+    garbage_info = PayloadInfo(size=len(garbage), sha256=sha256_hex(garbage))
+    bad = [
+        (good, {}, "schema"),  # no header at all
+        (good, {HEADER_KEY: "{not json"}, "schema"),
+        (
+            good,
+            {HEADER_KEY: _update(fed, "c9", 4, info).model_dump_json().replace('"rank":4', '"rank":"four"')},
+            "schema",
+        ),
+        (
+            good,
+            {HEADER_KEY: _update(fed, "c9", 4, info.model_copy(update={"sha256": "0" * 64})).model_dump_json()},
+            "integrity",
+        ),
+        (garbage, {HEADER_KEY: _update(fed, "c9", 4, garbage_info).model_dump_json()}, "safetensors"),
+        (good, {HEADER_KEY: _update(fed, "c9", 8, info).model_dump_json()}, "layout"),  # declares rank 8, carries 4
+        (good, {HEADER_KEY: _update("elsewhere", "c9", 4, info).model_dump_json()}, "federation"),
+    ]
+    for body, headers, _ in bad:
+        _send(rig, body, headers)
+    _valid(rig, "c1", 4, seed=1)
+    _valid(rig, "c2", 8, seed=2)
+    _serve_until(rig, threading.Event())
+
+    assert rig.store.version() == 1, "the two valid updates still made a round"
+    assert sorted(rig.store.releases(1)) == ["c1", "c2"]
+    dead = rig.transport.subscribe(
+        rig.topo.dead_letter_queue, prefetch=20, dead_letter_exchange=rig.topo.dead_letter_exchange
+    )
+    reasons = []
+    while (d := dead.get(2.0)) is not None:
+        reasons.append(d.message.headers[REASON_KEY])
+        d.ack()
+    dead.close()
+    assert sorted(reasons) == sorted(r for _, _, r in bad)
+    assert rig.service.counters["accepted"] == 2
+    assert sum(v for k, v in rig.service.counters.items() if k.startswith("refused:")) == len(bad)
+    assert rig.transport.queue_depth(rig.topo.updates_queue) == 0
+
+
+def test_a_redelivered_update_is_counted_once(rig: Rig) -> None:
+    data, info = encode_tensors(_factors(4, 0))
+    header = _update(rig.topo.federation, "c1", 4, info).model_dump_json()
+    for _ in range(3):  # the same update id three times, as redeliveries or a replay would bring it
+        _send(rig, data, {HEADER_KEY: header})
+    sub = rig.service.subscribe()
+    for _ in range(30):
+        rig.service.step(sub)
+        if rig.service.counters["duplicate"] == 2:
+            break
+    sub.close()
+    assert rig.service.counters["accepted"] == 1
+    assert rig.service.counters["duplicate"] == 2
+    assert rig.store.status().count == 1
+
+
+def test_an_update_for_another_base_model_is_refused(rig: Rig) -> None:
+    _valid(rig, "c1", 4, seed=1)
+    data, info = encode_tensors(_factors(4, 5))
+    other = _update(rig.topo.federation, "c2", 4, info, base_model_fingerprint="b" * 64)
+    _send(rig, data, {HEADER_KEY: other.model_dump_json()})
+    data, info = encode_tensors(_factors(4, 6, d=16))
+    _send(rig, data, {HEADER_KEY: _update(rig.topo.federation, "c3", 4, info).model_dump_json()})
+    sub = rig.service.subscribe()
+    for _ in range(40):
+        rig.service.step(sub)
+        if rig.service.counters["refused:base-model"] and rig.service.counters["refused:modules"]:
+            break
+    sub.close()
+    assert rig.service.counters["refused:base-model"] == 1
+    assert rig.service.counters["refused:modules"] == 1
+    assert rig.service.counters["accepted"] == 1
