@@ -39,7 +39,9 @@ def rig(request: pytest.FixtureRequest, federation: str) -> Iterator[Rig]:
         transport: Transport = connect("memory://", memory=MemoryBroker())
         store: RoundStore = MemoryRoundStore()
     else:
-        request.getfixturevalue("amqp_cleanup").extend(Topology(federation).adapter_queue(c) for c in ("c1", "c2", "c3"))
+        request.getfixturevalue("amqp_cleanup").extend(
+            Topology(federation).adapter_queue(c) for c in ("c1", "c2", "c3")
+        )
         transport = connect(AMQP_URL)
         store = RedisRoundStore.from_url(REDIS_URL, federation)
     service = AggregatorService(
