@@ -6,6 +6,9 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -113,20 +116,38 @@ def bundled_smollm2_gguf() -> Path:
 def _load_gguf(path: Path) -> Path:
     """Dequantise a GGUF once and keep it as an ordinary transformers directory; later loads take a second."""
     digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:16]
-    target = cache_dir() / f"{path.stem}-{digest}"
+
+    def convert(out: Path) -> None:
+        log.info("dequantising %s once into %s (about 20 s)", path.name, out.parent)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # The weights are plain float32 now; the GGUF quantiser only blocks save_pretrained.
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as non-optional
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return cached_directory(cache_dir() / f"{path.stem}-{digest}", convert)
+
+
+def cached_directory(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build `target` once, safely when several processes share the cache: each builds into its own
+    scratch directory and renames it into place; whoever loses the race uses the winner's copy."""
     if (target / "config.json").is_file():
         return target
-    log.info("dequantising %s once into %s (about 20 s)", path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # The weights are plain float32 now; the GGUF quantiser only blocks save_pretrained.
-    setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as non-optional
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # only a complete directory is ever seen at `target`
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(scratch)
+        try:
+            scratch.rename(target)  # atomic: `target` is either absent or complete
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
