@@ -8,11 +8,13 @@ approximation of ΔW (Eckart–Young). All singular values go into B, as in the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from aggregator.lowrank import SvdMode, top_svd
 from schemas.lora import LoraFactors
 
 
@@ -59,16 +61,6 @@ def full_update(contributions: Sequence[tuple[LoraFactors, float, float]]) -> to
     return delta
 
 
-def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD with a fixed sign convention, so the same ΔW always yields the same factors."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    # Singular vectors are defined up to sign; make each U column's largest-magnitude entry positive.
-    pivots = u.abs().argmax(dim=0)
-    signs = torch.sign(u[pivots, torch.arange(u.shape[1])])
-    signs[signs == 0] = 1.0
-    return u * signs, s, vh * signs[:, None]
-
-
 def cut(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, request: RankRequest, dtype: torch.dtype = torch.float32
 ) -> LoraFactors:
@@ -83,29 +75,96 @@ def cut(
     return LoraFactors(A=a.to(dtype), B=b.to(dtype))
 
 
+@dataclass(frozen=True)
+class ModuleReport:
+    """How one module's SVD was computed (see aggregator.lowrank) and, in fast mode, how far its worst
+    released rank-r error is above the optimal rank-r error (relative; 0.0 when computed exactly)."""
+
+    module: str
+    path: str
+    total_rank: int
+    excess: float
+
+
+def validate_clients(clients: Sequence[ClientAdapter], weights: Sequence[float]) -> list[str]:
+    """Common input checks; returns the sorted module names. Errors name the client index and module."""
+    if not clients:
+        raise ValueError("no clients to aggregate")
+    if len(clients) != len(weights):
+        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite and non-negative with a positive sum, got {list(weights)}")
+    modules = sorted(clients[0].factors)
+    for index, client in enumerate(clients):
+        if client.rank < 1 or not client.alpha > 0:
+            raise ValueError(f"client {index}: rank {client.rank} and alpha {client.alpha} must be positive")
+        if sorted(client.factors) != modules:
+            diff = sorted(set(client.factors) ^ set(modules))
+            raise ValueError(f"client {index} adapts a different module set (differs on {diff[:3]})")
+        for module in modules:
+            a, b = client.factors[module]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != client.rank or b.shape[1] != client.rank:
+                raise ValueError(
+                    f"client {index}, module {module}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                    f"do not match its declared rank {client.rank}"
+                )
+            ref = clients[0].factors[module]
+            if (b.shape[0], a.shape[1]) != (ref.B.shape[0], ref.A.shape[1]):
+                raise ValueError(
+                    f"client {index}, module {module}: shape {(b.shape[0], a.shape[1])} differs from "
+                    f"client 0's {(ref.B.shape[0], ref.A.shape[1])}"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"client {index}, module {module}: NaN or infinite values")
+    return modules
+
+
 def flexlora(
     clients: Sequence[ClientAdapter],
     weights: Sequence[float],
     requests: Sequence[RankRequest],
     dtype: torch.dtype = torch.float32,
+    *,
+    mode: SvdMode = "exact",
+    tolerance: float = 1e-3,
+    reports: list[ModuleReport] | None = None,
+    batch_bytes: int = 512 * 2**20,
 ) -> dict[RankRequest, dict[str, LoraFactors]]:
-    """Aggregate every module and cut it at every requested rank; weights need not be normalised."""
-    if len(clients) != len(weights):
-        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
-    if not clients:
-        raise ValueError("no clients to aggregate")
+    """Aggregate every module and cut it at every requested rank; weights need not be normalised.
+
+    Modules of one shape are batched together (up to `batch_bytes` of stacked factors at a time), and
+    only the top max-rank triplets are ever used, so ΔW is never formed unless R ≥ min(d_out, d_in).
+    """
+    modules = validate_clients(clients, weights)
+    if not requests or any(req.rank < 1 or not req.alpha > 0 for req in requests):
+        raise ValueError(f"every requested rank and alpha must be positive, got {list(requests)}")
     total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    modules = set(clients[0].factors)
-    for client in clients[1:]:
-        if set(client.factors) != modules:
-            raise ValueError("clients adapt different module sets; they cannot be aggregated together")
+    coeffs = [w / total * c.scale for c, w in zip(clients, weights, strict=True)]
     unique = sorted(set(requests))
+    k = max(req.rank for req in unique)
+    total_rank = sum(c.rank for c in clients)
     out: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in unique}
-    for module in sorted(modules):
-        delta = full_update([(c.factors[module], c.scale, w / total) for c, w in zip(clients, weights, strict=True)])
-        u, s, vh = svd(delta)
-        for req in unique:
-            out[req][module] = cut(u, s, vh, req, dtype)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for module in modules:
+        ref = clients[0].factors[module]
+        groups.setdefault((int(ref.B.shape[0]), int(ref.A.shape[1])), []).append(module)
+    for (d_out, d_in), names in groups.items():
+        per_batch = max(1, batch_bytes // (8 * total_rank * (d_out + d_in)))
+        for start in range(0, len(names), per_batch):
+            chunk = names[start : start + per_batch]
+            p = torch.empty((len(chunk), d_out, total_rank), dtype=torch.float64)
+            q = torch.empty((len(chunk), total_rank, d_in), dtype=torch.float64)
+            for m, module in enumerate(chunk):
+                offset = 0
+                for client, coeff in zip(clients, coeffs, strict=True):
+                    a, b = client.factors[module]
+                    p[m, :, offset : offset + client.rank] = b.to(torch.float64) * coeff
+                    q[m, offset : offset + client.rank] = a.to(torch.float64)
+                    offset += client.rank
+            result = top_svd(p, q, k, mode=mode, certify_ranks=[r.rank for r in unique], tolerance=tolerance)
+            for m, module in enumerate(chunk):
+                for req in unique:
+                    out[req][module] = cut(result.U[m], result.S[m], result.Vh[m], req, dtype)
+                if reports is not None:
+                    reports.append(ModuleReport(module, result.paths[m], total_rank, result.excess[m]))
     return out

@@ -156,6 +156,50 @@ def demo(
         )
 
 
+@app.command()
+def aggregate(
+    adapter_dir: Annotated[list[str], typer.Argument(help="PEFT LoRA adapter directories (adapter_config.json)")],
+    rank: Annotated[list[int], typer.Option(help="rank to write an adapter at; repeat for several")],
+    out: Annotated[str, typer.Option(help="directory to write rank-<r>/ adapters and aggregation.json into")],
+    strategy: Annotated[str, typer.Option(help="flexlora, fedit, hetlora or flora")] = "flexlora",
+    weights: Annotated[str | None, typer.Option(help="client weights w1,w2,… (normalised)")] = None,
+    samples: Annotated[str | None, typer.Option(help="client sample counts n1,n2,… (data-size weights)")] = None,
+    alpha: Annotated[float | None, typer.Option(help="lora_alpha of the outputs (default 2·rank)")] = None,
+) -> None:
+    """Aggregate PEFT adapter directories offline and write one PEFT adapter per requested rank."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from flexlora.aggregate import aggregate_dirs
+
+    def numbers(flag: str, text: str | None, kind: type[float] | type[int]) -> list[Any] | None:
+        if text is None:
+            return None
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise ValueError(f"--{flag} must be a comma-separated list of numbers, got {text!r}") from exc
+
+    try:
+        written = aggregate_dirs(
+            [Path(d) for d in adapter_dir],
+            rank,
+            Path(out),
+            strategy=strategy,
+            weights=numbers("weights", weights, float),
+            samples=numbers("samples", samples, int),
+            alpha=alpha,
+        )
+    except (ValueError, OSError) as exc:  # AdapterFileError and StrategyError are ValueErrors
+        console.print(f"[red]cannot aggregate:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from exc
+    for directory in written:
+        typer.echo(str(directory))
+    if any(d.name.startswith("stacked-") for d in written):
+        console.print("FLoRA: clients merge this stacked adapter into their base weights and start a fresh LoRA.")
+
+
 def main() -> None:
     app()
 

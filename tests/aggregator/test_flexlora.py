@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.flexlora import ClientAdapter, RankRequest, data_size_weights, flexlora
+from aggregator.flexlora import ClientAdapter, ModuleReport, RankRequest, data_size_weights, flexlora
+from aggregator.lowrank import SvdMode
 from schemas.lora import LoraFactors
 
 
@@ -108,9 +109,110 @@ def test_weights_and_inputs_are_checked() -> None:
         data_size_weights([0, 3])
     rng = np.random.default_rng(4)
     a, b = _client(rng, 4, 4, 2, 2.0), _client(rng, 4, 4, 2, 2.0, module="other")
-    with pytest.raises(ValueError, match="module sets"):
+    with pytest.raises(ValueError, match="client 1 adapts a different module set"):
         flexlora([a, b], [1, 1], [RankRequest(2, 2.0)])
     with pytest.raises(ValueError, match="weights"):
         flexlora([a], [1, 1], [RankRequest(2, 2.0)])
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="client 1, module m: shape"):
         flexlora([a, _client(rng, 5, 4, 2, 2.0)], [1, 1], [RankRequest(2, 2.0)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d_out=st.integers(20, 64),
+    d_in=st.integers(20, 64),
+    ranks=st.lists(st.sampled_from([1, 2, 3, 4, 6]), min_size=1, max_size=3),
+    target=st.integers(1, 8),
+    mode=st.sampled_from(["exact", "fast"]),
+    seed=st.integers(0, 2**31),
+)
+def test_factored_paths_equal_dense(d_out, d_in, ranks, target, mode, seed) -> None:
+    # R = Σ r_k stays below min(d_out, d_in), so the factored path (not the dense fallback) runs.
+    rng = np.random.default_rng(seed)
+    clients = [_client(rng, d_out, d_in, r, float(r + 1)) for r in ranks]
+    n = [int(x) for x in rng.integers(1, 50, size=len(clients))]
+    req = RankRequest(target, 3.0)
+    reports: list[ModuleReport] = []
+    for dtype, tol in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
+        out = flexlora(clients, n, [req], dtype=dtype, mode=mode, reports=reports)
+        got = _product(out[req]["m"], req)
+        want = _reference(clients, n, target)
+        assert np.linalg.norm(got - want) <= tol * max(1.0, float(np.linalg.norm(want)))
+    assert {r.path for r in reports} <= {"factored", "fast", "fast→factored", "fast→factored-qr", "factored-qr"}
+
+
+def test_released_error_is_the_norm_of_the_discarded_singular_values() -> None:
+    rng = np.random.default_rng(7)
+    clients = [_client(rng, 48, 40, r, 2.0 * r) for r in (4, 8, 8)]
+    n = [5, 10, 20]
+    delta = _reference(clients, n, 40)  # rank ≥ 20 = R: the whole ΔW
+    sv = np.linalg.svd(delta, compute_uv=False)
+    for mode in ("exact", "fast", "dense"):
+        for r in (1, 4, 12):
+            req = RankRequest(r, 2.0 * r)
+            got = _product(flexlora(clients, n, [req], torch.float64, mode=mode)[req]["m"], req)
+            err = np.linalg.norm(delta - got)
+            assert abs(err - np.linalg.norm(sv[r:])) <= 1e-8 * np.linalg.norm(sv), (mode, r)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast", "dense"])
+def test_one_client_is_reproduced_exactly_at_its_rank_or_above(mode: SvdMode) -> None:
+    rng = np.random.default_rng(8)
+    client = _client(rng, 40, 30, 6, 12.0)
+    want = 2.0 * (client.factors["m"].B.double() @ client.factors["m"].A.double()).numpy()
+    for r in (6, 9):
+        req = RankRequest(r, 4.0)
+        got = _product(flexlora([client], [1.0], [req], torch.float64, mode=mode)[req]["m"], req)
+        np.testing.assert_allclose(got, want, atol=1e-10 * np.abs(want).max())
+
+
+def test_dependent_factors_fall_back_to_householder_qr() -> None:
+    rng = np.random.default_rng(9)
+    a = _client(rng, 40, 30, 4, 8.0)
+    zero = ClientAdapter({"m": LoraFactors(A=a.factors["m"].A, B=torch.zeros(40, 4))}, rank=4, alpha=8.0)
+    twin = ClientAdapter(dict(a.factors), rank=4, alpha=8.0)  # exactly dependent columns
+    reports: list[ModuleReport] = []
+    req = RankRequest(4, 8.0)
+    out = flexlora([a, zero, twin], [1, 1, 1], [req], torch.float64, reports=reports)
+    assert reports[0].path == "factored-qr"
+    want = (2.0 / 3.0) * 2.0 * (a.factors["m"].B.double() @ a.factors["m"].A.double()).numpy()
+    np.testing.assert_allclose(_product(out[req]["m"], req), want, atol=1e-9 * np.abs(want).max())
+
+
+def test_fast_mode_reports_its_certified_excess_and_batches_modules() -> None:
+    rng = np.random.default_rng(10)
+    modules = [f"layers.{i}.q_proj" for i in range(5)]
+    clients = []
+    for r in (4, 8, 16, 8):
+        a = torch.from_numpy(rng.standard_normal((5, r, 96)))
+        b = torch.from_numpy(rng.standard_normal((5, 80, r)))
+        clients.append(ClientAdapter({m: LoraFactors(a[i], b[i]) for i, m in enumerate(modules)}, r, 2.0 * r))
+    reports: list[ModuleReport] = []
+    reqs = [RankRequest(4, 8.0), RankRequest(16, 32.0)]
+    fast = flexlora(clients, [1, 2, 3, 4], reqs, torch.float64, mode="fast", tolerance=1e-3, reports=reports)
+    exact = flexlora(clients, [1, 2, 3, 4], reqs, torch.float64, mode="exact", batch_bytes=1)
+    assert [r.module for r in reports] == sorted(modules)
+    for report in reports:
+        assert report.total_rank == 36
+        assert (report.path == "fast" and 0.0 <= report.excess <= 1e-3) or report.path.startswith("fast→")
+    for req in reqs:
+        for m in modules:
+            err_fast = np.linalg.norm(_product(fast[req][m], req) - _product(exact[req][m], req))
+            assert err_fast <= 0.05 * np.linalg.norm(_product(exact[req][m], req))
+
+
+def test_bad_inputs_name_the_client_and_module() -> None:
+    rng = np.random.default_rng(11)
+    good = _client(rng, 8, 8, 2, 4.0)
+    nan_a = good.factors["m"].A.clone()
+    nan_a[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="client 1, module m: NaN"):
+        flexlora(
+            [good, ClientAdapter({"m": LoraFactors(nan_a, good.factors["m"].B)}, 2, 4.0)], [1, 1], [RankRequest(2, 4.0)]
+        )
+    with pytest.raises(ValueError, match=r"client 1, module m: .* declared rank 3"):
+        flexlora([good, ClientAdapter(dict(good.factors), 3, 4.0)], [1, 1], [RankRequest(2, 4.0)])
+    with pytest.raises(ValueError, match="requested rank"):
+        flexlora([good], [1], [RankRequest(0, 4.0)])
+    with pytest.raises(ValueError, match="client 0: rank 0"):
+        flexlora([ClientAdapter(dict(good.factors), 0, 4.0)], [1], [RankRequest(2, 4.0)])

@@ -1,0 +1,348 @@
+"""Aggregation strategies behind one interface, and pluggable client weighting; pure tensors in, tensors out."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from aggregator.flexlora import ClientAdapter, RankRequest, flexlora
+from schemas.lora import LoraFactors
+
+
+@dataclass(frozen=True)
+class ClientMeta:
+    """What weighting schemes may look at: a client's data size and how stale its update is."""
+
+    num_samples: int
+    staleness: int = 0
+
+
+class Weighting(Protocol):
+    """Turns client metadata into non-negative weights (normalised by the caller)."""
+
+    name: str
+
+    def __call__(self, clients: Sequence[ClientMeta]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """One adapter per requested (rank, alpha). `merge_into_base` tells clients to merge it into their base
+    weights and start a fresh LoRA (FLoRA) instead of continuing from it."""
+
+    adapters: dict[RankRequest, dict[str, LoraFactors]]
+    merge_into_base: bool = False
+    info: Mapping[str, float] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    name: str
+
+    def aggregate(
+        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    ) -> AggregationResult: ...
+
+
+StrategyFactory = Callable[..., Strategy]
+
+
+class StrategyError(ValueError):
+    """Inputs a strategy cannot aggregate; the message names the offending client, module or request."""
+
+
+# --- weighting -------------------------------------------------------------------------------------------------
+# Every scheme returns un-normalised weights: strategies normalise anyway, and raw values (sample counts) are
+# easier to log and to check than fractions.
+
+
+def _checked_weights(weights: list[float], scheme: str) -> list[float]:
+    if not weights:
+        raise ValueError(f"{scheme} weighting needs at least one client")
+    for k, w in enumerate(weights):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"{scheme} weighting gave client {k} the weight {w}; weights must be finite and >= 0")
+    if sum(weights) <= 0:
+        raise ValueError(f"{scheme} weighting gave every client weight 0; at least one must be positive")
+    return weights
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """w_k = n_k, FlexLoRA's default: clients count in proportion to their training samples."""
+
+    name = "data_size"
+
+    def __call__(self, clients: Sequence[ClientMeta]) -> list[float]:
+        return _checked_weights([float(c.num_samples) for c in clients], self.name)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """w_k = 1: every client counts the same, whatever its data size."""
+
+    name = "uniform"
+
+    def __call__(self, clients: Sequence[ClientMeta]) -> list[float]:
+        return _checked_weights([1.0 for _ in clients], self.name)
+
+
+@dataclass(frozen=True)
+class StalenessDiscount:
+    """w_k = base_k · (1 + staleness_k)^(-exponent): updates trained on older global adapters count less."""
+
+    base: Weighting = field(default_factory=DataSize)
+    exponent: float = 0.5
+    name = "staleness"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.exponent) or self.exponent < 0:
+            raise ValueError(f"staleness exponent must be finite and >= 0, got {self.exponent}")
+
+    def __call__(self, clients: Sequence[ClientMeta]) -> list[float]:
+        for k, c in enumerate(clients):
+            if c.staleness < 0:
+                raise ValueError(f"client {k} has negative staleness {c.staleness}")
+        base = self.base(clients)
+        return _checked_weights(
+            [b * (1.0 + c.staleness) ** (-self.exponent) for b, c in zip(base, clients, strict=True)], self.name
+        )
+
+
+WEIGHTINGS: Mapping[str, Callable[..., Weighting]] = {
+    "data_size": DataSize,
+    "uniform": Uniform,
+    "staleness": StalenessDiscount,
+}
+
+
+def get_weighting(name: str, **options: Any) -> Weighting:
+    """The weighting scheme called `name`; a string `base` option (for staleness) is resolved by name too."""
+    key = name.strip().lower()
+    if key not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; valid names: {', '.join(sorted(WEIGHTINGS))}")
+    if isinstance(options.get("base"), str):
+        options["base"] = get_weighting(options["base"])
+    try:
+        return WEIGHTINGS[key](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad options {sorted(options)} for weighting {key!r}: {exc}") from exc
+
+
+# --- shared validation -------------------------------------------------------------------------------------------
+
+
+def validate_inputs(
+    clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+) -> tuple[list[float], list[str]]:
+    """Check everything every strategy relies on; returns the normalised weights and the sorted module names."""
+    if not clients:
+        raise StrategyError("no clients to aggregate")
+    if len(weights) != len(clients):
+        raise StrategyError(f"{len(clients)} clients but {len(weights)} weights")
+    for k, w in enumerate(weights):
+        if not math.isfinite(w) or w < 0:
+            raise StrategyError(f"client {k} has weight {w}; weights must be finite and >= 0")
+    total = math.fsum(weights)
+    if total <= 0:
+        raise StrategyError("every client has weight 0; at least one must be positive")
+    if not requests:
+        raise StrategyError("no ranks requested")
+    for j, req in enumerate(requests):
+        if req.rank < 1:
+            raise StrategyError(f"request {j} asks for rank {req.rank}; ranks must be >= 1")
+        if not math.isfinite(req.alpha) or req.alpha <= 0:
+            raise StrategyError(f"request {j} (rank {req.rank}) has alpha {req.alpha}; alpha must be finite and > 0")
+    modules = set(clients[0].factors)
+    if not modules:
+        raise StrategyError("client 0 adapts no modules")
+    shapes: dict[str, tuple[int, int]] = {}
+    for k, client in enumerate(clients):
+        if client.rank < 1 or not math.isfinite(client.alpha) or client.alpha <= 0:
+            raise StrategyError(f"client {k} declares rank {client.rank} and alpha {client.alpha}; need >= 1 and > 0")
+        if set(client.factors) != modules:
+            missing = sorted(modules - set(client.factors))
+            extra = sorted(set(client.factors) - modules)
+            raise StrategyError(
+                f"client {k} adapts a different module set than client 0: missing {missing}, extra {extra}"
+            )
+        for module in sorted(modules):
+            a, b = client.factors[module]
+            where = f"client {k}, module {module!r}"
+            if a.ndim != 2 or b.ndim != 2:
+                raise StrategyError(f"{where}: factors must be 2-D, got A {tuple(a.shape)} and B {tuple(b.shape)}")
+            if a.shape[0] != client.rank or b.shape[1] != client.rank:
+                raise StrategyError(
+                    f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match the declared rank {client.rank}"
+                )
+            shape = (int(b.shape[0]), int(a.shape[1]))
+            if shapes.setdefault(module, shape) != shape:
+                raise StrategyError(f"{where}: (d_out, d_in) is {shape} but client 0 has {shapes[module]}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise StrategyError(f"{where}: factors hold NaN or infinite values")
+    return [w / total for w in weights], sorted(modules)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _weighted_sum(weights: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    w = torch.tensor(weights, dtype=torch.float64)
+    return (w[:, None, None] * torch.stack(list(tensors))).sum(dim=0)
+
+
+# --- strategies --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _flexlora_takes_mode() -> bool:
+    # `mode` and `tolerance` are newer parameters of flexlora(); older versions only do the exact computation.
+    return "mode" in inspect.signature(flexlora).parameters
+
+
+@dataclass(frozen=True)
+class FlexLoRA:
+    """ΔW = Σ p_k s_k B_k A_k, cut by SVD at every requested rank (aggregator.flexlora); the base stays untouched."""
+
+    mode: str = "exact"
+    tolerance: float = 1e-3
+    dtype: torch.dtype = torch.float32
+    name = "flexlora"
+
+    def aggregate(
+        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    ) -> AggregationResult:
+        validate_inputs(clients, weights, requests)
+        extra: dict[str, Any] = {}
+        if _flexlora_takes_mode():
+            extra = {"mode": self.mode, "tolerance": self.tolerance}
+        elif self.mode != "exact":
+            raise StrategyError(f"this aggregator.flexlora supports only mode 'exact', not {self.mode!r}")
+        adapters = flexlora(clients, [float(w) for w in weights], requests, dtype=self.dtype, **extra)
+        return AggregationResult(adapters=adapters)
+
+
+@dataclass(frozen=True)
+class FedIT:
+    """FedAvg of A and of s·B separately; only meaningful when every client trains at one rank."""
+
+    dtype: torch.dtype = torch.float32
+    name = "fedit"
+
+    def aggregate(
+        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    ) -> AggregationResult:
+        p, modules = validate_inputs(clients, weights, requests)
+        ranks = sorted({c.rank for c in clients} | {r.rank for r in requests})
+        if len(ranks) > 1:
+            raise StrategyError(
+                f"FedIT averages A and B entrywise, so every client and request needs one rank; got ranks {ranks}. "
+                "The bucket-effect baseline is every client trained at the smallest rank."
+            )
+        adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in sorted(set(requests))}
+        for module in modules:
+            a = _weighted_sum(p, [_f64(c.factors[module].A) for c in clients])
+            # Folding each client's alpha/rank into B lets clients with different alphas share one average.
+            sb = _weighted_sum(p, [c.scale * _f64(c.factors[module].B) for c in clients])
+            for req in adapters:
+                s_out = req.alpha / req.rank
+                adapters[req][module] = LoraFactors(A=a.to(self.dtype), B=(sb / s_out).to(self.dtype))
+        return AggregationResult(adapters=adapters)
+
+
+def _frobenius_of_product(b: torch.Tensor, a: torch.Tensor) -> float:
+    # ‖BA‖²_F = tr((BᵀB)(AAᵀ)): rank × rank work instead of forming the d_out × d_in product.
+    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+
+
+@dataclass(frozen=True)
+class HetLoRA:
+    """Zero-pad to the largest rank, average weighted by p_k·‖s_k B_k A_k‖_F, truncate to each requested rank."""
+
+    dtype: torch.dtype = torch.float32
+    name = "hetlora"
+
+    def aggregate(
+        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    ) -> AggregationResult:
+        p, modules = validate_inputs(clients, weights, requests)
+        r_max = max(c.rank for c in clients)
+        adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in sorted(set(requests))}
+        for module in modules:
+            a_k = [_f64(c.factors[module].A) for c in clients]
+            sb_k = [c.scale * _f64(c.factors[module].B) for c in clients]
+            norms = [pk * _frobenius_of_product(b, a) for pk, a, b in zip(p, a_k, sb_k, strict=True)]
+            # All-zero products (e.g. round 0, where PEFT initialises B to 0) carry no norm signal; use p alone.
+            total = math.fsum(norms)
+            q = [n / total for n in norms] if total > 0 else p
+            d_out, d_in = sb_k[0].shape[0], a_k[0].shape[1]
+            a = torch.zeros((r_max, d_in), dtype=torch.float64)
+            sb = torch.zeros((d_out, r_max), dtype=torch.float64)
+            for qk, ak, bk in zip(q, a_k, sb_k, strict=True):
+                r = ak.shape[0]
+                a[:r] += qk * ak
+                sb[:, :r] += qk * bk
+            for req in adapters:
+                keep = min(req.rank, r_max)
+                a_out = torch.zeros((req.rank, d_in), dtype=torch.float64)
+                b_out = torch.zeros((d_out, req.rank), dtype=torch.float64)
+                a_out[:keep] = a[:keep]
+                b_out[:, :keep] = sb[:, :keep] / (req.alpha / req.rank)
+                adapters[req][module] = LoraFactors(A=a_out.to(self.dtype), B=b_out.to(self.dtype))
+        return AggregationResult(adapters=adapters, info={"max_rank": float(r_max)})
+
+
+@dataclass(frozen=True)
+class FLoRA:
+    """Stack the factors so B_s A_s = Σ p_k s_k B_k A_k exactly, at rank R = Σ r_k.
+
+    The result is one adapter under RankRequest(R, R), whatever ranks were requested: alpha = R makes PEFT's
+    scale alpha/r equal 1, so B_s is stored as is. `merge_into_base` is True: each client merges this adapter
+    into its base weights and starts a fresh LoRA at its own rank. Clients with weight 0 add only zero
+    columns, so they are left out of the stack.
+    """
+
+    dtype: torch.dtype = torch.float32
+    name = "flora"
+
+    def aggregate(
+        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    ) -> AggregationResult:
+        p, modules = validate_inputs(clients, weights, requests)
+        kept = [(pk, c) for pk, c in zip(p, clients, strict=True) if pk > 0]
+        stacked_rank = sum(c.rank for _, c in kept)
+        stacked: dict[str, LoraFactors] = {}
+        for module in modules:
+            b = torch.cat([(pk * c.scale) * _f64(c.factors[module].B) for pk, c in kept], dim=1)
+            a = torch.cat([_f64(c.factors[module].A) for _, c in kept], dim=0)
+            stacked[module] = LoraFactors(A=a.to(self.dtype), B=b.to(self.dtype))
+        return AggregationResult(
+            adapters={RankRequest(stacked_rank, float(stacked_rank)): stacked},
+            merge_into_base=True,
+            info={"stacked_rank": float(stacked_rank)},
+        )
+
+
+STRATEGIES: Mapping[str, StrategyFactory] = {
+    "flexlora": FlexLoRA,
+    "fedit": FedIT,
+    "hetlora": HetLoRA,
+    "flora": FLoRA,
+}
+
+
+def get_strategy(name: str, **options: Any) -> Strategy:
+    """The strategy called `name` (case-insensitive), built with `options`."""
+    key = name.strip().lower()
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}")
+    try:
+        return STRATEGIES[key](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad options {sorted(options)} for strategy {key!r}: {exc}") from exc
