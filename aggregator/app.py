@@ -24,7 +24,14 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
             signal.signal(sig, lambda *_: stop.set())
     store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
     config = AggregatorConfig(
-        federation=settings.federation, policy=settings.policy(), lease_s=settings.lease_s, prefetch=settings.prefetch
+        federation=settings.federation,
+        policy=settings.policy(),
+        lease_s=settings.lease_s,
+        prefetch=settings.prefetch,
+        strategy=settings.strategy,
+        svd_mode=settings.svd_mode,
+        weighting=settings.weighting,
+        staleness_exponent=settings.staleness_exponent,
     )
 
     # Deliveries held when the connection drops go back to the queue; the store makes their second

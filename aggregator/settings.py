@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +22,10 @@ class AggregatorSettings(BaseSettings):
     lease_s: float = Field(default=120.0, gt=0)
     prefetch: int = Field(default=8, ge=1)
     heartbeat_s: int = Field(default=30, ge=1)
+    strategy: Literal["flexlora", "fedit", "hetlora"] = "flexlora"
+    svd_mode: Literal["exact", "fast"] = "exact"
+    weighting: Literal["data_size", "uniform", "staleness"] = "data_size"
+    staleness_exponent: float = Field(default=0.5, ge=0)
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

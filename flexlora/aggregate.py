@@ -1,4 +1,4 @@
-"""`flexlora aggregate`: aggregate PEFT adapter directories offline into one adapter directory per requested rank."""
+"""Offline adapter tools: `flexlora aggregate` (PEFT directories in, out) and `flexlora export` (a global version)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch
 
 from aggregator.adapters import AdapterFileError, PeftAdapter, read_adapter, write_adapter
 from aggregator.flexlora import ClientAdapter, RankRequest, data_size_weights
+from aggregator.rounds import RoundStore
 from aggregator.strategies import get_strategy
-from schemas.lora import LoraFactors, module_shapes
+from schemas.lora import LoraFactors, module_shapes, split_lora
+from schemas.messages import AdapterRelease
+from schemas.tensors import decode_tensors
 
 SUMMARY_FILE = "aggregation.json"
 README_FILE = "README.md"
@@ -156,3 +159,37 @@ def _readme(strategy: str, written: Sequence[Path], merge_into_base: bool) -> st
     lines += [f"- `{d.name}/`" for d in written]
     lines += ["", f"Inputs, weights and strategy details are in `{SUMMARY_FILE}`.", ""]
     return "\n".join(lines)
+
+
+def export_release(
+    store: RoundStore,
+    out: Path,
+    *,
+    version: int | None = None,
+    client_id: str | None = None,
+    rank: int | None = None,
+) -> tuple[Path, AdapterRelease]:
+    """Write a committed global version's adapter (one client's, or the first released at `rank`) as an
+    ordinary PEFT directory, so any version can be loaded into transformers with PeftModel.from_pretrained."""
+    version = store.version() if version is None else version
+    if version < 1:
+        raise ValueError("no global version has been committed yet")
+    releases = store.releases(version)
+    if not releases:
+        raise ValueError(f"version {version} has no stored releases")
+    if client_id is not None:
+        if client_id not in releases:
+            raise ValueError(f"version {version} has no release for {client_id!r}; it has {sorted(releases)}")
+        chosen = releases[client_id]
+    else:
+        candidates = sorted(
+            (r for r in releases.values() if rank is None or r.header.rank == rank), key=lambda r: -r.header.rank
+        )
+        if not candidates:
+            ranks = sorted({r.header.rank for r in releases.values()})
+            raise ValueError(f"version {version} was released at ranks {ranks}, not {rank}")
+        chosen = candidates[0]  # without a rank: the largest, the closest cut of ΔW
+    h = chosen.header
+    factors = split_lora(decode_tensors(chosen.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+    write_adapter(out, factors, h.rank, h.lora_alpha, h.target_modules)
+    return out, h

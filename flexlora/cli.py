@@ -47,6 +47,12 @@ def aggregator(
         float | None, typer.Option(help="finalising lease; another aggregator takes over after it")
     ] = None,
     prefetch: Annotated[int | None, typer.Option(help="unacked updates held at once")] = None,
+    strategy: Annotated[str | None, typer.Option(help="flexlora (default), fedit or hetlora")] = None,
+    svd_mode: Annotated[
+        str | None, typer.Option(help="exact (default) or fast (certified top-r subspace iteration)")
+    ] = None,
+    weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
+    staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
@@ -65,6 +71,10 @@ def aggregator(
                 round_deadline_s=round_deadline_s,
                 lease_s=lease_s,
                 prefetch=prefetch,
+                strategy=strategy,
+                svd_mode=svd_mode,
+                weighting=weighting,
+                staleness_exponent=staleness_exponent,
             )
         )
     except ValidationError as exc:
@@ -198,6 +208,30 @@ def aggregate(
         typer.echo(str(directory))
     if any(d.name.startswith("stacked-") for d in written):
         console.print("FLoRA: clients merge this stacked adapter into their base weights and start a fresh LoRA.")
+
+
+@app.command()
+def export(
+    out: Annotated[str, typer.Option(help="directory to write the PEFT adapter into")],
+    federation: Annotated[str, typer.Option()] = "default",
+    redis_url: Annotated[str, typer.Option(help="the federation's round store")] = "redis://127.0.0.1:6379/0",
+    version: Annotated[int | None, typer.Option(help="global version (default: the newest)")] = None,
+    client_id: Annotated[str | None, typer.Option(help="export this client's release")] = None,
+    rank: Annotated[int | None, typer.Option(help="export a release at this rank (default: the largest)")] = None,
+) -> None:
+    """Write a global version's adapter as a PEFT directory that PeftModel.from_pretrained loads."""
+    from pathlib import Path
+
+    from aggregator.stores.redis import RedisRoundStore
+    from flexlora.aggregate import export_release
+
+    store = RedisRoundStore.from_url(redis_url, federation)
+    try:
+        path, header = export_release(store, Path(out), version=version, client_id=client_id, rank=rank)
+    except ValueError as exc:
+        console.print(f"[red]cannot export:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"{path}: version {header.version}, rank {header.rank}, alpha {header.lora_alpha}")
 
 
 def main() -> None:
