@@ -180,3 +180,26 @@ def test_an_update_for_another_base_model_is_refused(rig: Rig) -> None:
     assert rig.service.counters["refused:base-model"] == 1
     assert rig.service.counters["refused:modules"] == 1
     assert rig.service.counters["accepted"] == 1
+
+
+def test_strategy_and_weighting_are_chosen_per_federation() -> None:
+    transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    with pytest.raises(ValueError, match="offline-only"):
+        AggregatorService(transport, store, AggregatorConfig(federation="f", strategy="flora"))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        AggregatorService(transport, store, AggregatorConfig(federation="f", strategy="nope"))
+    config = AggregatorConfig(
+        federation="f", policy=RoundPolicy(max_updates=2), strategy="hetlora", weighting="staleness", poll_s=0.01
+    )
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology("f"))
+    _valid(rig, "c1", 4, seed=1)
+    _valid(rig, "c2", 8, seed=2)
+    _serve_until(rig, threading.Event())
+    [record] = store.history()
+    assert record.strategy == "hetlora"
+    assert record.metrics["max_rank"] == 8.0
+    assert {r.header.strategy for r in store.releases(1).values()} == {"hetlora"}
+    assert [r.header.rank for _, r in sorted(store.releases(1).items())] == [4, 8]
