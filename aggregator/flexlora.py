@@ -152,14 +152,16 @@ def flexlora(
         per_batch = max(1, batch_bytes // (8 * total_rank * (d_out + d_in)))
         for start in range(0, len(names), per_batch):
             chunk = names[start : start + per_batch]
-            p = torch.empty((len(chunk), d_out, total_rank), dtype=torch.float64)
-            q = torch.empty((len(chunk), total_rank, d_in), dtype=torch.float64)
+            # Fast mode stacks in float32 (the clients' own precision) so its big products run at float32 speed.
+            work = torch.float32 if mode == "fast" else torch.float64
+            p = torch.empty((len(chunk), d_out, total_rank), dtype=work)
+            q = torch.empty((len(chunk), total_rank, d_in), dtype=work)
             for m, module in enumerate(chunk):
                 offset = 0
                 for client, coeff in zip(clients, coeffs, strict=True):
                     a, b = client.factors[module]
                     p[m, :, offset : offset + client.rank] = b.to(torch.float64) * coeff
-                    q[m, offset : offset + client.rank] = a.to(torch.float64)
+                    q[m, offset : offset + client.rank] = a
                     offset += client.rank
             result = top_svd(p, q, k, mode=mode, certify_ranks=[r.rank for r in unique], tolerance=tolerance)
             for m, module in enumerate(chunk):

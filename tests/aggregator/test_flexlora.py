@@ -163,7 +163,9 @@ def test_one_client_is_reproduced_exactly_at_its_rank_or_above(mode: SvdMode) ->
     for r in (6, 9):
         req = RankRequest(r, 4.0)
         got = _product(flexlora([client], [1.0], [req], torch.float64, mode=mode)[req]["m"], req)
-        np.testing.assert_allclose(got, want, atol=1e-10 * np.abs(want).max())
+        # fast mode stacks the (float32) client factors in float32: exact up to float32 rounding.
+        tol = 1e-5 if mode == "fast" else 1e-10
+        np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 
 def test_dependent_factors_fall_back_to_householder_qr() -> None:

@@ -1,0 +1,33 @@
+"""The aggregation benchmark runs end to end on small shapes, so the script cannot silently rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_benchmark_prints_every_path_with_errors_and_speedups() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "aggregate.py"), "--shapes", "smoke", "--clients", "4"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    [result] = json.loads(out.stdout)["results"]
+    assert result["shapes"] == "smoke"
+    assert result["exact"]["paths"] == {"factored": result["modules"]}
+    assert set(result["fast"]["paths"]) <= {"fast", "fast→factored", "fast→factored-qr"}
+    assert result["exact"]["max_relative_error_vs_dense_on_sample"] <= 1e-10
+    assert result["fast"]["max_relative_error_vs_dense_on_sample"] <= 1e-4
+    assert result["fast"]["max_rank_r_error_excess_over_optimal_on_sample"] <= 1e-3
+    for mode in ("dense", "exact", "fast"):
+        assert result[mode]["seconds"] > 0
+        assert result[mode]["peak_rss_growth_mib"] >= 0
