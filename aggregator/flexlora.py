@@ -86,37 +86,63 @@ class ModuleReport:
     excess: float
 
 
-def validate_clients(clients: Sequence[ClientAdapter], weights: Sequence[float]) -> list[str]:
-    """Common input checks; returns the sorted module names. Errors name the client index and module."""
+class AggregationError(ValueError):
+    """Inputs that cannot be aggregated; the message names the client, module or request at fault."""
+
+
+def validate_inputs(
+    clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+) -> tuple[list[float], list[str]]:
+    """Check everything aggregation relies on; returns the normalised weights and the sorted module names.
+
+    Every message names the offending client (by index), module or request."""
     if not clients:
-        raise ValueError("no clients to aggregate")
-    if len(clients) != len(weights):
-        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be finite and non-negative with a positive sum, got {list(weights)}")
-    modules = sorted(clients[0].factors)
-    for index, client in enumerate(clients):
-        if client.rank < 1 or not client.alpha > 0:
-            raise ValueError(f"client {index}: rank {client.rank} and alpha {client.alpha} must be positive")
-        if sorted(client.factors) != modules:
-            diff = sorted(set(client.factors) ^ set(modules))
-            raise ValueError(f"client {index} adapts a different module set (differs on {diff[:3]})")
-        for module in modules:
+        raise AggregationError("no clients to aggregate")
+    if len(weights) != len(clients):
+        raise AggregationError(f"{len(clients)} clients but {len(weights)} weights")
+    for k, w in enumerate(weights):
+        if not math.isfinite(w) or w < 0:
+            raise AggregationError(f"client {k} has weight {w}; weights must be finite and >= 0")
+    total = math.fsum(weights)
+    if total <= 0:
+        raise AggregationError("every client has weight 0; at least one must be positive")
+    if not requests:
+        raise AggregationError("no ranks requested")
+    for j, req in enumerate(requests):
+        if req.rank < 1:
+            raise AggregationError(f"request {j} asks for rank {req.rank}; ranks must be >= 1")
+        if not math.isfinite(req.alpha) or req.alpha <= 0:
+            raise AggregationError(f"request {j} (rank {req.rank}) has alpha {req.alpha}; alpha must be finite and > 0")
+    modules = set(clients[0].factors)
+    if not modules:
+        raise AggregationError("client 0 adapts no modules")
+    shapes: dict[str, tuple[int, int]] = {}
+    for k, client in enumerate(clients):
+        if client.rank < 1 or not math.isfinite(client.alpha) or client.alpha <= 0:
+            raise AggregationError(
+                f"client {k} declares rank {client.rank} and alpha {client.alpha}; need >= 1 and > 0"
+            )
+        if set(client.factors) != modules:
+            missing = sorted(modules - set(client.factors))
+            extra = sorted(set(client.factors) - modules)
+            raise AggregationError(
+                f"client {k} adapts a different module set than client 0: missing {missing}, extra {extra}"
+            )
+        for module in sorted(modules):
             a, b = client.factors[module]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != client.rank or b.shape[1] != client.rank:
-                raise ValueError(
-                    f"client {index}, module {module}: A {tuple(a.shape)} and B {tuple(b.shape)} "
-                    f"do not match its declared rank {client.rank}"
+            where = f"client {k}, module {module!r}"
+            if a.ndim != 2 or b.ndim != 2:
+                raise AggregationError(f"{where}: factors must be 2-D, got A {tuple(a.shape)} and B {tuple(b.shape)}")
+            if a.shape[0] != client.rank or b.shape[1] != client.rank:
+                raise AggregationError(
+                    f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match the declared rank {client.rank}"
                 )
-            ref = clients[0].factors[module]
-            if (b.shape[0], a.shape[1]) != (ref.B.shape[0], ref.A.shape[1]):
-                raise ValueError(
-                    f"client {index}, module {module}: shape {(b.shape[0], a.shape[1])} differs from "
-                    f"client 0's {(ref.B.shape[0], ref.A.shape[1])}"
-                )
+            shape = (int(b.shape[0]), int(a.shape[1]))
+            if shapes.setdefault(module, shape) != shape:
+                raise AggregationError(f"{where}: (d_out, d_in) is {shape} but client 0 has {shapes[module]}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f"client {index}, module {module}: NaN or infinite values")
-    return modules
+                raise AggregationError(f"{where}: factors hold NaN or infinite values")
+    return [w / total for w in weights], sorted(modules)
 
 
 def flexlora(
@@ -135,11 +161,8 @@ def flexlora(
     Modules of one shape are batched together (up to `batch_bytes` of stacked factors at a time), and
     only the top max-rank triplets are ever used, so ΔW is never formed unless R ≥ min(d_out, d_in).
     """
-    modules = validate_clients(clients, weights)
-    if not requests or any(req.rank < 1 or not req.alpha > 0 for req in requests):
-        raise ValueError(f"every requested rank and alpha must be positive, got {list(requests)}")
-    total = float(sum(weights))
-    coeffs = [w / total * c.scale for c, w in zip(clients, weights, strict=True)]
+    normalised, modules = validate_inputs(clients, weights, requests)
+    coeffs = [w * c.scale for c, w in zip(clients, normalised, strict=True)]
     unique = sorted(set(requests))
     k = max(req.rank for req in unique)
     total_rank = sum(c.rank for c in clients)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +9,9 @@ from typing import Any, Protocol
 
 import torch
 
-from aggregator.flexlora import ClientAdapter, RankRequest, flexlora
+from aggregator.flexlora import AggregationError, ClientAdapter, ModuleReport, RankRequest, flexlora
+from aggregator.flexlora import validate_inputs as check_inputs
+from aggregator.lowrank import SvdMode
 from schemas.lora import LoraFactors
 
 
@@ -52,7 +52,7 @@ class Strategy(Protocol):
 StrategyFactory = Callable[..., Strategy]
 
 
-class StrategyError(ValueError):
+class StrategyError(AggregationError):
     """Inputs a strategy cannot aggregate; the message names the offending client, module or request."""
 
 
@@ -140,52 +140,11 @@ def get_weighting(name: str, **options: Any) -> Weighting:
 def validate_inputs(
     clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
 ) -> tuple[list[float], list[str]]:
-    """Check everything every strategy relies on; returns the normalised weights and the sorted module names."""
-    if not clients:
-        raise StrategyError("no clients to aggregate")
-    if len(weights) != len(clients):
-        raise StrategyError(f"{len(clients)} clients but {len(weights)} weights")
-    for k, w in enumerate(weights):
-        if not math.isfinite(w) or w < 0:
-            raise StrategyError(f"client {k} has weight {w}; weights must be finite and >= 0")
-    total = math.fsum(weights)
-    if total <= 0:
-        raise StrategyError("every client has weight 0; at least one must be positive")
-    if not requests:
-        raise StrategyError("no ranks requested")
-    for j, req in enumerate(requests):
-        if req.rank < 1:
-            raise StrategyError(f"request {j} asks for rank {req.rank}; ranks must be >= 1")
-        if not math.isfinite(req.alpha) or req.alpha <= 0:
-            raise StrategyError(f"request {j} (rank {req.rank}) has alpha {req.alpha}; alpha must be finite and > 0")
-    modules = set(clients[0].factors)
-    if not modules:
-        raise StrategyError("client 0 adapts no modules")
-    shapes: dict[str, tuple[int, int]] = {}
-    for k, client in enumerate(clients):
-        if client.rank < 1 or not math.isfinite(client.alpha) or client.alpha <= 0:
-            raise StrategyError(f"client {k} declares rank {client.rank} and alpha {client.alpha}; need >= 1 and > 0")
-        if set(client.factors) != modules:
-            missing = sorted(modules - set(client.factors))
-            extra = sorted(set(client.factors) - modules)
-            raise StrategyError(
-                f"client {k} adapts a different module set than client 0: missing {missing}, extra {extra}"
-            )
-        for module in sorted(modules):
-            a, b = client.factors[module]
-            where = f"client {k}, module {module!r}"
-            if a.ndim != 2 or b.ndim != 2:
-                raise StrategyError(f"{where}: factors must be 2-D, got A {tuple(a.shape)} and B {tuple(b.shape)}")
-            if a.shape[0] != client.rank or b.shape[1] != client.rank:
-                raise StrategyError(
-                    f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match the declared rank {client.rank}"
-                )
-            shape = (int(b.shape[0]), int(a.shape[1]))
-            if shapes.setdefault(module, shape) != shape:
-                raise StrategyError(f"{where}: (d_out, d_in) is {shape} but client 0 has {shapes[module]}")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise StrategyError(f"{where}: factors hold NaN or infinite values")
-    return [w / total for w in weights], sorted(modules)
+    """aggregator.flexlora.validate_inputs, raising StrategyError: the normalised weights and module names."""
+    try:
+        return check_inputs(clients, weights, requests)
+    except AggregationError as exc:
+        raise StrategyError(str(exc)) from exc
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -200,17 +159,11 @@ def _weighted_sum(weights: Sequence[float], tensors: Sequence[torch.Tensor]) -> 
 # --- strategies --------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _flexlora_takes_mode() -> bool:
-    # `mode` and `tolerance` are newer parameters of flexlora(); older versions only do the exact computation.
-    return "mode" in inspect.signature(flexlora).parameters
-
-
 @dataclass(frozen=True)
 class FlexLoRA:
     """ΔW = Σ p_k s_k B_k A_k, cut by SVD at every requested rank (aggregator.flexlora); the base stays untouched."""
 
-    mode: str = "exact"
+    mode: SvdMode = "exact"
     tolerance: float = 1e-3
     dtype: torch.dtype = torch.float32
     name = "flexlora"
@@ -219,13 +172,22 @@ class FlexLoRA:
         self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
     ) -> AggregationResult:
         validate_inputs(clients, weights, requests)
-        extra: dict[str, Any] = {}
-        if _flexlora_takes_mode():
-            extra = {"mode": self.mode, "tolerance": self.tolerance}
-        elif self.mode != "exact":
-            raise StrategyError(f"this aggregator.flexlora supports only mode 'exact', not {self.mode!r}")
-        adapters = flexlora(clients, [float(w) for w in weights], requests, dtype=self.dtype, **extra)
-        return AggregationResult(adapters=adapters)
+        reports: list[ModuleReport] = []
+        adapters = flexlora(
+            clients,
+            [float(w) for w in weights],
+            requests,
+            self.dtype,
+            mode=self.mode,
+            tolerance=self.tolerance,
+            reports=reports,
+        )
+        fallbacks = sum(1 for r in reports if "→" in r.path or r.path == "factored-qr")
+        info = {
+            "max_certified_excess": max((r.excess for r in reports), default=0.0),
+            "svd_fallbacks": float(fallbacks),
+        }
+        return AggregationResult(adapters=adapters, info=info)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def test_weights_and_inputs_are_checked() -> None:
         flexlora([a, b], [1, 1], [RankRequest(2, 2.0)])
     with pytest.raises(ValueError, match="weights"):
         flexlora([a], [1, 1], [RankRequest(2, 2.0)])
-    with pytest.raises(ValueError, match="client 1, module m: shape"):
+    with pytest.raises(ValueError, match=r"client 1, module 'm': \(d_out, d_in\) is \(5, 4\)"):
         flexlora([a, _client(rng, 5, 4, 2, 2.0)], [1, 1], [RankRequest(2, 2.0)])
 
 
@@ -133,11 +133,18 @@ def test_factored_paths_equal_dense(d_out, d_in, ranks, target, mode, seed) -> N
     n = [int(x) for x in rng.integers(1, 50, size=len(clients))]
     req = RankRequest(target, 3.0)
     reports: list[ModuleReport] = []
-    for dtype, tol in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
-        out = flexlora(clients, n, [req], dtype=dtype, mode=mode, reports=reports)
-        got = _product(out[req]["m"], req)
-        want = _reference(clients, n, target)
-        assert np.linalg.norm(got - want) <= tol * max(1.0, float(np.linalg.norm(want)))
+    want = _reference(clients, n, target)
+    if mode == "exact":
+        for dtype, tol in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
+            got = _product(flexlora(clients, n, [req], dtype=dtype, mode=mode, reports=reports)[req]["m"], req)
+            assert np.linalg.norm(got - want) <= tol * max(1.0, float(np.linalg.norm(want)))
+    else:
+        # Fast mode promises a rank-r error within its tolerance of the optimum (up to float32 rounding),
+        # not the same factors: near-equal singular values may be mixed differently.
+        got = _product(flexlora(clients, n, [req], torch.float64, mode=mode, reports=reports)[req]["m"], req)
+        delta = _reference(clients, n, 64)
+        opt = float(np.linalg.norm(delta - want))
+        assert float(np.linalg.norm(delta - got)) <= (1 + 1e-3) * opt + 1e-5 * float(np.linalg.norm(delta))
     assert {r.path for r in reports} <= {"factored", "fast", "fast→factored", "fast→factored-qr", "factored-qr"}
 
 
@@ -208,13 +215,13 @@ def test_bad_inputs_name_the_client_and_module() -> None:
     good = _client(rng, 8, 8, 2, 4.0)
     nan_a = good.factors["m"].A.clone()
     nan_a[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="client 1, module m: NaN"):
+    with pytest.raises(ValueError, match="client 1, module 'm': factors hold NaN"):
         flexlora(
             [good, ClientAdapter({"m": LoraFactors(nan_a, good.factors["m"].B)}, 2, 4.0)], [1, 1], [RankRequest(2, 4.0)]
         )
-    with pytest.raises(ValueError, match=r"client 1, module m: .* declared rank 3"):
+    with pytest.raises(ValueError, match=r"client 1, module 'm': .* declared rank 3"):
         flexlora([good, ClientAdapter(dict(good.factors), 3, 4.0)], [1, 1], [RankRequest(2, 4.0)])
-    with pytest.raises(ValueError, match="requested rank"):
+    with pytest.raises(ValueError, match="request 0 asks for rank 0"):
         flexlora([good], [1], [RankRequest(0, 4.0)])
-    with pytest.raises(ValueError, match="client 0: rank 0"):
+    with pytest.raises(ValueError, match="client 0 declares rank 0"):
         flexlora([ClientAdapter(dict(good.factors), 0, 4.0)], [1], [RankRequest(2, 4.0)])
