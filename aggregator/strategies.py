@@ -121,17 +121,23 @@ WEIGHTINGS: Mapping[str, Callable[..., Weighting]] = {
 }
 
 
+def _build(registry: Mapping[str, Callable[..., Any]], kind: str, name: str, options: dict[str, Any]) -> Any:
+    """Look `name` up case-insensitively and build it, turning unknown names and options into ValueErrors."""
+    key = name.strip().lower()
+    if key not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(registry))}")
+    try:
+        return registry[key](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad options {sorted(options)} for {kind} {key!r}: {exc}") from exc
+
+
 def get_weighting(name: str, **options: Any) -> Weighting:
     """The weighting scheme called `name`; a string `base` option (for staleness) is resolved by name too."""
-    key = name.strip().lower()
-    if key not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name!r}; valid names: {', '.join(sorted(WEIGHTINGS))}")
     if isinstance(options.get("base"), str):
         options["base"] = get_weighting(options["base"])
-    try:
-        return WEIGHTINGS[key](**options)
-    except TypeError as exc:
-        raise ValueError(f"bad options {sorted(options)} for weighting {key!r}: {exc}") from exc
+    weighting: Weighting = _build(WEIGHTINGS, "weighting", name, options)
+    return weighting
 
 
 # --- shared validation -------------------------------------------------------------------------------------------
@@ -301,10 +307,5 @@ STRATEGIES: Mapping[str, StrategyFactory] = {
 
 def get_strategy(name: str, **options: Any) -> Strategy:
     """The strategy called `name` (case-insensitive), built with `options`."""
-    key = name.strip().lower()
-    if key not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}")
-    try:
-        return STRATEGIES[key](**options)
-    except TypeError as exc:
-        raise ValueError(f"bad options {sorted(options)} for strategy {key!r}: {exc}") from exc
+    strategy: Strategy = _build(STRATEGIES, "strategy", name, options)
+    return strategy
