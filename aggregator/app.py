@@ -32,6 +32,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         svd_mode=settings.svd_mode,
         weighting=settings.weighting,
         staleness_exponent=settings.staleness_exponent,
+        max_staleness=settings.max_staleness,
     )
 
     # Deliveries held when the connection drops go back to the queue; the store makes their second

@@ -55,6 +55,9 @@ class Keys:
     def unpublished(self) -> str:  # set of committed versions whose adapters are not yet all published
         return self._k("unpublished")
 
+    def publish_claim(self, version: int) -> str:  # who publishes a version's adapters now (with a TTL)
+        return self._k("release", version, "claim")
+
     @property
     def history(self) -> str:  # list of RoundRecord JSON, one per committed round
         return self._k("history")

@@ -15,6 +15,8 @@ from schemas.messages import AdapterRelease, LoraUpdate
 class RecordResult(enum.Enum):
     RECORDED = "recorded"
     DUPLICATE = "duplicate"  # a redelivery or a replay: already counted, ack it and move on
+    STALE = "stale"  # trained from a version more than max_staleness behind the open round: refused
+    FUTURE = "future"  # claims a base version that has not been released yet: refused
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ class RoundStore(abc.ABC):
         """The open round and how full it is."""
 
     @abc.abstractmethod
-    def record(self, header: LoraUpdate, payload: bytes, now: float) -> RecordResult:
-        """Add an update to the open round, at most once per update id, atomically."""
+    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
+        """Add an update to the open round, at most once per update id, atomically. Its staleness (open
+        round − base version) is judged in the same step, so a commit cannot slip in between."""
 
     @abc.abstractmethod
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
@@ -146,6 +149,11 @@ class RoundStore(abc.ABC):
 
     @abc.abstractmethod
     def mark_published(self, version: int) -> None: ...
+
+    @abc.abstractmethod
+    def claim_publish(self, version: int, owner: str, ttl_s: float) -> bool:
+        """Take the right to publish a version's adapters for `ttl_s`, so one aggregator publishes each
+        version (another may take over once the claim expires, if the version is still unpublished)."""
 
     @abc.abstractmethod
     def history(self) -> list[RoundRecord]: ...

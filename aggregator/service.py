@@ -44,6 +44,8 @@ class AggregatorConfig:
     svd_mode: SvdMode = "exact"
     weighting: str = "data_size"
     staleness_exponent: float = 0.5
+    # Updates trained from a version more than this many rounds old are dead-lettered ("stale").
+    max_staleness: int | None = None
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
@@ -124,7 +126,17 @@ class AggregatorService:
         """Validate, record (idempotently), then ack; refusals go to the dead-letter queue with a reason."""
         try:
             valid = validate_update(delivery.message, self.config.federation, self.store)
-            result = self.store.record(valid.header, delivery.message.body, self.clock())
+            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+            if result is RecordResult.STALE:
+                raise SchemaError(
+                    f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
+                    "versions behind the open round",
+                    reason="stale",
+                )
+            if result is RecordResult.FUTURE:
+                raise SchemaError(
+                    f"claims base version {valid.header.base_version}, which has not been released", reason="version"
+                )
         except SchemaError as exc:
             self.counters[f"refused:{exc.reason}"] += 1
             log.warning("dead-lettering update (%s): %s", exc.reason, exc.detail)
@@ -245,6 +257,9 @@ class AggregatorService:
 
     # --- release --------------------------------------------------------------------------------
     def publish_version(self, version: int) -> None:
+        """Publish a committed version's adapters, unless another aggregator holds the claim to do it."""
+        if not self.store.claim_publish(version, self.config.owner, self.config.lease_s):
+            return
         for client_id, release in sorted(self.store.releases(version).items()):
             if client_id not in self._declared_clients:
                 self.transport.declare(self.topology.client(client_id))

@@ -26,6 +26,7 @@ class AggregatorSettings(BaseSettings):
     svd_mode: Literal["exact", "fast"] = "exact"
     weighting: Literal["data_size", "uniform", "staleness"] = "data_size"
     staleness_exponent: float = Field(default=0.5, ge=0)
+    max_staleness: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

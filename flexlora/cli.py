@@ -53,6 +53,7 @@ def aggregator(
     ] = None,
     weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
     staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
+    max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
@@ -75,6 +76,7 @@ def aggregator(
                 svd_mode=svd_mode,
                 weighting=weighting,
                 staleness_exponent=staleness_exponent,
+                max_staleness=max_staleness,
             )
         )
     except ValidationError as exc:

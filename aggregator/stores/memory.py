@@ -34,6 +34,7 @@ class MemoryRoundStore(RoundStore):
         self._unpublished: set[int] = set()
         self._history: list[RoundRecord] = []
         self._pins: dict[str, str] = {}
+        self._publish_claims: dict[int, float] = {}  # version -> claim expiry (monotonic)
 
     def version(self) -> int:
         with self._lock:
@@ -44,10 +45,14 @@ class MemoryRoundStore(RoundStore):
             ids = self._rounds.get(self._version, [])
             return RoundStatus(self._version, len(ids), self._opened.get(self._version))
 
-    def record(self, header: LoraUpdate, payload: bytes, now: float) -> RecordResult:
+    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
         with self._lock:
             if header.update_id in self._seen:
                 return RecordResult.DUPLICATE
+            if header.base_version > self._version:
+                return RecordResult.FUTURE
+            if max_staleness is not None and self._version - header.base_version > max_staleness:
+                return RecordResult.STALE
             self._seen.add(header.update_id)
             self._updates[header.update_id] = RecordedUpdate(header, bytes(payload))
             ids = self._rounds.setdefault(self._version, [])
@@ -110,6 +115,13 @@ class MemoryRoundStore(RoundStore):
     def mark_published(self, version: int) -> None:
         with self._lock:
             self._unpublished.discard(version)
+
+    def claim_publish(self, version: int, owner: str, ttl_s: float) -> bool:
+        with self._lock:
+            if self._publish_claims.get(version, 0.0) > time.monotonic():
+                return False
+            self._publish_claims[version] = time.monotonic() + ttl_s
+            return True
 
     def history(self) -> list[RoundRecord]:
         with self._lock:

@@ -21,9 +21,13 @@ from schemas.messages import LoraUpdate, parse_release, parse_update
 
 # Per-round keys are built inside the scripts from the namespace (ARGV), because the round number
 # is only known there; aggregator.keys.Keys builds the same names (tests check they agree).
+# ARGV: id, header, payload, now, namespace, base version, max staleness (-1: no limit)
 _RECORD = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 local v = redis.call('GET', KEYS[2]) or '0'
+local base = tonumber(ARGV[6])
+if base > tonumber(v) then return 3 end
+if tonumber(ARGV[7]) >= 0 and tonumber(v) - base > tonumber(ARGV[7]) then return 2 end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[3], 'header', ARGV[2], 'payload', ARGV[3])
 redis.call('RPUSH', ARGV[5] .. 'round:' .. v .. ':updates', ARGV[1])
@@ -80,6 +84,14 @@ return 1
 """
 
 
+_RECORD_RESULTS = {
+    0: RecordResult.DUPLICATE,
+    1: RecordResult.RECORDED,
+    2: RecordResult.STALE,
+    3: RecordResult.FUTURE,
+}
+
+
 class RedisRoundStore(RoundStore):
     def __init__(self, client: redis.Redis, federation: str, *, prefix: str = "flexlora") -> None:
         self.r = client
@@ -108,13 +120,21 @@ class RedisRoundStore(RoundStore):
             return self.status()
         return RoundStatus(version, int(count), float(opened) if opened is not None else None)
 
-    def record(self, header: LoraUpdate, payload: bytes, now: float) -> RecordResult:
+    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
         k = self.keys
         done = self._record(
             keys=[k.seen, k.version, k.update(header.update_id)],
-            args=[header.update_id, header.model_dump_json(), payload, repr(now), k.namespace],
+            args=[
+                header.update_id,
+                header.model_dump_json(),
+                payload,
+                repr(now),
+                k.namespace,
+                header.base_version,
+                -1 if max_staleness is None else max_staleness,
+            ],
         )
-        return RecordResult.RECORDED if int(done) == 1 else RecordResult.DUPLICATE
+        return _RECORD_RESULTS[int(done)]
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         ids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
@@ -190,6 +210,9 @@ class RedisRoundStore(RoundStore):
 
     def mark_published(self, version: int) -> None:
         self.r.srem(self.keys.unpublished, version)
+
+    def claim_publish(self, version: int, owner: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self.keys.publish_claim(version), owner, nx=True, px=max(1, int(ttl_s * 1000))))
 
     def history(self) -> list[RoundRecord]:
         return [RoundRecord.model_validate_json(v) for v in cast(list[bytes], self.r.lrange(self.keys.history, 0, -1))]

@@ -199,3 +199,26 @@ def test_round_policy_rejects_nonsense() -> None:
         RoundPolicy(max_updates=2, min_updates=3)
     with pytest.raises(ValueError):
         RoundPolicy(deadline_s=0)
+
+
+def test_staleness_is_judged_against_the_open_round_atomically(store: RoundStore) -> None:
+    for v in range(3):  # advance to version 3
+        store.record(_update(f"c{v}", f"update-adv{v}", base=v), b"x", now=1.0)
+        lease = store.acquire(v, "agg", ttl_s=30)
+        assert lease is not None
+        assert store.commit(lease, 1, [_release("c", v + 1)], _record(v + 1), now=2.0)
+    assert store.record(_update("a", "update-fresh", base=3), b"x", 3.0, max_staleness=1) is RecordResult.RECORDED
+    assert store.record(_update("b", "update-ok", base=2), b"x", 3.0, max_staleness=1) is RecordResult.RECORDED
+    assert store.record(_update("c", "update-old", base=1), b"x", 3.0, max_staleness=1) is RecordResult.STALE
+    assert store.record(_update("d", "update-nolimit", base=0), b"x", 3.0) is RecordResult.RECORDED
+    assert store.record(_update("e", "update-future", base=4), b"x", 3.0) is RecordResult.FUTURE
+    assert store.record(_update("a", "update-fresh", base=3), b"x", 3.0, max_staleness=0) is RecordResult.DUPLICATE
+    assert store.status().count == 3
+
+
+def test_one_publisher_per_version_until_the_claim_expires(store: RoundStore) -> None:
+    assert store.claim_publish(1, "a", ttl_s=0.1)
+    assert not store.claim_publish(1, "b", ttl_s=0.1)
+    assert store.claim_publish(2, "b", ttl_s=0.1)
+    time.sleep(0.2)
+    assert store.claim_publish(1, "b", ttl_s=0.1), "a dead publisher's claim runs out"

@@ -203,3 +203,26 @@ def test_strategy_and_weighting_are_chosen_per_federation() -> None:
     assert record.metrics["max_rank"] == 8.0
     assert {r.header.strategy for r in store.releases(1).values()} == {"hetlora"}
     assert [r.header.rank for _, r in sorted(store.releases(1).items())] == [4, 8]
+
+
+def test_updates_past_the_maximum_staleness_are_dead_lettered(federation: str) -> None:
+    transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=1), max_staleness=0, poll_s=0.01)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)  # base 0 at version 0: fresh; closes round 0
+    sub = service.subscribe()
+    for _ in range(20):
+        service.step(sub)
+    data, info = encode_tensors(_factors(4, 3))
+    _send(rig, data, {HEADER_KEY: _update(federation, "c2", 4, info).model_dump_json()})  # base 0, now at v1
+    data, info = encode_tensors(_factors(4, 4))
+    _send(rig, data, {HEADER_KEY: _update(federation, "c3", 4, info, base_version=7).model_dump_json()})
+    for _ in range(20):
+        service.step(sub)
+    sub.close()
+    assert store.version() == 1
+    assert service.counters["refused:stale"] == 1
+    assert service.counters["refused:version"] == 1
