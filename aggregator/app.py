@@ -51,3 +51,11 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
 
     log.info("aggregator %s serving federation %r", config.owner, settings.federation)
     serve()
+
+
+def check_health(settings: AggregatorSettings, host: str | None = None) -> tuple[bool, list[str]]:
+    """Is an aggregator of this federation alive (on `host`, when given)? For compose health checks."""
+    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    live = store.health()
+    mine = sorted(o for o in live if host is None or o.split(":", 1)[0] == host)
+    return bool(mine), mine

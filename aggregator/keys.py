@@ -62,6 +62,9 @@ class Keys:
     def history(self) -> str:  # list of RoundRecord JSON, one per committed round
         return self._k("history")
 
+    def health(self, owner: str) -> str:  # JSON with a TTL: this aggregator is alive
+        return self._k("health", owner)
+
     @property
     def pins(self) -> str:  # hash of facts fixed by the first accepted update (base model, module shapes)
         return self._k("pins")

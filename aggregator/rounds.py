@@ -159,5 +159,13 @@ class RoundStore(abc.ABC):
     def history(self) -> list[RoundRecord]: ...
 
     @abc.abstractmethod
+    def record_health(self, owner: str, info: str, ttl_s: float) -> None:
+        """Say that aggregator `owner` is alive, for `ttl_s` seconds; `info` is a JSON summary."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, str]:
+        """Every live aggregator's latest health info, by owner."""
+
+    @abc.abstractmethod
     def pin(self, name: str, value: str) -> str:
         """Set a federation fact if unset; returns the value in force (the first one set)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import socket
@@ -46,6 +47,7 @@ class AggregatorConfig:
     staleness_exponent: float = 0.5
     # Updates trained from a version more than this many rounds old are dead-lettered ("stale").
     max_staleness: int | None = None
+    health_every_s: float = 5.0
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
@@ -90,6 +92,7 @@ class AggregatorService:
         self._declared_clients: set[str] = set()
         self._last_republish = 0.0
         self.strategy, self.weighting = build_aggregation(config)
+        self._last_step = self.clock()
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -107,11 +110,38 @@ class AggregatorService:
         """Serve until `stop` is set. Broker errors propagate so the caller can reconnect."""
         self.setup()
         subscription = self.subscribe()
+        done = threading.Event()
+        # Health goes from its own thread: a long SVD must not make a live aggregator look dead.
+        beat = threading.Thread(target=self._health_loop, args=(done,), name="health", daemon=True)
+        beat.start()
         try:
             while not stop.is_set():
                 self.step(subscription)
+                self._last_step = self.clock()
         finally:
+            done.set()
             subscription.close()
+
+    def health_info(self) -> str:
+        return json.dumps(
+            {
+                "owner": self.config.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "at": self.clock(),
+                "last_step": self._last_step,
+                "counters": dict(self.counters),
+            },
+            sort_keys=True,
+        )
+
+    def _health_loop(self, done: threading.Event) -> None:
+        while not done.is_set():
+            try:
+                self.store.record_health(self.config.owner, self.health_info(), ttl_s=3 * self.config.health_every_s)
+            except Exception:  # Redis away: the key simply expires, which is the truth
+                log.warning("could not record health", exc_info=True)
+            done.wait(self.config.health_every_s)
 
     def step(self, subscription: Subscription) -> None:
         delivery = subscription.get(self.config.poll_s)

@@ -54,6 +54,9 @@ def aggregator(
     weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
     staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
@@ -81,6 +84,14 @@ def aggregator(
         )
     except ValidationError as exc:
         raise _settings_error(exc) from exc
+    if check:
+        import socket
+
+        from aggregator.app import check_health
+
+        alive, owners = check_health(settings, host=socket.gethostname())
+        console.print(f"{'alive' if alive else 'no live aggregator'}: {', '.join(owners) or '-'}")
+        raise typer.Exit(code=0 if alive else 1)
     run_aggregator(settings)
 
 

@@ -35,6 +35,7 @@ class MemoryRoundStore(RoundStore):
         self._history: list[RoundRecord] = []
         self._pins: dict[str, str] = {}
         self._publish_claims: dict[int, float] = {}  # version -> claim expiry (monotonic)
+        self._health: dict[str, tuple[str, float]] = {}  # owner -> (info, expiry)
 
     def version(self) -> int:
         with self._lock:
@@ -122,6 +123,15 @@ class MemoryRoundStore(RoundStore):
                 return False
             self._publish_claims[version] = time.monotonic() + ttl_s
             return True
+
+    def record_health(self, owner: str, info: str, ttl_s: float) -> None:
+        with self._lock:
+            self._health[owner] = (info, time.monotonic() + ttl_s)
+
+    def health(self) -> dict[str, str]:
+        with self._lock:
+            now = time.monotonic()
+            return {owner: info for owner, (info, expiry) in self._health.items() if expiry > now}
 
     def history(self) -> list[RoundRecord]:
         with self._lock:

@@ -214,6 +214,15 @@ class RedisRoundStore(RoundStore):
     def claim_publish(self, version: int, owner: str, ttl_s: float) -> bool:
         return bool(self.r.set(self.keys.publish_claim(version), owner, nx=True, px=max(1, int(ttl_s * 1000))))
 
+    def record_health(self, owner: str, info: str, ttl_s: float) -> None:
+        self.r.set(self.keys.health(owner), info, px=max(1, int(ttl_s * 1000)))
+
+    def health(self) -> dict[str, str]:
+        prefix = self.keys.health("")
+        keys = sorted(self.r.scan_iter(match=prefix + "*", count=200))
+        values = cast(list[bytes | None], self.r.mget(keys)) if keys else []
+        return {k.decode()[len(prefix) :]: v.decode() for k, v in zip(keys, values, strict=True) if v is not None}
+
     def history(self) -> list[RoundRecord]:
         return [RoundRecord.model_validate_json(v) for v in cast(list[bytes], self.r.lrange(self.keys.history, 0, -1))]
 

@@ -222,3 +222,11 @@ def test_one_publisher_per_version_until_the_claim_expires(store: RoundStore) ->
     assert store.claim_publish(2, "b", ttl_s=0.1)
     time.sleep(0.2)
     assert store.claim_publish(1, "b", ttl_s=0.1), "a dead publisher's claim runs out"
+
+
+def test_health_keys_expire(store: RoundStore) -> None:
+    store.record_health("host-a:1:abc", '{"ok": 1}', ttl_s=0.2)
+    store.record_health("host-b:2:def", '{"ok": 2}', ttl_s=5)
+    assert store.health() == {"host-a:1:abc": '{"ok": 1}', "host-b:2:def": '{"ok": 2}'}
+    time.sleep(0.3)
+    assert set(store.health()) == {"host-b:2:def"}
