@@ -120,6 +120,9 @@ class AggregatorService:
                 self._last_step = self.clock()
         finally:
             done.set()
+            beat.join(timeout=5)
+            # Leaving on purpose: say so now rather than let the key run out.
+            self.store.record_health(self.config.owner, self.health_info(), ttl_s=0.001)
             subscription.close()
 
     def health_info(self) -> str:
