@@ -75,6 +75,21 @@ def cut(
     return LoraFactors(A=a.to(dtype), B=b.to(dtype))
 
 
+def recut(factors: Mapping[str, LoraFactors], source: RankRequest, target: RankRequest) -> dict[str, LoraFactors]:
+    """The rank-r cut of ΔW from a larger FlexLoRA cut of it: truncated SVDs nest, so B[:, :r] and A[:r]
+    (rescaled for the target's alpha) are exactly the target cut. Zero-padded above the source's rank."""
+    out = {}
+    keep = min(source.rank, target.rank)
+    ratio = (source.alpha / source.rank) / (target.alpha / target.rank)
+    for module, f in factors.items():
+        a = torch.zeros((target.rank, f.A.shape[1]), dtype=f.A.dtype)
+        b = torch.zeros((f.B.shape[0], target.rank), dtype=f.B.dtype)
+        a[:keep] = f.A[:keep]
+        b[:, :keep] = f.B[:, :keep] * ratio
+        out[module] = LoraFactors(A=a, B=b)
+    return out
+
+
 @dataclass(frozen=True)
 class ModuleReport:
     """How one module's SVD was computed (see aggregator.lowrank) and, in fast mode, how far its worst

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.messages import AdapterRelease, LoraUpdate
 
+# The release stored under this id is the global adapter at the federation's largest rank; joining
+# clients get their rank's cut of it. It is never published as is.
+GLOBAL_RELEASE = "_global"
+
 
 class RecordResult(enum.Enum):
     RECORDED = "recorded"

@@ -14,15 +14,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aggregator.flexlora import ClientAdapter, RankRequest
+from aggregator.joining import join_release
 from aggregator.lowrank import SvdMode
-from aggregator.rounds import Lease, Participant, RecordResult, RoundPolicy, RoundRecord, RoundStore, StoredRelease
+from aggregator.rounds import (
+    GLOBAL_RELEASE,
+    Lease,
+    Participant,
+    RecordResult,
+    RoundPolicy,
+    RoundRecord,
+    RoundStore,
+    StoredRelease,
+)
 from aggregator.strategies import ClientMeta, Strategy, Weighting, get_strategy, get_weighting
 from aggregator.validation import validate_update
-from broker.topology import Topology
+from broker.topology import JOIN_ROUTING_KEY, Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import SchemaError
 from schemas.lora import join_lora, split_lora
-from schemas.messages import HEADER_KEY, AdapterRelease
+from schemas.messages import HEADER_KEY, AdapterRelease, parse_join
 from schemas.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,9 @@ class AggregatorConfig:
     # Updates trained from a version more than this many rounds old are dead-lettered ("stale").
     max_staleness: int | None = None
     health_every_s: float = 5.0
+    # The global adapter is also cut (and stored) at this rank, so a joining client of any rank up to it
+    # gets an exact cut of the newest ΔW at once (FlexLoRA only: its cuts nest).
+    global_rank: int = 64
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
@@ -157,6 +170,9 @@ class AggregatorService:
     # --- ingest ---------------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
         """Validate, record (idempotently), then ack; refusals go to the dead-letter queue with a reason."""
+        if delivery.message.routing_key == JOIN_ROUTING_KEY:
+            self.handle_join(delivery)
+            return
         try:
             valid = validate_update(delivery.message, self.config.federation, self.store)
             result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
@@ -196,6 +212,26 @@ class AggregatorService:
             valid.header.base_version,
         )
 
+    def handle_join(self, delivery: Delivery) -> None:
+        """Send a joining client the newest global adapter at its rank (its mailbox keeps only the newest)."""
+        try:
+            request = parse_join(delivery.message.headers.get(HEADER_KEY))
+            if request.federation != self.config.federation:
+                raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
+            release = join_release(self.store, request)
+        except SchemaError as exc:
+            self.counters[f"refused:{exc.reason}"] += 1
+            log.warning("dead-lettering join request (%s): %s", exc.reason, exc.detail)
+            delivery.dead_letter(exc.reason, exc.detail)
+            return
+        if release is not None:
+            self.send_adapter(release)
+            log.info(
+                "sent %s version %d at rank %d on joining", request.client_id, release.header.version, request.rank
+            )
+        delivery.ack()
+        self.counters["joins"] += 1
+
     # --- rounds ---------------------------------------------------------------------------------
     def maybe_finalise(self) -> RoundRecord | None:
         status = self.store.status()
@@ -225,6 +261,9 @@ class AggregatorService:
         weights = [w / sum(raw) for w in raw]
         # A client that sent twice in one round gets its adapter at the rank of its newest update.
         wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
+        if self.strategy.name == "flexlora":
+            top = max(self.config.global_rank, *(r.rank for r in wanted.values()))
+            wanted[GLOBAL_RELEASE] = RankRequest(top, 2.0 * top)
         result = self.strategy.aggregate(clients, weights, list(wanted.values()))
         cuts = result.adapters
         version = lease.round_id + 1
@@ -294,17 +333,22 @@ class AggregatorService:
         if not self.store.claim_publish(version, self.config.owner, self.config.lease_s):
             return
         for client_id, release in sorted(self.store.releases(version).items()):
-            if client_id not in self._declared_clients:
-                self.transport.declare(self.topology.client(client_id))
-                self._declared_clients.add(client_id)
-            self.transport.publish(
-                self.topology.adapters_exchange,
-                client_id,
-                release.payload,
-                {HEADER_KEY: release.header.model_dump_json()},
-                message_id=f"{self.config.federation}:{version}:{client_id}",
-            )
+            if client_id != GLOBAL_RELEASE:
+                self.send_adapter(release)
         self.store.mark_published(version)
+
+    def send_adapter(self, release: StoredRelease) -> None:
+        client_id = release.header.client_id
+        if client_id not in self._declared_clients:
+            self.transport.declare(self.topology.client(client_id))
+            self._declared_clients.add(client_id)
+        self.transport.publish(
+            self.topology.adapters_exchange,
+            client_id,
+            release.payload,
+            {HEADER_KEY: release.header.model_dump_json()},
+            message_id=f"{self.config.federation}:{release.header.version}:{client_id}",
+        )
 
     def publish_pending(self) -> None:
         """Publish committed versions whose adapters may not have gone out (their finaliser died)."""

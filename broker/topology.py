@@ -7,6 +7,7 @@ from typing import Literal
 
 ExchangeType = Literal["direct", "fanout"]
 UPDATE_ROUTING_KEY = "update"
+JOIN_ROUTING_KEY = "join"  # join requests share the updates queue, so any aggregator answers them
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Topology:
             ),
             QueueSpec(self.dead_letter_queue, {"x-queue-type": "quorum"}),
             BindingSpec(self.updates_queue, self.updates_exchange, UPDATE_ROUTING_KEY),
+            BindingSpec(self.updates_queue, self.updates_exchange, JOIN_ROUTING_KEY),
             BindingSpec(self.dead_letter_queue, self.dead_letter_exchange, ""),
         ]
 

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.errors import BrokerError
-from broker.topology import UPDATE_ROUTING_KEY, Topology
+from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Subscription, Transport
 from edge_client.trainer import LocalTrainer, TrainResult
 from schemas.errors import SchemaError
 from schemas.lora import split_lora
-from schemas.messages import HEADER_KEY, AdapterRelease, LoraUpdate, parse_release
+from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
 from schemas.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class EdgeConfig:
     target_modules: tuple[str, ...]
     base_model_fingerprint: str
     adapter_timeout_s: float = 600.0
+    # On start, how long to wait for the newest global adapter before training from a fresh LoRA.
+    join_wait_s: float = 3.0
 
 
 class AdapterTimeout(TimeoutError):
@@ -62,6 +64,24 @@ class EdgeWorker:
             dead_letter_exchange=self.topology.dead_letter_exchange,
         )
 
+    def join(self, stop: threading.Event | None = None) -> AdapterRelease | None:
+        """Ask for the newest global adapter at this client's rank and load it if one comes in time, so a
+        device joining mid-run (or back from being offline) starts from the federation, not from zero."""
+        c = self.config
+        request = JoinRequest(
+            federation=c.federation,
+            client_id=c.client_id,
+            rank=c.rank,
+            lora_alpha=c.lora_alpha,
+            target_modules=c.target_modules,
+            base_model_fingerprint=c.base_model_fingerprint,
+            have_version=self.version,
+        )
+        self.transport.publish(
+            self.topology.updates_exchange, JOIN_ROUTING_KEY, b"", {HEADER_KEY: request.model_dump_json()}
+        )
+        return self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False)
+
     def close(self) -> None:
         if self._subscription is not None:
             self._subscription.close()
@@ -76,6 +96,7 @@ class EdgeWorker:
         """Go round after round (forever when `rounds` is None); returns how many rounds completed."""
         if self._subscription is None:
             self.setup()
+            self.join(stop)
         done = 0
         while (rounds is None or done < rounds) and not (stop is not None and stop.is_set()):
             outcome = self.round(stop)
@@ -122,10 +143,14 @@ class EdgeWorker:
         )
         return update
 
-    def wait_for_adapter(self, stop: threading.Event | None = None) -> AdapterRelease | None:
-        """Block until an adapter newer than the one held arrives, load it and ack it."""
+    def wait_for_adapter(
+        self, stop: threading.Event | None = None, *, timeout_s: float | None = None, required: bool = True
+    ) -> AdapterRelease | None:
+        """Block until an adapter newer than the one held arrives, load it and ack it. On timeout, raise
+        AdapterTimeout if `required`, else return None."""
         assert self._subscription is not None, "call setup() first"
-        deadline = time.monotonic() + self.config.adapter_timeout_s
+        timeout_s = self.config.adapter_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 return None
@@ -153,7 +178,9 @@ class EdgeWorker:
             delivery.ack()
             log.info("%s loaded global version %d at rank %d", self.config.client_id, release.version, release.rank)
             return release
-        raise AdapterTimeout(f"no adapter newer than version {self.version} within {self.config.adapter_timeout_s}s")
+        if not required:
+            return None
+        raise AdapterTimeout(f"no adapter newer than version {self.version} within {timeout_s}s")
 
     def _check_release(self, release: AdapterRelease) -> None:
         c = self.config

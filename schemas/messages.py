@@ -79,6 +79,25 @@ class AdapterRelease(_Strict):
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
+class JoinRequest(_Strict):
+    """A client starting (or back after being offline) asks for the newest global adapter at its rank."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["join"] = "join"
+    federation: Identifier
+    client_id: Identifier
+    rank: int = Field(ge=1, le=4096)
+    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
+    target_modules: tuple[ModuleName, ...] = Field(min_length=1)
+    base_model_fingerprint: Sha256
+    have_version: int = Field(ge=0)
+
+
+def parse_join(raw: str | bytes | None) -> JoinRequest:
+    """Parse a join request header (see parse_update)."""
+    return _parse(JoinRequest, raw)
+
+
 def parse_update(raw: str | bytes | None) -> LoraUpdate:
     """Parse an update header, converting pydantic's error into a HeaderError with a readable detail."""
     return _parse(LoraUpdate, raw)

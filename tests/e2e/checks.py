@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import torch
 
-from aggregator.rounds import RoundStore
+from aggregator.rounds import GLOBAL_RELEASE, RoundStore
 from schemas.tensors import decode_tensors
 
 
@@ -19,6 +19,20 @@ def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray
         stem, factor, _ = key.rsplit(".", 2)  # base_model.model.<module>.lora_A.weight
         out.setdefault(stem, {})[factor[-1]] = t.double().numpy()
     return out
+
+
+def dense_update(store: RoundStore, version: int) -> dict[str, np.ndarray]:
+    """ΔW of every module for the round that produced `version`, formed densely from what it recorded."""
+    recorded = store.round_updates(version - 1)
+    n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
+    per_client = [_factors(decode_tensors(u.payload)) for u in recorded]
+    return {
+        m.removeprefix("base_model.model."): sum(
+            pk * (u.header.lora_alpha / u.header.rank) * (f[m]["B"] @ f[m]["A"])
+            for pk, u, f in zip(n / n.sum(), recorded, per_client, strict=True)
+        )
+        for m in sorted(per_client[0])
+    }
 
 
 def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float = 1e-4) -> int:
@@ -39,11 +53,13 @@ def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float =
     }
     svds = {m: np.linalg.svd(d, full_matrices=False) for m, d in dense.items()}
     releases = store.releases(version)
-    assert set(releases) == {u.header.client_id for u in recorded}, "one release per participant"
+    participants = set(releases) - {GLOBAL_RELEASE}
+    assert participants == {u.header.client_id for u in recorded}, "one release per participant"
     for client_id, release in releases.items():
         rank, alpha = release.header.rank, release.header.lora_alpha
-        wanted_rank = [u.header.rank for u in recorded if u.header.client_id == client_id][-1]
-        assert rank == wanted_rank, f"{client_id} trains rank {wanted_rank} but got rank {rank}"
+        if client_id != GLOBAL_RELEASE:  # the global cut is checked at its own rank
+            wanted_rank = [u.header.rank for u in recorded if u.header.client_id == client_id][-1]
+            assert rank == wanted_rank, f"{client_id} trains rank {wanted_rank} but got rank {rank}"
         got = _factors(decode_tensors(release.payload, release.header.payload))
         assert sorted(got) == modules
         for m in modules:
@@ -53,7 +69,7 @@ def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float =
             best = (u_[:, :rank] * s_[:rank]) @ vt_[:rank]
             err = float(np.linalg.norm((alpha / rank) * (b @ a) - best)) / max(float(np.linalg.norm(best)), 1e-12)
             assert err <= rel_tol, f"{client_id} {m}: relative error {err:.2e}"
-    return len(releases)
+    return len(participants)
 
 
 def rabbit_queue_counts(federation: str) -> dict[str, tuple[int, int]]:

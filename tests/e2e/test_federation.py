@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aggregator.rounds import RoundPolicy
@@ -21,7 +23,7 @@ from edge_client.model import tiny_model
 from edge_client.settings import ClientSettings
 from edge_client.worker import EdgeWorker
 from tests.conftest import AMQP_URL, REDIS_URL
-from tests.e2e.checks import assert_round_matches_dense, rabbit_queue_counts
+from tests.e2e.checks import assert_round_matches_dense, dense_update, rabbit_queue_counts
 
 RANKS = (4, 8, 16, 8)
 ROUNDS = 2
@@ -145,3 +147,70 @@ def test_same_federation_on_the_embedded_default() -> None:
     for w in workers:
         w.close()
     assert all(q.ready == type(q.ready)() for q in broker.queues.values()), "no message left in any queue"
+
+
+def test_a_client_joining_mid_run_gets_the_newest_global_adapter_at_its_rank_at_once() -> None:
+    broker, store = MemoryBroker(), MemoryRoundStore()
+    federation = "joining"
+    service = AggregatorService(
+        MemoryTransport(broker),
+        store,
+        AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=3), fail_fast=True, global_rank=16),
+    )
+    service.setup()
+    base = tiny_model()
+
+    def worker(client_id: str, rank: int) -> EdgeWorker:
+        settings = ClientSettings(
+            client_id=client_id,
+            federation=federation,
+            model="tiny",
+            rank=rank,
+            local_steps=1,
+            batch_size=4,
+            samples_per_task=4,
+            seed=rank,
+        )
+        w = build_worker(settings, MemoryTransport(broker), base)
+        w.config = dataclasses.replace(w.config, join_wait_s=0.2)
+        return w
+
+    stop = threading.Event()
+    sub = service.subscribe()
+
+    def serve() -> None:
+        while not stop.is_set():
+            service.step(sub)
+
+    serving = threading.Thread(target=serve)
+    serving.start()
+    try:
+        early = [worker(f"c{i}", r) for i, r in enumerate((4, 8, 16))]
+        threads = [threading.Thread(target=w.run, args=(2,)) for w in early]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert store.version() == 2
+        late = worker("late", 8)
+        late.config = dataclasses.replace(late.config, join_wait_s=10.0)
+        late.setup()
+        release = late.join()
+        assert release is not None and release.version == 2 and release.rank == 8
+        assert late.version == 2
+        # Its adapter is the best rank-8 cut of round 2's ΔW, though it never took part.
+        got = {k: v.double() for k, v in late.trainer.adapter().items()}
+        want = dense_update(store, 2)
+        for module, delta in want.items():
+            b = got[f"base_model.model.{module}.lora_B.weight"].numpy()
+            a = got[f"base_model.model.{module}.lora_A.weight"].numpy()
+            u, s, vt = np.linalg.svd(delta, full_matrices=False)
+            best = (u[:, :8] * s[:8]) @ vt[:8]
+            assert np.linalg.norm(2.0 * b @ a - best) <= 1e-4 * np.linalg.norm(best)
+        assert late.join() is None or late.version == 2, "nothing newer: no second copy"
+        for w in [*early, late]:
+            w.close()
+    finally:
+        stop.set()
+        serving.join(timeout=10)
+        sub.close()

@@ -1,0 +1,57 @@
+"""Answer a join request: the newest global adapter, cut at the joining client's rank."""
+
+from __future__ import annotations
+
+from aggregator.flexlora import RankRequest, recut
+from aggregator.rounds import GLOBAL_RELEASE, RoundStore, StoredRelease
+from aggregator.validation import PIN_FINGERPRINT
+from schemas.errors import SchemaError
+from schemas.lora import join_lora, split_lora
+from schemas.messages import AdapterRelease, JoinRequest
+from schemas.tensors import decode_tensors, encode_tensors
+
+
+def join_release(store: RoundStore, request: JoinRequest) -> StoredRelease | None:
+    """None when there is nothing newer than what the client holds (or no global adapter yet)."""
+    pinned = store.pin(PIN_FINGERPRINT, request.base_model_fingerprint)
+    if pinned != request.base_model_fingerprint:
+        raise SchemaError("join request for another base model than the federation's", reason="base-model")
+    version = store.version()
+    if version < 1 or version <= request.have_version:
+        return None
+    releases = store.releases(version)
+    source = releases.get(GLOBAL_RELEASE)
+    if source is None:
+        # Strategies without a global SVD cut (fedit, hetlora): hand out a participant's release of the
+        # same rank and alpha when there is one.
+        source = next(
+            (
+                r
+                for r in releases.values()
+                if (r.header.rank, r.header.lora_alpha) == (request.rank, request.lora_alpha)
+            ),
+            None,
+        )
+        if source is None:
+            return None
+    h = source.header
+    if tuple(h.target_modules) != tuple(request.target_modules):
+        raise SchemaError(
+            f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason="modules"
+        )
+    factors = split_lora(decode_tensors(source.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+    cut = recut(factors, RankRequest(h.rank, h.lora_alpha), RankRequest(request.rank, request.lora_alpha))
+    data, info = encode_tensors(join_lora(cut))
+    header = AdapterRelease(
+        federation=h.federation,
+        version=version,
+        client_id=request.client_id,
+        rank=request.rank,
+        lora_alpha=request.lora_alpha,
+        target_modules=h.target_modules,
+        base_model_fingerprint=h.base_model_fingerprint,
+        strategy=h.strategy,
+        num_updates=h.num_updates,
+        payload=info,
+    )
+    return StoredRelease(header, data)

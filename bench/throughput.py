@@ -1,0 +1,315 @@
+"""Benchmark: aggregator ingestion against raw pika on the same broker, and round turnaround, same run.
+
+    python bench/throughput.py [--messages 500] [--aggregators 1 2 3] [--clients 50] [--layers 30] [--rank 8]
+
+Needs the local RabbitMQ and Redis. Raw: plain pika publishes synthetic-update bodies to a fresh quorum
+queue with confirms while a consumer process acks them; first publish to last ack. Ingestion: the same
+messages are queued first, then `flexlora aggregator` processes record them in Redis; timed from when all
+consume until the open round holds every one. Turnaround: `--clients` clients, one aggregator closing the
+round at the last update; from publishing that update until every mailbox holds its adapter, per SVD mode.
+Prints one JSON document; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+
+from aggregator.settings import AggregatorSettings
+from aggregator.stores.redis import RedisRoundStore
+from broker.connect import connect
+from broker.topology import QueueSpec, Topology
+from broker.transport import Transport
+from edge_client.synthetic import SyntheticShape, publish_update, rank_mix, synthetic_update
+from schemas.messages import HEADER_KEY, LoraUpdate
+
+PREFETCH = int(AggregatorSettings.model_fields["prefetch"].default)
+INGESTION_TARGET = 0.8
+TURNAROUND_TARGET_S = 1.0
+Procs = Sequence[subprocess.Popen[bytes]]
+
+
+def log(message: str) -> None:
+    print(f"[throughput] {message}", file=sys.stderr, flush=True)
+
+
+def new_federation() -> str:
+    return f"bench-{uuid.uuid4().hex[:8]}"
+
+
+def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs = (), poll_s: float = 0.005) -> float:
+    """Poll until `done`; returns the monotonic time it first held. Fails fast if an aggregator died."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"an aggregator exited with code {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll_s)
+    return time.monotonic()
+
+
+def _raw_consumer(url: str, queue: str, count: int, ready: Any, done: Any) -> None:
+    """Child process: ack `count` messages one by one, then report when the last ack went out."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    channel = conn.channel()
+    channel.basic_qos(prefetch_count=PREFETCH)
+    acked = 0
+
+    def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        nonlocal acked
+        ch.basic_ack(method.delivery_tag)
+        acked += 1
+        if acked == count:
+            ch.stop_consuming()
+
+    channel.basic_consume(queue, on_message, auto_ack=False)
+    ready.set()
+    channel.start_consuming()
+    # CLOCK_MONOTONIC is system-wide on Linux, so the parent can subtract its own reading from this one.
+    done.put(time.monotonic())
+    conn.close()
+
+
+def raw_baseline(args: argparse.Namespace, header_json: str, payload: bytes) -> dict[str, Any]:
+    queue = f"flexlora.{new_federation()}.raw"
+    params = pika.URLParameters(args.broker_url)
+    # A process, not a thread: publisher and consumer would otherwise share one GIL, flattering the ratio.
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=_raw_consumer, args=(args.broker_url, queue, args.messages, ready, done))
+    conn = pika.BlockingConnection(params)
+    try:
+        channel = conn.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        consumer.start()
+        if not ready.wait(60):
+            raise TimeoutError("the raw consumer did not start")
+        properties = [
+            pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent,
+                content_type="application/vnd.safetensors",
+                headers={HEADER_KEY: header_json},
+                message_id=str(uuid.uuid4()),
+                user_id=params.credentials.username,
+            )
+            for _ in range(args.messages)
+        ]
+        started = time.monotonic()
+        for props in properties:
+            channel.basic_publish("", queue, payload, props, mandatory=True)
+        finished: float = done.get(timeout=args.timeout)
+        consumer.join(10)
+    finally:
+        if consumer.is_alive():
+            consumer.kill()
+        if consumer.pid is not None:
+            consumer.join()
+        if conn.is_open:
+            conn.close()
+        cleanup = pika.BlockingConnection(params)  # fresh: the publishing one may be what failed
+        cleanup.channel().queue_delete(queue)
+        cleanup.close()
+    seconds = finished - started
+    return {
+        "queue": queue,
+        "messages": args.messages,
+        "seconds": seconds,
+        "messages_per_s": args.messages / seconds,
+        "payload_mb_per_s": args.messages * len(payload) / 1e6 / seconds,
+    }
+
+
+@contextmanager
+def federation(
+    args: argparse.Namespace, transport: Transport, clients: Sequence[str] = ()
+) -> Iterator[tuple[Topology, RedisRoundStore]]:
+    """A fresh federation with its queues declared; deleted, with its Redis keys, however the body ends."""
+    topology = Topology(new_federation())
+    store = RedisRoundStore.from_url(args.redis_url, topology.federation)
+    mailboxes = [spec for c in clients for spec in topology.client(c)]
+    try:
+        transport.declare([*topology.core(), *mailboxes])
+        yield topology, store
+    finally:
+        # The adapters exchange is in core(); deleting it once per mailbox would only repeat the work.
+        transport.delete([*topology.core(), *(s for s in mailboxes if isinstance(s, QueueSpec))])
+        store.wipe()
+        store.r.close()
+
+
+@contextmanager
+def aggregators(
+    args: argparse.Namespace,
+    count: int,
+    fed: str,
+    max_updates: int,
+    svd_mode: str,
+    on_start: Callable[[subprocess.Popen[bytes], int], None] | None = None,
+) -> Iterator[Procs]:
+    """`count` aggregator processes, started one by one (`on_start` sees each), always stopped on the way out."""
+    command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet", "--federation", fed]
+    command += ["--max-updates", str(max_updates), "--svd-mode", svd_mode]
+    command += ["--broker-url", args.broker_url, "--redis-url", args.redis_url]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            # Their stdout goes to our stderr: our stdout carries only the JSON.
+            procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr))
+            if on_start is not None:
+                on_start(procs[-1], len(procs))
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
+                proc.terminate()  # SIGTERM: the aggregator stops between steps and hands back what it holds
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def ingestion(
+    args: argparse.Namespace, transport: Transport, count: int, template: LoraUpdate, payload: bytes
+) -> dict[str, Any]:
+    n = args.messages
+    with federation(args, transport) as (topology, store):
+        fed = topology.federation
+        for i in range(n):
+            header = template.model_copy(
+                update={"federation": fed, "client_id": f"c{i:05d}", "update_id": str(uuid.uuid4())}
+            )
+            publish_update(transport, topology, header, payload)
+        probe = pika.BlockingConnection(pika.URLParameters(args.broker_url))
+        try:
+            channel = probe.channel()
+
+            def consumers() -> int:
+                return int(channel.queue_declare(topology.updates_queue, passive=True).method.consumer_count)
+
+            def pause_once_consuming(proc: subprocess.Popen[bytes], started: int) -> None:
+                wait_for(f"aggregator {started} to consume", lambda: consumers() >= started, args.timeout, [proc])
+                proc.send_signal(signal.SIGSTOP)
+
+            # Start-up (importing torch) is not ingestion, and an early aggregator must not drain the queue
+            # while a later one starts: each is paused once it consumes, and all resume together.
+            with aggregators(args, count, fed, n + 1, "exact", on_start=pause_once_consuming) as procs:
+                recorded_before = store.status().count
+                started = time.monotonic()
+                for proc in procs:
+                    proc.send_signal(signal.SIGCONT)
+                finished = wait_for(
+                    f"{n} recorded updates", lambda: store.status().count >= n, args.timeout, procs, 0.01
+                )
+        finally:
+            probe.close()
+    seconds = finished - started
+    rate = (n - recorded_before) / seconds
+    return {
+        "aggregators": count,
+        "federation": fed,
+        "messages": n,
+        "recorded_before_all_consuming": recorded_before,  # in the moment between consuming and pausing
+        "seconds": seconds,
+        "updates_per_s": rate,
+        "payload_mb_per_s": rate * len(payload) / 1e6,
+    }
+
+
+def turnaround(args: argparse.Namespace, transport: Transport, shape: SyntheticShape, svd_mode: str) -> dict[str, Any]:
+    clients = [f"c{i:04d}" for i in range(args.clients)]
+    with federation(args, transport, clients) as (topology, store):
+        fed = topology.federation
+        updates = [
+            synthetic_update(fed, c, rank, 0, shape=shape, seed=i)
+            for i, (c, rank) in enumerate(zip(clients, rank_mix(args.clients), strict=True))
+        ]
+        with aggregators(args, 1, fed, len(clients), svd_mode) as procs:
+            for header, payload in updates[:-1]:
+                publish_update(transport, topology, header, payload)
+            wait_for("all but one update", lambda: store.status().count == len(clients) - 1, args.timeout, procs)
+            last = topology.adapter_queue(clients[-1])
+            started = time.monotonic()
+            publish_update(transport, topology, *updates[-1])
+            # The aggregator publishes in sorted client order, so the last mailbox fills last; the
+            # others are then checked, and the clock runs on if any is still empty.
+            finished = wait_for("the last adapter", lambda: transport.queue_depth(last) == 1, args.timeout, procs)
+            every = [topology.adapter_queue(c) for c in clients]
+            if not all(transport.queue_depth(q) == 1 for q in every):
+                finished = wait_for(
+                    "every adapter", lambda: all(transport.queue_depth(q) == 1 for q in every), args.timeout, procs
+                )
+        [record] = store.history()
+    return {
+        "svd_mode": svd_mode,
+        "federation": fed,
+        "clients": len(clients),
+        "participants": len(record.participants),
+        "ranks": sorted({h.rank for h, _ in updates}),
+        "round_payload_mb": sum(len(p) for _, p in updates) / 1e6,
+        "turnaround_seconds": finished - started,
+        "aggregate_seconds": record.aggregate_seconds,
+        "target_seconds": TURNAROUND_TARGET_S,
+        "meets_target": finished - started <= TURNAROUND_TARGET_S,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=500, help="updates per throughput measurement")
+    parser.add_argument("--aggregators", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--clients", type=int, default=50, help="clients in the turnaround round")
+    parser.add_argument("--svd-modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
+    parser.add_argument("--layers", type=int, default=SyntheticShape().layers, help="SmolLM2 q/v layers per update")
+    parser.add_argument("--rank", type=int, default=8, help="rank of the throughput updates")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds any one wait may take")
+    parser.add_argument("--broker-url", default=AggregatorSettings.model_fields["broker_url"].default)
+    parser.add_argument("--redis-url", default=AggregatorSettings.model_fields["redis_url"].default)
+    args = parser.parse_args()
+    shape = SyntheticShape(layers=args.layers)
+    # One body for every throughput message; the federation name has the length of the real ones.
+    template, payload = synthetic_update(new_federation(), "c00000", args.rank, 0, shape=shape)
+    header_json = template.model_dump_json()
+    log(f"raw baseline: {args.messages} messages of {len(payload) / 1e6:.2f} MB")
+    raw = raw_baseline(args, header_json, payload)
+    runs = []
+    with connect(args.broker_url, connection_name="flexlora-bench") as transport:
+        for count in args.aggregators:
+            log(f"ingestion with {count} aggregator(s)")
+            runs.append(ingestion(args, transport, count, template, payload))
+        rounds = []
+        for mode in args.svd_modes:
+            log(f"turnaround of {args.clients} clients, svd mode {mode}")
+            rounds.append(turnaround(args, transport, shape, mode))
+    one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
+    ratio = None if one is None else one / raw["messages_per_s"]
+    report = {
+        "settings": {k: getattr(args, k) for k in ("messages", "rank", "layers", "clients")}
+        | {"payload_bytes": len(payload), "header_bytes": len(header_json), "prefetch": PREFETCH},
+        "raw_baseline": raw,
+        "ingestion": runs,
+        "ingestion_ratio_1_aggregator_to_raw": ratio,
+        "ingestion_ratio_target": INGESTION_TARGET,
+        "turnaround": rounds,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The throughput benchmark runs end to end on tiny shapes against the real services, and cleans up after itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AMQP_URL, REDIS_URL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
+    command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--messages", "30", "--clients", "6"]
+    command += ["--layers", "1", "--aggregators", "1", "2", "--timeout", "60"]
+    command += ["--broker-url", AMQP_URL, "--redis-url", REDIS_URL]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    report = json.loads(out.stdout)
+
+    raw = report["raw_baseline"]
+    assert raw["messages"] == 30
+    assert raw["messages_per_s"] > 0 and raw["payload_mb_per_s"] > 0 and raw["seconds"] > 0
+    assert [r["aggregators"] for r in report["ingestion"]] == [1, 2]
+    for run in report["ingestion"]:
+        assert run["seconds"] > 0 and run["updates_per_s"] > 0 and run["payload_mb_per_s"] > 0
+        assert 0 <= run["recorded_before_all_consuming"] < 30
+    assert report["ingestion_ratio_1_aggregator_to_raw"] > 0
+    assert report["ingestion_ratio_target"] == 0.8
+    assert [t["svd_mode"] for t in report["turnaround"]] == ["exact", "fast"]
+    for turn in report["turnaround"]:
+        assert turn["participants"] == turn["clients"] == 6
+        assert turn["turnaround_seconds"] > 0 and turn["aggregate_seconds"] > 0
+        assert turn["turnaround_seconds"] >= turn["aggregate_seconds"]
+
+    federations = [raw["queue"].split(".")[1]]
+    federations += [r["federation"] for r in [*report["ingestion"], *report["turnaround"]]]
+    queues = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "name"], check=True, capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert not [q for q in queues if any(f".{fed}." in q for fed in federations)]
