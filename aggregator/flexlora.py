@@ -155,7 +155,7 @@ def validate_inputs(
             shape = (int(b.shape[0]), int(a.shape[1]))
             if shapes.setdefault(module, shape) != shape:
                 raise AggregationError(f"{where}: (d_out, d_in) is {shape} but client 0 has {shapes[module]}")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
                 raise AggregationError(f"{where}: factors hold NaN or infinite values")
     return [w / total for w in weights], sorted(modules)
 
@@ -198,8 +198,9 @@ def flexlora(
                 offset = 0
                 for client, coeff in zip(clients, coeffs, strict=True):
                     a, b = client.factors[module]
-                    p[m, :, offset : offset + client.rank] = b.to(torch.float64) * coeff
-                    q[m, offset : offset + client.rank] = a
+                    # In place: no full-size temporaries per client (this loop moves every byte of input).
+                    p[m, :, offset : offset + client.rank].copy_(b).mul_(coeff)
+                    q[m, offset : offset + client.rank].copy_(a)
                     offset += client.rank
             result = top_svd(p, q, k, mode=mode, certify_ranks=[r.rank for r in unique], tolerance=tolerance)
             for m, module in enumerate(chunk):

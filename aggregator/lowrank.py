@@ -131,6 +131,25 @@ def _excess(core: torch.Tensor, eig: torch.Tensor, s_approx: torch.Tensor, ranks
     return worst
 
 
+def _dense_top(p: torch.Tensor, q: torch.Tensor, k: int) -> TopSVD:
+    """Fast mode when R ≥ min(d_out, d_in): the top k eigenpairs of the smaller Gram matrix of ΔW (an
+    eigendecomposition is several times cheaper than an SVD). Only σ ≪ σ₁ lose relative accuracy by the
+    squaring, and those are the directions a cut keeps least of; the error excess is recorded as 0."""
+    delta = p @ q  # the factors' own dtype: float32 in fast mode
+    wide = delta.shape[-2] > delta.shape[-1]
+    side = delta.transpose(-1, -2) if wide else delta  # (small × large)
+    # In the factors' dtype too (float32 in fast mode, 1.6× faster than float64 at d = 576): fast mode
+    # trades float32 rounding in the released factors for speed, as its products already do.
+    theta, vectors = torch.linalg.eigh(side @ side.transpose(-1, -2))
+    theta, left = theta.flip(-1)[..., :k].clamp_min(0).to(torch.float64), vectors.flip(-1)[..., :k].to(torch.float64)
+    s = theta.sqrt()
+    floor = s[..., :1] * torch.finfo(torch.float32).eps * side.shape[-1]
+    right = (side.transpose(-1, -2).to(torch.float64) @ left) / torch.where(s > floor, s, torch.inf).unsqueeze(-2)
+    u, v = (right, left) if wide else (left, right)
+    u, vh = _sign_fix(u, v.transpose(-1, -2))
+    return TopSVD(u, s, vh, ["dense-eigh"] * p.shape[0], [0.0] * p.shape[0])
+
+
 def top_svd(
     p: torch.Tensor,
     q: torch.Tensor,
@@ -152,6 +171,8 @@ def top_svd(
     batch, d_out, total_rank = p.shape
     d_in = q.shape[2]
     k = min(k, total_rank, d_out, d_in)
+    if mode == "fast" and total_rank >= min(d_out, d_in):
+        return _dense_top(p, q, k)
     if mode == "dense" or total_rank >= min(d_out, d_in):
         u, s, vh = torch.linalg.svd(p.to(torch.float64) @ q.to(torch.float64), full_matrices=False)
         u, vh = _sign_fix(u[..., :k], vh[..., :k, :])

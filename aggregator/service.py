@@ -106,6 +106,7 @@ class AggregatorService:
         self._last_republish = 0.0
         self.strategy, self.weighting = build_aggregation(config)
         self._last_step = self.clock()
+        self._pins: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -174,7 +175,7 @@ class AggregatorService:
             self.handle_join(delivery)
             return
         try:
-            valid = validate_update(delivery.message, self.config.federation, self.store)
+            valid = validate_update(delivery.message, self.config.federation, self.store, self._pins)
             result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
             if result is RecordResult.STALE:
                 raise SchemaError(
@@ -253,7 +254,9 @@ class AggregatorService:
         clients, participants = [], []
         for item in recorded:
             h = item.header
-            factors = split_lora(decode_tensors(item.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+            # Checked in full (sha256, values) when it was accepted; the strategy checks values again.
+            tensors = decode_tensors(item.payload)
+            factors = split_lora(tensors, rank=h.rank, target_modules=h.target_modules, check_values=False)
             clients.append(ClientAdapter(factors, h.rank, h.lora_alpha))
         raw = self.weighting(
             [ClientMeta(i.header.num_samples, lease.round_id - i.header.base_version) for i in recorded]

@@ -177,17 +177,19 @@ class FlexLoRA:
     def aggregate(
         self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
     ) -> AggregationResult:
-        validate_inputs(clients, weights, requests)
         reports: list[ModuleReport] = []
-        adapters = flexlora(
-            clients,
-            [float(w) for w in weights],
-            requests,
-            self.dtype,
-            mode=self.mode,
-            tolerance=self.tolerance,
-            reports=reports,
-        )
+        try:  # flexlora() validates its inputs itself; once is enough for gigabytes of factors
+            adapters = flexlora(
+                clients,
+                [float(w) for w in weights],
+                requests,
+                self.dtype,
+                mode=self.mode,
+                tolerance=self.tolerance,
+                reports=reports,
+            )
+        except AggregationError as exc:
+            raise StrategyError(str(exc)) from exc
         fallbacks = sum(1 for r in reports if "→" in r.path or r.path == "factored-qr")
         info = {
             "max_certified_excess": max((r.excess for r in reports), default=0.0),

@@ -22,7 +22,20 @@ class ValidUpdate:
     factors: dict[str, LoraFactors]
 
 
-def validate_update(message: Message, federation: str, store: RoundStore) -> ValidUpdate:
+def pinned(store: RoundStore, name: str, value: str, cache: dict[str, str] | None = None) -> str:
+    """The federation's value of a pin (set to `value` if unset). Pins never change once set, so a
+    process may remember them and skip the Redis round trip on every later update."""
+    if cache is not None and name in cache:
+        return cache[name]
+    result = store.pin(name, value)
+    if cache is not None:
+        cache[name] = result
+    return result
+
+
+def validate_update(
+    message: Message, federation: str, store: RoundStore, pins: dict[str, str] | None = None
+) -> ValidUpdate:
     """Header, integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes.
 
     The first accepted update pins the base-model fingerprint and the module shapes; every later update
@@ -33,14 +46,14 @@ def validate_update(message: Message, federation: str, store: RoundStore) -> Val
         raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
     tensors = decode_tensors(message.body, header.payload)
     factors = split_lora(tensors, rank=header.rank, target_modules=header.target_modules)
-    pinned = store.pin(PIN_FINGERPRINT, header.base_model_fingerprint)
-    if pinned != header.base_model_fingerprint:
+    fingerprint = pinned(store, PIN_FINGERPRINT, header.base_model_fingerprint, pins)
+    if fingerprint != header.base_model_fingerprint:
         raise SchemaError(
-            f"base model {header.base_model_fingerprint[:12]}… differs from the federation's {pinned[:12]}…",
+            f"base model {header.base_model_fingerprint[:12]}… differs from the federation's {fingerprint[:12]}…",
             reason="base-model",
         )
     shapes = json.dumps({m: list(s) for m, s in module_shapes(factors).items()}, sort_keys=True)
-    pinned_shapes = store.pin(PIN_MODULES, shapes)
+    pinned_shapes = pinned(store, PIN_MODULES, shapes, pins)
     if pinned_shapes != shapes:
         theirs = json.loads(pinned_shapes)
         ours = json.loads(shapes)

@@ -225,3 +225,17 @@ def test_bad_inputs_name_the_client_and_module() -> None:
         flexlora([good], [1], [RankRequest(0, 4.0)])
     with pytest.raises(ValueError, match="client 0 declares rank 0"):
         flexlora([ClientAdapter(dict(good.factors), 0, 4.0)], [1], [RankRequest(2, 4.0)])
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(40, 24), (24, 40)])
+def test_fast_mode_with_total_rank_above_the_width_uses_the_gram_eigenproblem(d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(12)
+    clients = [_client(rng, d_out, d_in, r, 2.0 * r) for r in (8, 16, 8)]  # R = 32 ≥ min(d_out, d_in)
+    n = [3, 5, 2]
+    reports: list[ModuleReport] = []
+    req = RankRequest(6, 12.0)
+    got = _product(flexlora(clients, n, [req], torch.float64, mode="fast", reports=reports)[req]["m"], req)
+    assert reports[0].path == "dense-eigh"
+    delta = _reference(clients, n, 64)
+    opt = float(np.linalg.norm(delta - _reference(clients, n, 6)))
+    assert float(np.linalg.norm(delta - got)) <= (1 + 1e-4) * opt
