@@ -28,6 +28,7 @@ from aggregator.rounds import (
 )
 from aggregator.strategies import ClientMeta, Strategy, Weighting, get_strategy, get_weighting
 from aggregator.validation import validate_update
+from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import SchemaError
@@ -164,9 +165,20 @@ class AggregatorService:
         delivery = subscription.get(self.config.poll_s)
         if delivery is not None:
             self.handle(delivery)
-        self.maybe_finalise()
-        if self.clock() - self._last_republish >= self.config.republish_every_s:
-            self.publish_pending()
+        try:
+            self.maybe_finalise()
+            if self.clock() - self._last_republish >= self.config.republish_every_s:
+                self.publish_pending()
+        except BrokerError:
+            raise  # the caller reconnects
+        except Exception:
+            # A failed round (Redis away, a bug) must not take the process down: nothing was committed,
+            # the lease runs out, and this or another aggregator tries the round again.
+            self.counters["round_errors"] += 1
+            log.exception("finalising or publishing failed; will retry")
+            if self.config.fail_fast:
+                raise
+            time.sleep(min(5.0, self.config.poll_s * 10))
 
     # --- ingest ---------------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:

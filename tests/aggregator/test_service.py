@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aggregator.rounds import RoundPolicy, RoundStore
+from aggregator.rounds import RecordedUpdate, RoundPolicy, RoundStore
 from aggregator.service import AggregatorConfig, AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
@@ -226,3 +226,29 @@ def test_updates_past_the_maximum_staleness_are_dead_lettered(federation: str) -
     assert store.version() == 1
     assert service.counters["refused:stale"] == 1
     assert service.counters["refused:version"] == 1
+
+
+def test_a_failing_round_does_not_stop_the_service(federation: str) -> None:
+    class FlakyStore(MemoryRoundStore):
+        failures = 2
+
+        def round_updates(self, round_id: int) -> list[RecordedUpdate]:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("redis went away")
+            return super().round_updates(round_id)
+
+    transport = connect("memory://", memory=MemoryBroker())
+    store = FlakyStore()
+    service = AggregatorService(
+        transport, store, AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=1), poll_s=0.001)
+    )
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    sub = service.subscribe()
+    for _ in range(5):
+        service.step(sub)
+    sub.close()
+    assert service.counters["round_errors"] == 2
+    assert store.version() == 1, "the round went through once the store answered again"
