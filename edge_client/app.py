@@ -8,10 +8,14 @@ import signal
 import threading
 from collections.abc import Callable
 
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_when_event_set, wait_exponential
+
 from broker.connect import connect
+from broker.errors import BrokerError, ConnectionLost, DeliveryGone
 from broker.transport import Transport
+from edge_client.checkpoint import CheckpointStore
 from edge_client.data import task_examples
-from edge_client.model import BaseModel, load_base_model, wrap_lora
+from edge_client.model import BaseModel, cache_dir, load_base_model, wrap_lora
 from edge_client.settings import ClientSettings
 from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.worker import EdgeConfig, EdgeWorker, RoundOutcome
@@ -20,7 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def build_worker(
-    settings: ClientSettings, transport: Transport, base: BaseModel, *, copy_base: bool = True
+    settings: ClientSettings,
+    transport: Transport,
+    base: BaseModel,
+    *,
+    copy_base: bool = True,
+    checkpoints: CheckpointStore | None = None,
 ) -> EdgeWorker:
     """`copy_base` keeps `base` untouched, so one loaded model can seed several clients in one process."""
     model = copy.deepcopy(base.model) if copy_base else base.model
@@ -46,22 +55,63 @@ def build_worker(
         base_model_fingerprint=base.fingerprint,
         adapter_timeout_s=settings.adapter_timeout_s,
     )
-    return EdgeWorker(transport, trainer, config)
+    return EdgeWorker(transport, trainer, config, checkpoints)
+
+
+def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Transport:
+    """Connect, retrying with capped exponential backoff while the broker is away (or until stopped)."""
+
+    @retry(
+        retry=retry_if_exception_type(ConnectionLost),
+        wait=wait_exponential(multiplier=0.5, max=30),
+        stop=stop_when_event_set(stop),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    def attempt() -> Transport:
+        return connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=settings.client_id)
+
+    return attempt()
+
+
+def run_resilient(
+    worker: EdgeWorker,
+    reconnect: Callable[[], Transport],
+    rounds: int | None,
+    stop: threading.Event,
+    on_round: Callable[[RoundOutcome], None] | None = None,
+) -> int:
+    """Run the worker through broker outages: on a lost connection, reconnect and carry on with the same
+    state. An update that was in flight is re-sent with its id, so it is counted once, never lost."""
+    while True:
+        try:
+            return worker.run(rounds, stop, on_round)
+        except (ConnectionLost, DeliveryGone) as exc:
+            if stop.is_set():
+                return worker.rounds_done
+            log.warning("%s lost the broker (%s); reconnecting", worker.config.client_id, exc)
+            try:
+                worker.transport.close()
+            except BrokerError:
+                log.debug("closing the dead transport failed", exc_info=True)
+            worker.attach(reconnect())
 
 
 def run_client(settings: ClientSettings, on_round: Callable[[RoundOutcome], None] | None = None) -> int:
-    """The `flexlora client` process: stops cleanly on SIGTERM/SIGINT after the current step."""
+    """The `flexlora client` process: survives broker outages, stops cleanly on SIGTERM/SIGINT, and resumes
+    from its checkpoint after a restart."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     base = load_base_model(settings.model)
     log.info("loaded %s (fingerprint %s…)", base.name, base.fingerprint[:12])
-    transport = connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=settings.client_id)
+    state_dir = settings.state_dir or cache_dir() / "clients" / settings.federation / settings.client_id
+    transport = connect_with_retry(settings, stop)
+    worker = build_worker(settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir))
     try:
-        worker = build_worker(settings, transport, base, copy_base=False)
-        try:
-            return worker.run(settings.rounds or None, stop, on_round)
-        finally:
-            worker.close()
+        return run_resilient(
+            worker, lambda: connect_with_retry(settings, stop), settings.rounds or None, stop, on_round
+        )
     finally:
-        transport.close()
+        worker.close()
+        worker.transport.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,7 @@ class ClientSettings(BaseSettings):
     rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
     heartbeat_s: int = Field(default=30, ge=1)
     adapter_timeout_s: float = Field(default=3600.0, gt=0)
+    state_dir: Path | None = Field(default=None, description="checkpoint folder (default: the cache)")
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ClientSettings:

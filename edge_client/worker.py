@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Subscription, Transport
+from edge_client.checkpoint import CheckpointStore
 from edge_client.trainer import LocalTrainer, TrainResult
 from schemas.errors import SchemaError
 from schemas.lora import split_lora
@@ -48,13 +49,50 @@ class EdgeWorker:
     """One device's loop. Training runs on the caller's thread; the transport's I/O thread keeps the
     broker connection's heartbeats going meanwhile."""
 
-    def __init__(self, transport: Transport, trainer: LocalTrainer, config: EdgeConfig) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        trainer: LocalTrainer,
+        config: EdgeConfig,
+        checkpoints: CheckpointStore | None = None,
+    ) -> None:
         self.transport = transport
         self.trainer = trainer
         self.config = config
         self.topology = Topology(config.federation)
+        self.checkpoints = checkpoints
         self.version = 0  # the global version the local adapter comes from
+        self.rounds_done = 0
+        # An update trained but not yet answered by an adapter; kept across reconnects and restarts so
+        # it is re-sent (same id, counted once) rather than lost or trained again.
+        self.pending: tuple[LoraUpdate, bytes, TrainResult | None] | None = None
+        self._sent = False
         self._subscription: Subscription | None = None
+        if checkpoints is not None:
+            self._restore(checkpoints)
+
+    def _restore(self, checkpoints: CheckpointStore) -> None:
+        saved = checkpoints.load()
+        if saved is None:
+            return
+        if saved.adapter is not None:
+            self.trainer.load(saved.adapter)
+        self.version, self.rounds_done = saved.version, saved.rounds_done
+        if saved.pending is not None:
+            self.pending = (*saved.pending, None)
+        log.info(
+            "%s resumed at version %d after %d rounds%s",
+            self.config.client_id,
+            self.version,
+            self.rounds_done,
+            " with an unanswered update to re-send" if saved.pending else "",
+        )
+
+    def attach(self, transport: Transport) -> None:
+        """Continue on a new connection after the old one was lost (nothing is lost: see `pending`)."""
+        self._subscription = None  # its channel died with the old connection
+        self._sent = False  # unconfirmed or not, re-send: the aggregators drop a second copy by its id
+        self.transport = transport
 
     def setup(self) -> None:
         self.transport.declare(self.topology.client(self.config.client_id))
@@ -93,27 +131,49 @@ class EdgeWorker:
         stop: threading.Event | None = None,
         on_round: Callable[[RoundOutcome], None] | None = None,
     ) -> int:
-        """Go round after round (forever when `rounds` is None); returns how many rounds completed."""
+        """Go on until `rounds` rounds are done in all (forever when None); returns the rounds done.
+        Broker errors propagate; `attach` a new transport and call again to continue where it stopped."""
         if self._subscription is None:
             self.setup()
-            self.join(stop)
-        done = 0
-        while (rounds is None or done < rounds) and not (stop is not None and stop.is_set()):
+            if self.pending is None:
+                self.join(stop)
+        while (rounds is None or self.rounds_done < rounds) and not (stop is not None and stop.is_set()):
             outcome = self.round(stop)
             if outcome is None:
                 break
-            done += 1
             if on_round is not None:
                 on_round(outcome)
-        return done
+        return self.rounds_done
 
     def round(self, stop: threading.Event | None = None) -> RoundOutcome | None:
-        result = self.trainer.train()
-        update = self.publish(result)
+        if self.pending is None:
+            result = self.trainer.train()
+            header, data = self.prepare(result)
+            self.pending = (header, data, result)
+            self._sent = False
+            if self.checkpoints is not None:
+                self.checkpoints.save_pending(header, data)
+        header, data, trained = self.pending
+        if not self._sent:
+            self.send(header, data)
+            self._sent = True
         release = self.wait_for_adapter(stop)
-        return None if release is None else RoundOutcome(update, result, release)
+        if release is None:
+            return None
+        self.pending = None
+        self.rounds_done += 1
+        if self.checkpoints is not None:
+            self.checkpoints.save_adapter(self.version, self.rounds_done, self.trainer.adapter())
+        empty = TrainResult(float("nan"), 0, header.num_samples)
+        return RoundOutcome(header, trained or empty, release)
 
     def publish(self, result: TrainResult) -> LoraUpdate:
+        """Prepare and send an update for `result` at once (no pending bookkeeping)."""
+        header, data = self.prepare(result)
+        self.send(header, data)
+        return header
+
+    def prepare(self, result: TrainResult) -> tuple[LoraUpdate, bytes]:
         data, info = encode_tensors(self.trainer.adapter())
         update = LoraUpdate(
             federation=self.config.federation,
@@ -127,6 +187,9 @@ class EdgeWorker:
             payload=info,
             train_loss=result.mean_loss,
         )
+        return update, data
+
+    def send(self, update: LoraUpdate, data: bytes) -> None:
         self.transport.publish(
             self.topology.updates_exchange,
             UPDATE_ROUTING_KEY,
@@ -135,13 +198,13 @@ class EdgeWorker:
             message_id=update.update_id,
         )
         log.info(
-            "%s published update %s (rank %d, loss %.3f)",
+            "%s published update %s (rank %d, base v%d, loss %s)",
             self.config.client_id,
             update.update_id[:8],
             update.rank,
-            result.mean_loss,
+            update.base_version,
+            f"{update.train_loss:.3f}" if update.train_loss is not None else "-",
         )
-        return update
 
     def wait_for_adapter(
         self, stop: threading.Event | None = None, *, timeout_s: float | None = None, required: bool = True

@@ -111,6 +111,8 @@ def client(
     learning_rate: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
+    heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
+    state_dir: Annotated[str | None, typer.Option(help="checkpoint folder (default: under the cache)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Train a LoRA adapter locally at this device's rank and federate it round after round."""
@@ -135,6 +137,8 @@ def client(
                 learning_rate=learning_rate,
                 seed=seed,
                 rounds=rounds,
+                heartbeat_s=heartbeat_s,
+                state_dir=state_dir,
             )
         )
     except ValidationError as exc:

@@ -64,6 +64,7 @@ def test_federation_over_rabbitmq_and_redis_in_separate_processes(
             log = tmp_path / f"{client_id}.log"
             args = _cli("client", "--client-id", client_id, "--federation", federation, "--model", "tiny")
             args += ["--rank", str(rank), "--rounds", str(ROUNDS), "--seed", str(rank), *TRAIN]
+            args += ["--state-dir", str(tmp_path / "state" / client_id)]
             procs.append((subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT), log))
         for proc, log in procs:
             assert _wait(proc, 240, log) == 0, log.read_text()[-3000:]
