@@ -60,7 +60,7 @@ def baseline_model(base: torch.nn.Module, rank: int, alpha: float, target_module
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(base), config)  # type: ignore[arg-type]
+        model = get_peft_model(copy.deepcopy(base), config)
     assert isinstance(model, PeftModel)
     return model
 

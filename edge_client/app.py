@@ -15,8 +15,10 @@ from broker.errors import BrokerError, ConnectionLost, DeliveryGone
 from broker.transport import Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.data import task_examples
+from edge_client.datasets import load_jsonl
 from edge_client.model import BaseModel, cache_dir, load_base_model, wrap_lora
 from edge_client.settings import ClientSettings
+from edge_client.tasks import Example
 from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.worker import EdgeConfig, EdgeWorker, RoundOutcome
 
@@ -30,11 +32,16 @@ def build_worker(
     *,
     copy_base: bool = True,
     checkpoints: CheckpointStore | None = None,
+    examples: list[Example] | None = None,
 ) -> EdgeWorker:
     """`copy_base` keeps `base` untouched, so one loaded model can seed several clients in one process."""
+    choice = settings.resolved_rank()
+    rank, alpha = choice.rank, settings.alpha_for(choice.rank)
+    log.info("%s trains at %s", settings.client_id, choice.reason)
+    if examples is None:
+        examples = load_examples(settings)
     model = copy.deepcopy(base.model) if copy_base else base.model
-    peft_model = wrap_lora(model, settings.rank, settings.alpha, list(settings.target_modules), settings.seed)
-    examples = task_examples(settings.task_list, settings.samples_per_task, settings.seed)
+    peft_model = wrap_lora(model, rank, alpha, list(settings.target_modules), settings.seed)
     trainer = LocalTrainer(
         peft_model,
         base.tokenizer,
@@ -49,13 +56,20 @@ def build_worker(
     config = EdgeConfig(
         federation=settings.federation,
         client_id=settings.client_id,
-        rank=settings.rank,
-        lora_alpha=settings.alpha,
+        rank=rank,
+        lora_alpha=alpha,
         target_modules=settings.target_modules,
         base_model_fingerprint=base.fingerprint,
         adapter_timeout_s=settings.adapter_timeout_s,
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
+
+
+def load_examples(settings: ClientSettings) -> list[Example]:
+    """The device's local data: its JSONL file, or built-in tasks. A malformed or empty file raises DataError."""
+    if settings.data is not None:
+        return load_jsonl(settings.data)
+    return task_examples(settings.task_list, settings.samples_per_task, settings.seed)
 
 
 def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Transport:
@@ -103,11 +117,14 @@ def run_client(settings: ClientSettings, on_round: Callable[[RoundOutcome], None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    examples = load_examples(settings)  # bad data stops the client before it loads a model or connects
     base = load_base_model(settings.model)
     log.info("loaded %s (fingerprint %s…)", base.name, base.fingerprint[:12])
     state_dir = settings.state_dir or cache_dir() / "clients" / settings.federation / settings.client_id
     transport = connect_with_retry(settings, stop)
-    worker = build_worker(settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir))
+    worker = build_worker(
+        settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir), examples=examples
+    )
     try:
         return run_resilient(
             worker, lambda: connect_with_retry(settings, stop), settings.rounds or None, stop, on_round

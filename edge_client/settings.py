@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_client.resources import RankChoice, parse_rank
 from edge_client.tasks import task_names
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -20,10 +22,11 @@ class ClientSettings(BaseSettings):
     federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
     client_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     model: str = "smollm2"
-    rank: int = Field(default=8, ge=1, le=1024)
+    rank: int | Literal["auto"] = Field(default=8, description="LoRA rank, or auto to pick it from the device")
     lora_alpha: float | None = Field(default=None, gt=0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     tasks: tuple[str, ...] = ()
+    data: Path | None = Field(default=None, description="JSONL of instruction/input/output records (else tasks)")
     samples_per_task: int = Field(default=32, ge=1)
     local_steps: int = Field(default=10, ge=1)
     batch_size: int = Field(default=8, ge=1)
@@ -41,10 +44,19 @@ class ClientSettings(BaseSettings):
             raise ValueError(f"unknown tasks {unknown}; choose from {task_names()}")
         return self
 
-    @property
-    def alpha(self) -> float:
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> ClientSettings:
+        if self.rank != "auto" and not 1 <= self.rank <= 1024:
+            raise ValueError(f"rank must be between 1 and 1024 or 'auto', got {self.rank}")
+        return self
+
+    def resolved_rank(self) -> RankChoice:
+        """The rank this device trains at: as given, or chosen from its memory and cores for `auto`."""
+        return parse_rank(self.rank)
+
+    def alpha_for(self, rank: int) -> float:
         """LoRA alpha; 2·rank unless set, so (alpha / rank) is the same at every rank."""
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * rank
 
     @property
     def task_list(self) -> list[str]:

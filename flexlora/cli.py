@@ -101,10 +101,11 @@ def client(
     broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
     federation: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank this device trains at")] = None,
+    rank: Annotated[str | None, typer.Option(help="LoRA rank this device trains at, or auto")] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2·rank)")] = None,
     target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
     task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
+    data: Annotated[str | None, typer.Option(help="JSONL with instruction/input/output (Alpaca, Dolly, NI)")] = None,
     samples_per_task: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="training steps per round")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -131,6 +132,7 @@ def client(
                 lora_alpha=lora_alpha,
                 target_modules=tuple(target_module or ()),
                 tasks=tuple(task or ()),
+                data=data,
                 samples_per_task=samples_per_task,
                 local_steps=local_steps,
                 batch_size=batch_size,
@@ -143,7 +145,13 @@ def client(
         )
     except ValidationError as exc:
         raise _settings_error(exc) from exc
-    done = run_client(settings)
+    from edge_client.datasets import DataError
+
+    try:
+        done = run_client(settings)
+    except DataError as exc:
+        console.print(f"[red]cannot start:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from exc
     console.print(f"{settings.client_id}: {done} rounds completed")
 
 

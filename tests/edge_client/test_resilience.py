@@ -149,6 +149,7 @@ def test_a_30_second_training_step_keeps_a_5_second_heartbeat_connection(
 
     worker.trainer.train = slow_train  # type: ignore[method-assign]
     try:
+        transport.declare(Topology(federation).core())  # what an aggregator would have declared
         worker.setup()
         header, data = worker.prepare(worker.trainer.train())
         worker.send(header, data)  # would raise ConnectionLost had the broker dropped us
@@ -189,3 +190,30 @@ def test_a_restarted_device_resends_its_unanswered_update_instead_of_training_an
     finally:
         service.close()
     assert not service.errors
+
+
+def test_client_refuses_malformed_or_empty_data_and_resolves_rank_auto(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_client.datasets import DataError
+    from flexlora.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n{"instruction": "c"}\n')
+    with pytest.raises(DataError, match=r"(?s)line 2: not valid JSON.*line 3: no output"):
+        build_worker(_settings("f").model_copy(update={"data": bad}), MemoryTransport(MemoryBroker()), tiny_model())
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    result = CliRunner().invoke(
+        app, ["client", "--client-id", "c1", "--model", "tiny", "--data", str(empty), "--broker-url", "memory://"]
+    )
+    assert result.exit_code == 2 and "empty" in result.output
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        '{"instruction": "Say hi.", "output": "hi"}\n{"instruction": "Say yo.", "context": "", "response": "yo"}\n'
+    )
+    auto = _settings("f").model_copy(update={"data": good, "rank": "auto"})
+    worker = build_worker(auto, MemoryTransport(MemoryBroker()), tiny_model())
+    assert worker.config.rank == auto.resolved_rank().rank >= 1
+    assert worker.config.lora_alpha == 2.0 * worker.config.rank
+    assert worker.trainer.num_samples == 2
