@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from broker.connect import connect
@@ -111,7 +112,9 @@ def run_resilient(
             worker.attach(reconnect())
 
 
-def run_client(settings: ClientSettings, on_round: Callable[[RoundOutcome], None] | None = None) -> int:
+def run_client(
+    settings: ClientSettings, on_round: Callable[[RoundOutcome], None] | None = None, *, progress: bool = False
+) -> int:
     """The `flexlora client` process: survives broker outages, stops cleanly on SIGTERM/SIGINT, and resumes
     from its checkpoint after a restart."""
     stop = threading.Event()
@@ -125,10 +128,40 @@ def run_client(settings: ClientSettings, on_round: Callable[[RoundOutcome], None
     worker = build_worker(
         settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir), examples=examples
     )
-    try:
-        return run_resilient(
-            worker, lambda: connect_with_retry(settings, stop), settings.rounds or None, stop, on_round
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+    )
+    epoch = bar.add_task("local epoch", total=settings.local_steps, loss="-")
+
+    def on_step(step: int, loss: float) -> None:
+        # One bar per local epoch (a round's local steps), restarted at its first step.
+        if step == 0:
+            bar.reset(epoch, total=settings.local_steps, description=f"round {worker.rounds_done + 1} local epoch")
+        bar.update(epoch, advance=1, loss=f"{loss:.3f}")
+
+    def after_round(outcome: RoundOutcome) -> None:
+        log.info(
+            "%s round %d done: loss %.3f on %d samples, now at global version %d",
+            settings.client_id,
+            worker.rounds_done,
+            outcome.train.mean_loss,
+            outcome.train.num_samples,
+            outcome.release.version,
         )
+        if on_round is not None:
+            on_round(outcome)
+
+    worker.trainer.on_step = on_step
+    try:
+        with bar:
+            return run_resilient(
+                worker, lambda: connect_with_retry(settings, stop), settings.rounds or None, stop, after_round
+            )
     finally:
         worker.close()
         worker.transport.close()

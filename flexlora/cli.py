@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any
 
@@ -14,12 +15,29 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message (and the error, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _logging(verbose: bool, log_format: str = "rich") -> None:
+    handler: logging.Handler
+    if log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = RichHandler(console=console, show_path=False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler])
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -57,13 +75,14 @@ def aggregator(
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
+    log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
     from aggregator.app import run_aggregator
     from aggregator.settings import AggregatorSettings
 
-    _logging(verbose)
+    _logging(verbose, log_format)
     try:
         settings = AggregatorSettings(
             **_given(
@@ -114,13 +133,14 @@ def client(
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     state_dir: Annotated[str | None, typer.Option(help="checkpoint folder (default: under the cache)")] = None,
+    log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Train a LoRA adapter locally at this device's rank and federate it round after round."""
     from edge_client.app import run_client
     from edge_client.settings import ClientSettings
 
-    _logging(verbose)
+    _logging(verbose, log_format)
     try:
         settings = ClientSettings(
             **_given(
@@ -148,7 +168,7 @@ def client(
     from edge_client.datasets import DataError
 
     try:
-        done = run_client(settings)
+        done = run_client(settings, progress=log_format == "rich" and console.is_terminal)
     except DataError as exc:
         console.print(f"[red]cannot start:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from exc
