@@ -1,0 +1,74 @@
+"""Settings conventions every role shares: the FLEXLORA_ environment prefix and a guard against typos in it.
+
+pydantic-settings reads only the variables it knows and silently ignores the rest, so a misspelt
+FLEXLORA_RANKK would leave a device training at the default rank. Roles share one environment in
+compose (one .env for aggregators and clients), so each accepts every role's names and refuses the rest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+
+ENV_PREFIX = "FLEXLORA_"
+
+# Every setting of every role (tests check this against the settings classes), plus the few variables
+# read outside them.
+KNOWN_NAMES = frozenset(
+    {
+        # both roles
+        "broker_url",
+        "federation",
+        "heartbeat_s",
+        # aggregator
+        "redis_url",
+        "max_updates",
+        "min_updates",
+        "round_deadline_s",
+        "lease_s",
+        "prefetch",
+        "strategy",
+        "svd_mode",
+        "weighting",
+        "staleness_exponent",
+        "max_staleness",
+        # edge client
+        "client_id",
+        "model",
+        "rank",
+        "lora_alpha",
+        "target_modules",
+        "tasks",
+        "data",
+        "samples_per_task",
+        "local_steps",
+        "batch_size",
+        "learning_rate",
+        "seed",
+        "rounds",
+        "adapter_timeout_s",
+        "state_dir",
+        # read directly: the model cache, and the test suite's service addresses
+        "cache",
+        "test_amqp_url",
+        "test_redis_url",
+    }
+)
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError naming every FLEXLORA_* variable that no role knows, with the likely intended one."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    for key in sorted(environ):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in KNOWN_NAMES:
+            continue
+        guess = difflib.get_close_matches(name, sorted(KNOWN_NAMES), n=1)
+        hint = f" (did you mean {ENV_PREFIX}{guess[0].upper()}?)" if guess else ""
+        problems.append(f"{key} is not a setting{hint}")
+    if problems:
+        raise ValueError("; ".join(problems))
