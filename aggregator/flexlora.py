@@ -47,20 +47,6 @@ def data_size_weights(num_samples: Sequence[int]) -> list[float]:
     return [n / total for n in num_samples]
 
 
-def full_update(contributions: Sequence[tuple[LoraFactors, float, float]]) -> torch.Tensor:
-    """ΔW = Σ weight · scale · B A in float64, from (factors, scale = alpha/rank, weight) triples."""
-    if not contributions:
-        raise ValueError("no contributions to aggregate")
-    delta: torch.Tensor | None = None
-    for factors, scale, weight in contributions:
-        term = (weight * scale) * (factors.B.to(torch.float64) @ factors.A.to(torch.float64))
-        if delta is not None and term.shape != delta.shape:
-            raise ValueError(f"module shapes differ between clients: {tuple(term.shape)} vs {tuple(delta.shape)}")
-        delta = term if delta is None else delta + term
-    assert delta is not None
-    return delta
-
-
 def cut(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, request: RankRequest, dtype: torch.dtype = torch.float32
 ) -> LoraFactors:
