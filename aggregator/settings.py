@@ -5,21 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.rounds import RoundPolicy
-from schemas.settings import ENV_PREFIX, check_environment
+from schemas.settings import FlexloraSettings
 
 
-class AggregatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_unknown_environment(cls, data: object) -> object:
-        check_environment()
-        return data
-
+class AggregatorSettings(FlexloraSettings):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     redis_url: str = "redis://127.0.0.1:6379/0"
     federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")

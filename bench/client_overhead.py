@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from edge_client.data import batches, encode, task_examples
-from edge_client.model import TextTokenizer, adapter_state, load_base_model, wrap_lora
+from edge_client.model import TextTokenizer, adapter_state, load_base_model, lora_config, wrap_lora
 from edge_client.settings import ClientSettings
 from edge_client.tasks import task_names
 from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
@@ -50,14 +50,8 @@ def _progress(message: str) -> None:
 
 
 def baseline_model(base: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], seed: int) -> PeftModel:
-    """The plain peft setup: the same LoraConfig and init seed as wrap_lora, written out by hand."""
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,  # type: ignore[arg-type]
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-    )
+    """The plain peft setup: get_peft_model with the client's LoraConfig and init seed, nothing else."""
+    config = lora_config(rank, alpha, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(base), config)

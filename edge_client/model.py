@@ -181,16 +181,21 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def wrap_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str], seed: int) -> PeftModel:
-    """Attach a fresh LoRA adapter (B = 0, so the model starts equal to its base)."""
+def lora_config(rank: int, alpha: float, target_modules: list[str]) -> LoraConfig:
+    """The LoRA every client trains: no dropout, no bias, so its update is exactly (alpha/r)·B·A."""
     # peft types lora_alpha as int but computes alpha / r in float; fractional alphas are fine.
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]
         target_modules=list(target_modules),
         lora_dropout=0.0,
         bias="none",
     )
+
+
+def wrap_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str], seed: int) -> PeftModel:
+    """Attach a fresh LoRA adapter (B = 0, so the model starts equal to its base)."""
+    config = lora_config(rank, alpha, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)

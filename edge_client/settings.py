@@ -7,24 +7,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_client.resources import RankChoice, parse_rank
 from edge_client.tasks import task_names
-from schemas.settings import ENV_PREFIX, check_environment
+from schemas.settings import FlexloraSettings
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
-class ClientSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_unknown_environment(cls, data: object) -> object:
-        check_environment()
-        return data
-
+class ClientSettings(FlexloraSettings):
     broker_url: str = DEFAULT_BROKER_URL
     federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
     client_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)

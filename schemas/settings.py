@@ -11,6 +11,9 @@ import difflib
 import os
 from collections.abc import Mapping
 
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 ENV_PREFIX = "FLEXLORA_"
 
 # Every setting of every role (tests check this against the settings classes), plus the few variables
@@ -72,3 +75,15 @@ def check_environment(environ: Mapping[str, str] | None = None) -> None:
         problems.append(f"{key} is not a setting{hint}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+class FlexloraSettings(BaseSettings):
+    """Base of every role's settings: FLEXLORA_ variables, unknown keys and misspelt variables refused."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_environment(cls, data: object) -> object:
+        check_environment()
+        return data
