@@ -180,7 +180,9 @@ def test_restarting_every_aggregator_resumes_at_the_same_version(
     assert_round_matches_dense(store, 3)
 
 
-def test_health_check_follows_the_process(federation: str, store: RedisRoundStore, tmp_path: Path) -> None:
+def test_health_check_follows_the_process(
+    federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
     check = [sys.executable, "-m", "flexlora.cli", "aggregator", "--federation", federation, "--check"]
     env = {**os.environ, "FLEXLORA_REDIS_URL": REDIS_URL}
     assert subprocess.run(check, env=env, capture_output=True, timeout=60).returncode == 1
