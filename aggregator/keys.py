@@ -32,8 +32,11 @@ class Keys:
     def round_opened(self, round_id: int) -> str:  # float: when the round's first update arrived
         return self._k("round", round_id, "opened")
 
-    def update(self, update_id: str) -> str:  # hash: header (JSON), payload (safetensors)
+    def update(self, update_id: str) -> str:  # hash: header (JSON), payload (the key below)
         return self._k("update", update_id)
+
+    def update_payload(self, update_id: str, sha256: str) -> str:  # safetensors bytes of one update
+        return self._k("update", update_id, "payload", sha256)
 
     def lease(self, round_id: int) -> str:  # "owner:token" with a TTL: who finalises the round now
         return self._k("round", round_id, "lease")

@@ -10,7 +10,7 @@ from broker.transport import Message
 from schemas.errors import SchemaError
 from schemas.lora import LoraFactors, module_shapes, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
-from schemas.tensors import decode_tensors
+from schemas.tensors import all_finite, decode_tensors
 
 PIN_FINGERPRINT = "base_model_fingerprint"
 PIN_MODULES = "module_shapes"
@@ -45,7 +45,10 @@ def validate_update(
     if header.federation != federation:
         raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
     tensors = decode_tensors(message.body, header.payload)
-    factors = split_lora(tensors, rank=header.rank, target_modules=header.target_modules)
+    # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
+    factors = split_lora(
+        tensors, rank=header.rank, target_modules=header.target_modules, check_values=not all_finite(tensors)
+    )
     fingerprint = pinned(store, PIN_FINGERPRINT, header.base_model_fingerprint, pins)
     if fingerprint != header.base_model_fingerprint:
         raise SchemaError(
