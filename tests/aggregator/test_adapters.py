@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import pickle  # hostile: builds a malicious legacy adapter to prove it is never unpickled
 import shutil
 from pathlib import Path
 from typing import Any
@@ -220,7 +220,7 @@ def test_pickle_adapter_is_refused_without_unpickling(inputs: list[Path], tmp_pa
     legacy.mkdir()
     shutil.copy(inputs[0] / "adapter_config.json", legacy)
     marker = tmp_path / "unpickled"
-    (legacy / "adapter_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    (legacy / "adapter_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))  # hostile
     with pytest.raises(AdapterFileError, match="pickle files are not loaded"):
         read_adapter(legacy)
     result = run_cli(str(inputs[0]), str(legacy), "--rank", "4", "--out", str(tmp_path / "out"))
