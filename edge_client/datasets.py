@@ -23,10 +23,6 @@ class DataError(ValueError):
         self.line_errors = line_errors
         super().__init__(f"{path}: {problem}")
 
-    def __reduce__(self) -> tuple[type[DataError], tuple[Path, str, tuple[tuple[int, str], ...]]]:
-        # The default pickling replays self.args, which holds only the message, into __init__.
-        return (DataError, (self.path, self.problem, self.line_errors))
-
 
 class _LineError(Exception):
     """Why one line is malformed; never escapes this module."""
