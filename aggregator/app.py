@@ -33,6 +33,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         weighting=settings.weighting,
         staleness_exponent=settings.staleness_exponent,
         max_staleness=settings.max_staleness,
+        keep_versions=settings.keep_versions,
     )
 
     # Deliveries held when the connection drops go back to the queue; the store makes their second

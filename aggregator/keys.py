@@ -51,6 +51,13 @@ class Keys:
     def releases(self, version: int) -> str:  # hash: client id -> AdapterRelease JSON
         return self._k("release", version)
 
+    def adapter_prefix(self, version: int) -> str:
+        return self._k("adapter", version) + ":"
+
+    @property
+    def pruned_below(self) -> str:  # int: versions below this have had their payloads pruned
+        return self._k("pruned-below")
+
     def adapter(self, version: int, rank: int, alpha: float) -> str:  # safetensors of one cut, shared by clients
         return self._k("adapter", version, rank, repr(float(alpha)))
 

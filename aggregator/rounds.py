@@ -163,6 +163,12 @@ class RoundStore(abc.ABC):
     def history(self) -> list[RoundRecord]: ...
 
     @abc.abstractmethod
+    def prune(self, before_version: int) -> int:
+        """Drop the update payloads of rounds that built versions before `before_version`, and those versions'
+        releases; keep update ids (the exactly-once guard), round membership and history. Returns how many
+        updates were dropped. Without this a federation's Redis grows by every round's updates forever."""
+
+    @abc.abstractmethod
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
         """Say that aggregator `owner` is alive, for `ttl_s` seconds; `info` is a JSON summary."""
 

@@ -62,6 +62,9 @@ class AggregatorConfig:
     # The global adapter is also cut (and stored) at this rank, so a joining client of any rank up to it
     # gets an exact cut of the newest ΔW at once (FlexLoRA only: its cuts nest).
     global_rank: int = 64
+    # Update payloads and releases of versions older than this many are dropped from the store (history,
+    # update ids and membership stay); None keeps everything.
+    keep_versions: int | None = 20
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
@@ -340,6 +343,8 @@ class AggregatorService:
         )
         self.counters["rounds"] += 1
         self.publish_version(version)
+        if self.config.keep_versions is not None:
+            self.store.prune(before_version=version - self.config.keep_versions + 1)
         if self.on_commit is not None:
             self.on_commit(record, {r.header.client_id: r for r in releases})
         return record

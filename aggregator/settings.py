@@ -25,6 +25,7 @@ class AggregatorSettings(FlexloraSettings):
     weighting: Literal["data_size", "uniform", "staleness"] = "data_size"
     staleness_exponent: float = Field(default=0.5, ge=0)
     max_staleness: int | None = Field(default=None, ge=0)
+    keep_versions: int | None = Field(default=20, ge=1, description="versions whose updates stay in Redis")
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

@@ -72,6 +72,7 @@ def aggregator(
     weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
     staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
+    keep_versions: Annotated[int | None, typer.Option(help="versions whose updates and adapters stay in Redis")] = None,
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
@@ -99,6 +100,7 @@ def aggregator(
                 weighting=weighting,
                 staleness_exponent=staleness_exponent,
                 max_staleness=max_staleness,
+                keep_versions=keep_versions,
             )
         )
     except ValidationError as exc:

@@ -36,6 +36,7 @@ KNOWN_NAMES = frozenset(
         "weighting",
         "staleness_exponent",
         "max_staleness",
+        "keep_versions",
         # edge client
         "client_id",
         "model",

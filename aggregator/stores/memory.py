@@ -63,7 +63,7 @@ class MemoryRoundStore(RoundStore):
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         with self._lock:
-            return [self._updates[i] for i in self._rounds.get(round_id, [])]
+            return [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
 
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
         with self._lock:
@@ -123,6 +123,17 @@ class MemoryRoundStore(RoundStore):
                 return False
             self._publish_claims[version] = time.monotonic() + ttl_s
             return True
+
+    def prune(self, before_version: int) -> int:
+        with self._lock:
+            dropped = 0
+            for round_id, ids in self._rounds.items():
+                if round_id + 1 < before_version:
+                    for update_id in ids:
+                        dropped += self._updates.pop(update_id, None) is not None
+            for version in [v for v in self._releases if v < before_version]:
+                del self._releases[version]
+            return dropped
 
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
         with self._lock:

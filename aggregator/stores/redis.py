@@ -152,13 +152,14 @@ class RedisRoundStore(RoundStore):
         pipe = self.r.pipeline(transaction=False)
         for update_id in ids:
             pipe.hmget(self.keys.update(update_id.decode()), ["header", "payload"])
-        rows = pipe.execute()
+        rows = [(h, key) for h, key in pipe.execute() if h is not None]  # pruned updates are gone
         pipe = self.r.pipeline(transaction=False)
         for _, payload_key in rows:
             pipe.get(payload_key)
         return [
             RecordedUpdate(parse_update(header), bytes(payload))
             for (header, _), payload in zip(rows, pipe.execute(), strict=True)
+            if payload is not None
         ]
 
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
@@ -228,6 +229,24 @@ class RedisRoundStore(RoundStore):
 
     def claim_publish(self, version: int, owner: str, ttl_s: float) -> bool:
         return bool(self.r.set(self.keys.publish_claim(version), owner, nx=True, px=max(1, int(ttl_s * 1000))))
+
+    def prune(self, before_version: int) -> int:
+        k = self.keys
+        start = int(cast(bytes | None, self.r.get(k.pruned_below)) or 0)
+        dropped = 0
+        # Rounds are pruned in order and the mark only moves forward, so each round is visited once.
+        for version in range(max(start, 1), before_version):
+            ids = cast(list[bytes], self.r.lrange(k.round_updates(version - 1), 0, -1))
+            pipe = self.r.pipeline(transaction=False)
+            for update_id in ids:
+                pipe.hget(k.update(update_id.decode()), "payload")
+            payload_keys = [key for key in pipe.execute() if key is not None]
+            doomed = [*payload_keys, *(k.update(i.decode()) for i in ids), k.releases(version)]
+            doomed += list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
+            self.r.delete(*doomed)
+            dropped += len(payload_keys)
+            self.r.set(k.pruned_below, version + 1)
+        return dropped
 
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
         self.r.set(self.keys.health(owner), info, px=max(1, int(ttl_s * 1000)))

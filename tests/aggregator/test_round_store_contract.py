@@ -230,3 +230,19 @@ def test_health_keys_expire(store: RoundStore) -> None:
     assert store.health() == {"host-a:1:abc": '{"ok": 1}', "host-b:2:def": '{"ok": 2}'}
     time.sleep(0.3)
     assert set(store.health()) == {"host-b:2:def"}
+
+
+def test_prune_drops_old_payloads_and_releases_but_keeps_the_guard_and_history(store: RoundStore) -> None:
+    for v in range(4):  # versions 1..4, one update each
+        store.record(_update(f"c{v}", f"update-p{v}", base=v), b"payload", now=1.0)
+        lease = store.acquire(v, "agg", ttl_s=30)
+        assert lease is not None
+        assert store.commit(lease, 1, [_release("c", v + 1)], _record(v + 1), now=2.0)
+    assert store.prune(before_version=3) == 2  # rounds 0 and 1 built versions 1 and 2
+    assert store.round_updates(0) == [] and store.round_updates(1) == []
+    assert [u.header.update_id for u in store.round_updates(2)] == ["update-p2"]
+    assert store.releases(1) == {} and store.releases(2) == {}
+    assert set(store.releases(3)) == {"c"}
+    assert [h.version for h in store.history()] == [1, 2, 3, 4]
+    assert store.record(_update("c0", "update-p0", base=4), b"payload", now=3.0) is RecordResult.DUPLICATE
+    assert store.prune(before_version=3) == 0, "pruning again finds nothing"
