@@ -120,7 +120,11 @@ class RoundStore(abc.ABC):
 
     @abc.abstractmethod
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
-        """The updates recorded in a round, in arrival order."""
+        """The updates recorded in a round, in arrival order (none once the round is pruned)."""
+
+    @abc.abstractmethod
+    def round_update_ids(self, round_id: int) -> list[str]:
+        """The ids of the updates a round counted, in arrival order; kept when the round is pruned."""
 
     @abc.abstractmethod
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:

@@ -65,6 +65,10 @@ class MemoryRoundStore(RoundStore):
         with self._lock:
             return [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
 
+    def round_update_ids(self, round_id: int) -> list[str]:
+        with self._lock:
+            return list(self._rounds.get(round_id, []))
+
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
         with self._lock:
             if round_id != self._version:

@@ -162,6 +162,9 @@ class RedisRoundStore(RoundStore):
             if payload is not None
         ]
 
+    def round_update_ids(self, round_id: int) -> list[str]:
+        return [i.decode() for i in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
+
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
         k = self.keys
         token = int(

@@ -240,6 +240,7 @@ def test_prune_drops_old_payloads_and_releases_but_keeps_the_guard_and_history(s
         assert store.commit(lease, 1, [_release("c", v + 1)], _record(v + 1), now=2.0)
     assert store.prune(before_version=3) == 2  # rounds 0 and 1 built versions 1 and 2
     assert store.round_updates(0) == [] and store.round_updates(1) == []
+    assert store.round_update_ids(0) == ["update-p0"], "membership outlives the payloads"
     assert [u.header.update_id for u in store.round_updates(2)] == ["update-p2"]
     assert store.releases(1) == {} and store.releases(2) == {}
     assert set(store.releases(3)) == {"c"}

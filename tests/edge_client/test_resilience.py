@@ -69,7 +69,7 @@ class ServiceThread:
 
 
 def _counted(store: RedisRoundStore | MemoryRoundStore) -> list[str]:
-    return [u.header.update_id for r in range(store.version() + 1) for u in store.round_updates(r)]
+    return [i for r in range(store.version() + 1) for i in store.round_update_ids(r)]
 
 
 @pytest.fixture
