@@ -239,3 +239,28 @@ def test_fast_mode_with_total_rank_above_the_width_uses_the_gram_eigenproblem(d_
     delta = _reference(clients, n, 64)
     opt = float(np.linalg.norm(delta - _reference(clients, n, 6)))
     assert float(np.linalg.norm(delta - got)) <= (1 + 1e-4) * opt
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast", "dense"])
+@pytest.mark.parametrize("rank", [2, 6])  # total rank 4 < width 8 (factored paths) and 12 ≥ 8 (dense paths)
+@pytest.mark.parametrize(("factor", "value"), [("A", float("nan")), ("B", float("inf")), ("B", float("-inf"))])
+def test_nonfinite_factors_are_named_on_every_path(mode: SvdMode, rank: int, factor: str, value: float) -> None:
+    # NaN/Inf is detected in the products rather than by scanning every factor; the error still names
+    # the client and module, whichever path the module takes.
+    rng = np.random.default_rng(13)
+    good = _client(rng, 8, 8, rank, 2.0 * rank)
+    a, b = (t.clone() for t in good.factors["m"])
+    (a if factor == "A" else b)[1, 1] = value
+    bad = ClientAdapter({"m": LoraFactors(A=a, B=b)}, rank, 2.0 * rank)
+    with pytest.raises(ValueError, match="client 1, module 'm': factors hold NaN or infinite values"):
+        flexlora([good, bad], [1, 1], [RankRequest(rank, 2.0 * rank)], mode=mode)
+
+
+def test_factors_that_overflow_float32_in_fast_mode_are_refused_with_the_module() -> None:
+    rng = np.random.default_rng(14)
+    huge = _client(rng, 8, 8, 2, 4.0)
+    huge = ClientAdapter({"m": LoraFactors(A=huge.factors["m"].A * 1e30, B=huge.factors["m"].B)}, 2, 4.0)
+    with pytest.raises(ValueError, match=r"modules \['m'\]: the weighted factors overflow"):
+        flexlora([huge], [1], [RankRequest(2, 4.0)], mode="fast")
+    # float64 holds them: the exact path aggregates the same input.
+    assert set(flexlora([huge], [1], [RankRequest(2, 4.0)], mode="exact")[RankRequest(2, 4.0)]) == {"m"}
