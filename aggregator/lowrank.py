@@ -224,23 +224,26 @@ def top_svd(
     if mode != "fast":
         raise ValueError(f"unknown SVD mode {mode!r}; use exact, fast or dense")
 
-    # The O(d·R²) products run in the factors' own dtype (float32 from flexlora() in this mode: twice
-    # the speed, half the memory); the R × R work after them is float64.
+    # The products run in the factors' own dtype (float32 from flexlora() in this mode: twice the speed,
+    # half the memory); the eigenproblem and the certificate are float64.
     # With P = Q₁R₁ and G_Q = Q·Qᵀ: ΔWᵀΔW's nonzero spectrum is that of H = R₁ G_Q R₁ᵀ (= C·Cᵀ for the core
     # C = R₁R₂ᵀ), and for an eigenvector w of H, u = P R₁⁻¹ w and σ v = ΔWᵀu = Qᵀ R₁ᵀ w. So Q needs
     # no triangular factor of its own: one Cholesky and one triangular solve fewer than the exact path.
     r1, ok = _triangular(p)
-    gram_q = _gram(q.transpose(-1, -2)).to(torch.float64)
+    gram_q = _gram(q.transpose(-1, -2))
     _require_finite(torch.diagonal(gram_q, dim1=-2, dim2=-1), "a Gram matrix")
-    h = r1 @ gram_q @ r1.transpose(-1, -2)
+    # H's own rounding in float32 is of the order of G_Q's (ε·‖R₁‖²‖Q‖² both), which this mode accepts
+    # already; the certificate below is exact for the H computed here.
+    r1w = r1.to(q.dtype)
+    h = (r1w @ gram_q @ r1w.transpose(-1, -2)).to(torch.float64)
     h = (h + h.transpose(-1, -2)) / 2
     ranks = sorted({min(r, k) for r in (certify_ranks or [k])})
     theta, uc = _top_eigh(h, k)
     theta = theta.clamp_min(0)
-    back = r1.transpose(-1, -2) @ uc  # column i is Pᵀu_i
-    # ‖u_iᵀΔW‖² = (Pᵀu_i)ᵀ G_Q (Pᵀu_i): what each released direction captures, from the vectors themselves.
-    captured = (back * (gram_q @ back)).sum(-2)
+    # u_iᵀ H u_i: what each released direction captures, measured with the vectors themselves.
+    captured = (uc * (h @ uc)).sum(-2)
     excess = _excess(torch.diagonal(h, dim1=-2, dim2=-1).sum(-1), theta, captured, ranks)
+    back = r1.transpose(-1, -2) @ uc  # column i is Pᵀu_i
     s = theta.sqrt()
     # V = ΔWᵀ U Σ⁻¹; directions with σ ≈ 0 carry nothing (their B column is 0), so their A row is left 0
     # rather than amplifying rounding noise.
