@@ -6,8 +6,10 @@ import logging
 import signal
 import threading
 
+from prometheus_client import start_http_server
 from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
 
+from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorConfig, AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores.redis import RedisRoundStore
@@ -35,6 +37,11 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         max_staleness=settings.max_staleness,
         keep_versions=settings.keep_versions,
     )
+    # One set of metrics for the process's life: counters keep counting across reconnects.
+    metrics = AggregatorMetrics(settings.federation)
+    if settings.metrics_port is not None:
+        server, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
+        log.info("metrics at http://0.0.0.0:%d/metrics", server.server_port)
 
     # Deliveries held when the connection drops go back to the queue; the store makes their second
     # arrival a no-op, so reconnecting and carrying on is always safe.
@@ -46,7 +53,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
     def serve() -> None:
         transport = connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=config.owner)
         try:
-            AggregatorService(transport, store, config).run(stop)
+            AggregatorService(transport, store, config, metrics=metrics).run(stop)
         finally:
             transport.close()
 

@@ -76,5 +76,9 @@ class Keys:
         return self._k("health", owner)
 
     @property
+    def refusals(self) -> str:  # hash: dead-letter reason -> how many updates were refused for it
+        return self._k("refusals")
+
+    @property
     def pins(self) -> str:  # hash of facts fixed by the first accepted update (base model, module shapes)
         return self._k("pins")

@@ -181,5 +181,13 @@ class RoundStore(abc.ABC):
         """Every live aggregator's latest health info, by owner."""
 
     @abc.abstractmethod
+    def count_refusal(self, reason: str) -> None:
+        """Count one message dead-lettered for `reason`, across every aggregator of the federation."""
+
+    @abc.abstractmethod
+    def refusals(self) -> dict[str, int]:
+        """How many messages were dead-lettered, by reason, since the federation began."""
+
+    @abc.abstractmethod
     def pin(self, name: str, value: str) -> str:
         """Set a federation fact if unset; returns the value in force (the first one set)."""

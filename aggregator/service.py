@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from aggregator.flexlora import ClientAdapter, RankRequest
 from aggregator.joining import join_release
 from aggregator.lowrank import SvdMode
+from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import (
     GLOBAL_RELEASE,
     Lease,
     Participant,
+    RecordedUpdate,
     RecordResult,
     RoundPolicy,
     RoundRecord,
@@ -98,6 +100,7 @@ class AggregatorService:
         *,
         clock: Callable[[], float] = time.time,
         on_commit: OnCommit | None = None,
+        metrics: AggregatorMetrics | None = None,
     ) -> None:
         self.transport = transport
         self.store = store
@@ -106,6 +109,7 @@ class AggregatorService:
         self.clock = clock
         self.on_commit = on_commit
         self.counters: collections.Counter[str] = collections.Counter()
+        self.metrics = metrics or AggregatorMetrics(config.federation)
         self._declared_clients: set[str] = set()
         self._last_republish = 0.0
         self.strategy, self.weighting = build_aggregation(config)
@@ -154,6 +158,12 @@ class AggregatorService:
                 "at": self.clock(),
                 "last_step": self._last_step,
                 "counters": dict(self.counters),
+                # For `flexlora status`: how full the open round is and when its deadline falls.
+                "policy": {
+                    "max_updates": self.config.policy.max_updates,
+                    "min_updates": self.config.policy.min_updates,
+                    "deadline_s": self.config.policy.deadline_s,
+                },
             },
             sort_keys=True,
         )
@@ -180,6 +190,7 @@ class AggregatorService:
             # A failed round (Redis away, a bug) must not take the process down: nothing was committed,
             # the lease runs out, and this or another aggregator tries the round again.
             self.counters["round_errors"] += 1
+            self.metrics.round_error()
             log.exception("finalising or publishing failed; will retry")
             if self.config.fail_fast:
                 raise
@@ -205,14 +216,15 @@ class AggregatorService:
                     f"claims base version {valid.header.base_version}, which has not been released", reason="version"
                 )
         except SchemaError as exc:
-            self.counters[f"refused:{exc.reason}"] += 1
             log.warning("dead-lettering update (%s): %s", exc.reason, exc.detail)
             delivery.dead_letter(exc.reason, exc.detail)
+            self._refused(exc.reason)
             return
         except Exception:
             # Not the message's fault (e.g. Redis is away): give it back for a later try. A message that
             # crashes every consumer reaches the queue's delivery limit and is dead-lettered by the broker.
             self.counters["requeued"] += 1
+            self.metrics.update("requeued")
             log.exception("could not record an update; requeueing it")
             delivery.requeue()
             if self.config.fail_fast:
@@ -220,7 +232,11 @@ class AggregatorService:
             time.sleep(min(1.0, self.config.poll_s * 5))
             return
         delivery.ack()
-        self.counters["accepted" if result is RecordResult.RECORDED else "duplicate"] += 1
+        outcome = "accepted" if result is RecordResult.RECORDED else "duplicate"
+        self.counters[outcome] += 1
+        self.metrics.update(outcome)
+        if result is RecordResult.RECORDED:
+            self.metrics.queue_lag(self.clock() - valid.header.created_at.timestamp())
         log.info(
             "%s update %s from %s (rank %d, base v%d)",
             result.value,
@@ -238,9 +254,9 @@ class AggregatorService:
                 raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
             release = join_release(self.store, request)
         except SchemaError as exc:
-            self.counters[f"refused:{exc.reason}"] += 1
             log.warning("dead-lettering join request (%s): %s", exc.reason, exc.detail)
             delivery.dead_letter(exc.reason, exc.detail)
+            self._refused(exc.reason)
             return
         if release is not None:
             self.send_adapter(release)
@@ -249,10 +265,21 @@ class AggregatorService:
             )
         delivery.ack()
         self.counters["joins"] += 1
+        self.metrics.joined()
+
+    def _refused(self, reason: str) -> None:
+        """Count a dead-lettered message here and, for `flexlora status`, in the store."""
+        self.counters[f"refused:{reason}"] += 1
+        self.metrics.refused(reason)
+        try:
+            self.store.count_refusal(reason)
+        except Exception:  # the message is dead-lettered already; a missed count must not stop the service
+            log.warning("could not count a refusal in the store", exc_info=True)
 
     # --- rounds ---------------------------------------------------------------------------------
     def maybe_finalise(self) -> RoundRecord | None:
         status = self.store.status()
+        self.metrics.open_round(status.round_id, status.count)
         if not self.config.policy.should_close(status, self.clock()):
             return None
         lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
@@ -284,7 +311,9 @@ class AggregatorService:
         if self.strategy.name == "flexlora":
             top = max(self.config.global_rank, *(r.rank for r in wanted.values()))
             wanted[GLOBAL_RELEASE] = RankRequest(top, 2.0 * top)
+        svd_started = time.perf_counter()
         result = self.strategy.aggregate(clients, weights, list(wanted.values()))
+        svd_seconds = time.perf_counter() - svd_started
         cuts = result.adapters
         version = lease.round_id + 1
         first = recorded[0].header
@@ -329,7 +358,7 @@ class AggregatorService:
             closed_at=now,
             aggregate_seconds=now - started,
             finalised_by=self.config.owner,
-            metrics=dict(result.info),
+            metrics={**result.info, **_train_loss(recorded, weights)},
         )
         if not self.store.commit(lease, len(recorded), releases, record, now):
             log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)
@@ -342,6 +371,9 @@ class AggregatorService:
             record.aggregate_seconds,
         )
         self.counters["rounds"] += 1
+        self.metrics.round_committed(
+            record.aggregate_seconds, svd_seconds, [p.staleness for p in participants], version
+        )
         self.publish_version(version)
         if self.config.keep_versions is not None:
             self.store.prune(before_version=version - self.config.keep_versions + 1)
@@ -357,6 +389,7 @@ class AggregatorService:
         for client_id, release in sorted(self.store.releases(version).items()):
             if client_id != GLOBAL_RELEASE:
                 self.send_adapter(release)
+                self.metrics.published()
         self.store.mark_published(version)
 
     def send_adapter(self, release: StoredRelease) -> None:
@@ -382,3 +415,15 @@ class AggregatorService:
                 self.publish_version(version)
             else:
                 self.store.mark_published(version)
+
+
+def _train_loss(recorded: list[RecordedUpdate], weights: list[float]) -> dict[str, float]:
+    """The participants' mean local training loss, with the round's own weights: the federation's score per
+    round in `flexlora status` and the history picture (absent when no participant reported one)."""
+    pairs = [
+        (w, u.header.train_loss) for u, w in zip(recorded, weights, strict=True) if u.header.train_loss is not None
+    ]
+    total = sum(w for w, _ in pairs)
+    if not pairs or total <= 0:
+        return {}
+    return {"train_loss": sum(w * loss for w, loss in pairs) / total}

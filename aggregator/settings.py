@@ -26,6 +26,7 @@ class AggregatorSettings(FlexloraSettings):
     staleness_exponent: float = Field(default=0.5, ge=0)
     max_staleness: int | None = Field(default=None, ge=0)
     keep_versions: int | None = Field(default=20, ge=1, description="versions whose updates stay in Redis")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

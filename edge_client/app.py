@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from prometheus_client import start_http_server
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_when_event_set, wait_exponential
 
@@ -17,6 +18,7 @@ from broker.transport import Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.data import task_examples
 from edge_client.datasets import load_jsonl
+from edge_client.metrics import ClientMetrics
 from edge_client.model import BaseModel, cache_dir, load_base_model, wrap_lora
 from edge_client.settings import ClientSettings
 from edge_client.tasks import Example
@@ -95,6 +97,7 @@ def run_resilient(
     rounds: int | None,
     stop: threading.Event,
     on_round: Callable[[RoundOutcome], None] | None = None,
+    on_reconnect: Callable[[], None] | None = None,
 ) -> int:
     """Run the worker through broker outages: on a lost connection, reconnect and carry on with the same
     state. An update that was in flight is re-sent with its id, so it is counted once, never lost."""
@@ -110,6 +113,8 @@ def run_resilient(
             except BrokerError:
                 log.debug("closing the dead transport failed", exc_info=True)
             worker.attach(reconnect())
+            if on_reconnect is not None:
+                on_reconnect()
 
 
 def run_client(
@@ -137,12 +142,17 @@ def run_client(
         disable=not progress,
     )
     epoch = bar.add_task("local epoch", total=settings.local_steps, loss="-")
+    metrics = ClientMetrics(settings.federation, settings.client_id, worker.config.rank)
+    if settings.metrics_port is not None:
+        server, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
+        log.info("metrics at http://0.0.0.0:%d/metrics", server.server_port)
 
     def on_step(step: int, loss: float) -> None:
         # One bar per local epoch (a round's local steps), restarted at its first step.
         if step == 0:
             bar.reset(epoch, total=settings.local_steps, description=f"round {worker.rounds_done + 1} local epoch")
         bar.update(epoch, advance=1, loss=f"{loss:.3f}")
+        metrics.step(step)
 
     def after_round(outcome: RoundOutcome) -> None:
         log.info(
@@ -153,6 +163,7 @@ def run_client(
             outcome.train.num_samples,
             outcome.release.version,
         )
+        metrics.round_done(outcome.train.mean_loss, outcome.release.version)
         if on_round is not None:
             on_round(outcome)
 
@@ -160,7 +171,12 @@ def run_client(
     try:
         with bar:
             return run_resilient(
-                worker, lambda: connect_with_retry(settings, stop), settings.rounds or None, stop, after_round
+                worker,
+                lambda: connect_with_retry(settings, stop),
+                settings.rounds or None,
+                stop,
+                after_round,
+                on_reconnect=metrics.reconnected,
             )
     finally:
         worker.close()

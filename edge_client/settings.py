@@ -34,6 +34,7 @@ class ClientSettings(FlexloraSettings):
     heartbeat_s: int = Field(default=30, ge=1)
     adapter_timeout_s: float = Field(default=3600.0, gt=0)
     state_dir: Path | None = Field(default=None, description="checkpoint folder (default: the cache)")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ClientSettings:

@@ -1,4 +1,4 @@
-"""`flexlora aggregator | client | demo`: each role imports only its own package, so devices need no server code."""
+"""The `flexlora` command: each role imports only its own package, so devices need no server code."""
 
 from __future__ import annotations
 
@@ -67,12 +67,13 @@ def aggregator(
     prefetch: Annotated[int | None, typer.Option(help="unacked updates held at once")] = None,
     strategy: Annotated[str | None, typer.Option(help="flexlora (default), fedit or hetlora")] = None,
     svd_mode: Annotated[
-        str | None, typer.Option(help="exact (default) or fast (certified top-r subspace iteration)")
+        str | None, typer.Option(help="exact (default) or fast (float32 products, certified top-r eigenpairs)")
     ] = None,
     weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
     staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
     keep_versions: Annotated[int | None, typer.Option(help="versions whose updates and adapters stay in Redis")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
@@ -101,6 +102,7 @@ def aggregator(
                 staleness_exponent=staleness_exponent,
                 max_staleness=max_staleness,
                 keep_versions=keep_versions,
+                metrics_port=metrics_port,
             )
         )
     except ValidationError as exc:
@@ -135,6 +137,7 @@ def client(
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     state_dir: Annotated[str | None, typer.Option(help="checkpoint folder (default: under the cache)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
     log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
@@ -163,6 +166,7 @@ def client(
                 rounds=rounds,
                 heartbeat_s=heartbeat_s,
                 state_dir=state_dir,
+                metrics_port=metrics_port,
             )
         )
     except ValidationError as exc:
@@ -279,6 +283,74 @@ def export(
         console.print(f"[red]cannot export:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"{path}: version {header.version}, rank {header.rank}, alpha {header.lora_alpha}")
+
+
+def _read_settings(broker_url: str | None, redis_url: str | None, federation: str | None) -> Any:
+    """Where a federation lives, from flags or FLEXLORA_* variables (the aggregator's names and defaults)."""
+    from aggregator.settings import AggregatorSettings
+
+    try:
+        return AggregatorSettings(**_given(broker_url=broker_url, redis_url=redis_url, federation=federation))
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+
+
+@app.command()
+def status(
+    federation: Annotated[str | None, typer.Option(help="namespace of queues and Redis keys")] = None,
+    broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+    rounds: Annotated[int, typer.Option(help="how many of the last rounds to show")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document instead of tables")] = False,
+) -> None:
+    """Current version, the open round's fill and deadline, live aggregators, queue depths, dead letters by
+    reason and the last rounds' scores."""
+    import time
+
+    from aggregator.status import collect, render
+    from aggregator.stores.redis import RedisRoundStore
+    from broker.connect import connect
+    from broker.errors import BrokerError
+
+    settings = _read_settings(broker_url, redis_url, federation)
+    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    try:
+        transport = connect(settings.broker_url, connection_name="flexlora-status")
+    except BrokerError as exc:
+        console.print(f"[yellow]broker unreachable, queue depths left out:[/] {exc}", highlight=False)
+        transport = None
+    try:
+        now = time.time()
+        report = collect(store, transport, settings.federation, now, last_rounds=rounds)
+    finally:
+        if transport is not None:
+            transport.close()
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        render(report, Console(), now)
+
+
+@app.command()
+def history(
+    out: Annotated[str, typer.Option(help="PNG file to write")] = "flexlora-history.png",
+    federation: Annotated[str | None, typer.Option(help="namespace of queues and Redis keys")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+) -> None:
+    """Plot the stored round history: score (mean training loss), updates and rank mix per round."""
+    from pathlib import Path
+
+    from aggregator.history_plot import plot_history
+    from aggregator.stores.redis import RedisRoundStore
+
+    settings = _read_settings(None, redis_url, federation)
+    records = RedisRoundStore.from_url(settings.redis_url, settings.federation).history()
+    try:
+        path = plot_history(records, Path(out), f"federation {settings.federation}")
+    except ValueError as exc:
+        console.print(f"[red]nothing to plot:[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from exc
+    typer.echo(f"{path}: {len(records)} rounds")
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ KNOWN_NAMES = frozenset(
         "broker_url",
         "federation",
         "heartbeat_s",
+        "metrics_port",
         # aggregator
         "redis_url",
         "max_updates",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -34,6 +35,7 @@ class MemoryRoundStore(RoundStore):
         self._unpublished: set[int] = set()
         self._history: list[RoundRecord] = []
         self._pins: dict[str, str] = {}
+        self._refusals: collections.Counter[str] = collections.Counter()
         self._publish_claims: dict[int, float] = {}  # version -> claim expiry (monotonic)
         self._health: dict[str, tuple[str, float]] = {}  # owner -> (info, expiry)
 
@@ -151,6 +153,14 @@ class MemoryRoundStore(RoundStore):
     def history(self) -> list[RoundRecord]:
         with self._lock:
             return list(self._history)
+
+    def count_refusal(self, reason: str) -> None:
+        with self._lock:
+            self._refusals[reason] += 1
+
+    def refusals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self._refusals.items()))
 
     def pin(self, name: str, value: str) -> str:
         with self._lock:

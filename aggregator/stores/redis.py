@@ -263,6 +263,13 @@ class RedisRoundStore(RoundStore):
     def history(self) -> list[RoundRecord]:
         return [RoundRecord.model_validate_json(v) for v in cast(list[bytes], self.r.lrange(self.keys.history, 0, -1))]
 
+    def count_refusal(self, reason: str) -> None:
+        self.r.hincrby(self.keys.refusals, reason, 1)
+
+    def refusals(self) -> dict[str, int]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.keys.refusals))
+        return {k.decode(): int(v) for k, v in sorted(raw.items())}
+
     def pin(self, name: str, value: str) -> str:
         self.r.hsetnx(self.keys.pins, name, value)
         return cast(bytes, self.r.hget(self.keys.pins, name)).decode()

@@ -153,6 +153,13 @@ def test_pin_keeps_the_first_value(store: RoundStore) -> None:
     assert store.pin("fingerprint", "bbb") == "aaa"
 
 
+def test_refusals_are_counted_by_reason_across_aggregators(store: RoundStore) -> None:
+    assert store.refusals() == {}
+    for reason in ("schema", "stale", "schema"):
+        store.count_refusal(reason)
+    assert store.refusals() == {"schema": 2, "stale": 1}
+
+
 def test_concurrent_recorders_count_each_update_once(store: RoundStore) -> None:
     ids = [f"update-{i:04d}" for i in range(60)]
     results: list[RecordResult] = []

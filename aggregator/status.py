@@ -1,0 +1,171 @@
+"""`flexlora status`: a federation's state gathered from Redis and RabbitMQ, as data and as a terminal view."""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.rounds import RoundRecord, RoundStore
+from broker.errors import BrokerError
+from broker.topology import Topology
+from broker.transport import Transport
+
+
+@dataclass(frozen=True)
+class LiveAggregator:
+    owner: str
+    host: str
+    pid: int
+    seen_s_ago: float  # since its last health write
+    busy_s: float  # since its last completed step (large while a long SVD runs)
+    counters: dict[str, int]
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    round_id: int
+    updates: int
+    max_updates: int | None  # from a live aggregator's policy; None when none is alive
+    opened_at: float | None
+    deadline_at: float | None  # when the deadline policy closes it (once min_updates are in)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    version: int
+    participants: int
+    rank_mix: dict[int, int]  # rank -> how many participants trained at it
+    train_loss: float | None  # the participants' weighted mean local training loss
+    aggregate_seconds: float
+    closed_at: float
+    max_staleness: int
+
+
+@dataclass(frozen=True)
+class FederationStatus:
+    federation: str
+    version: int
+    open_round: OpenRound
+    aggregators: list[LiveAggregator]
+    queues: dict[str, int | None]  # ready messages by queue; None where the queue does not exist yet
+    refusals: dict[str, int]
+    rounds: list[RoundSummary] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def summarise(record: RoundRecord) -> RoundSummary:
+    ranks = collections.Counter(p.rank for p in record.participants)
+    return RoundSummary(
+        version=record.version,
+        participants=len(record.participants),
+        rank_mix=dict(sorted(ranks.items())),
+        train_loss=record.metrics.get("train_loss"),
+        aggregate_seconds=record.aggregate_seconds,
+        closed_at=record.closed_at,
+        max_staleness=max((p.staleness for p in record.participants), default=0),
+    )
+
+
+def _depth(transport: Transport, queue: str) -> int | None:
+    try:
+        return transport.queue_depth(queue)
+    except BrokerError:  # not declared yet: nothing has run in this federation
+        return None
+
+
+def collect(
+    store: RoundStore, transport: Transport | None, federation: str, now: float, last_rounds: int = 5
+) -> FederationStatus:
+    """Read everything `flexlora status` shows; `transport` None skips the queue depths."""
+    live = []
+    policies: list[dict[str, Any]] = []
+    for owner, raw in sorted(store.health().items()):
+        info = json.loads(raw)
+        policies.append(info.get("policy") or {})
+        live.append(
+            LiveAggregator(
+                owner=owner,
+                host=str(info.get("host", "?")),
+                pid=int(info.get("pid", 0)),
+                seen_s_ago=now - float(info.get("at", now)),
+                busy_s=now - float(info.get("last_step", now)),
+                counters={str(k): int(v) for k, v in (info.get("counters") or {}).items()},
+            )
+        )
+    status = store.status()
+    policy = policies[0] if policies else {}
+    deadline = policy.get("deadline_s")
+    topology = Topology(federation)
+    queues: dict[str, int | None] = {}
+    if transport is not None:
+        queues = {
+            "updates": _depth(transport, topology.updates_queue),
+            "dead-letter": _depth(transport, topology.dead_letter_queue),
+        }
+    return FederationStatus(
+        federation=federation,
+        version=store.version(),
+        open_round=OpenRound(
+            round_id=status.round_id,
+            updates=status.count,
+            max_updates=policy.get("max_updates"),
+            opened_at=status.opened_at,
+            deadline_at=None if deadline is None or status.opened_at is None else status.opened_at + float(deadline),
+        ),
+        aggregators=live,
+        queues=queues,
+        refusals=store.refusals(),
+        rounds=[summarise(r) for r in store.history()[-last_rounds:]] if last_rounds > 0 else [],
+    )
+
+
+def render(status: FederationStatus, console: Console, now: float) -> None:
+    """The terminal view: one line on the open round, then tables of aggregators, queues and rounds."""
+    r = status.open_round
+    fill = f"{r.updates}/{r.max_updates}" if r.max_updates else f"{r.updates}"
+    deadline = "" if r.deadline_at is None else f", deadline in {max(0.0, r.deadline_at - now):.0f} s"
+    console.print(
+        f"[bold]{status.federation}[/]: global version [bold]{status.version}[/] · open round {r.round_id} "
+        f"holds {fill} updates{deadline}"
+    )
+    agg = Table(title=f"{len(status.aggregators)} live aggregator(s)", title_justify="left")
+    for column in ("owner", "seen", "busy", "accepted", "refused", "rounds"):
+        agg.add_column(column)
+    for a in status.aggregators:
+        refused = sum(v for k, v in a.counters.items() if k.startswith("refused:"))
+        agg.add_row(
+            a.owner,
+            f"{a.seen_s_ago:.0f} s ago",
+            f"{a.busy_s:.0f} s",
+            str(a.counters.get("accepted", 0)),
+            str(refused),
+            str(a.counters.get("rounds", 0)),
+        )
+    console.print(agg)
+    if status.queues:
+        console.print(
+            "queues: " + " · ".join(f"{name} {'-' if n is None else n} ready" for name, n in status.queues.items()),
+            highlight=False,
+        )
+    refusals = ", ".join(f"{reason} {n}" for reason, n in status.refusals.items()) or "none"
+    console.print(f"dead-lettered by reason: {refusals}", highlight=False)
+    rounds = Table(title=f"last {len(status.rounds)} round(s)", title_justify="left")
+    for column in ("version", "updates", "ranks", "train loss", "max staleness", "aggregate s"):
+        rounds.add_column(column, justify="right")
+    for s in status.rounds:
+        rounds.add_row(
+            str(s.version),
+            str(s.participants),
+            " ".join(f"{rank}×{n}" for rank, n in s.rank_mix.items()),
+            "-" if s.train_loss is None else f"{s.train_loss:.3f}",
+            str(s.max_staleness),
+            f"{s.aggregate_seconds:.2f}",
+        )
+    console.print(rounds)

@@ -1,0 +1,128 @@
+"""Metrics, `flexlora status` and the history picture, against a federation running over RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from aggregator.stores.redis import RedisRoundStore
+from broker.connect import connect
+from broker.topology import UPDATE_ROUTING_KEY, Topology
+from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
+from flexlora.cli import app
+from schemas.messages import HEADER_KEY
+from tests.conftest import AMQP_URL, REDIS_URL
+from tests.e2e.procs import aggregators, wait_for
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+SMALL = SyntheticShape(layers=2)
+
+
+@pytest.fixture
+def store(federation: str) -> Iterator[RedisRoundStore]:
+    s = RedisRoundStore.from_url(REDIS_URL, federation)
+    yield s
+    s.wipe()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Every sample of the endpoint, keyed like `name{label="value",...}` with labels sorted."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = float(sample.value)
+    return samples
+
+
+def _serving(port: int) -> bool:
+    try:
+        _scrape(port)
+    except OSError:
+        return False
+    return True
+
+
+def test_metrics_status_and_history_of_a_running_federation(
+    federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
+    port = _free_port()
+    fed = f'federation="{federation}"'
+    topology = Topology(federation)
+    runner = CliRunner()
+    where = ["--federation", federation, "--broker-url", AMQP_URL, "--redis-url", REDIS_URL]
+    with aggregators(federation, tmp_path, "--max-updates", "2", "--metrics-port", str(port)) as group:
+        group.start(1)
+        wait_for(lambda: _serving(port), timeout=60, what="the aggregator's metrics endpoint")
+        before = _scrape(port)
+        assert before.get(f'flexlora_updates_total{{{fed},outcome="accepted"}}', 0.0) == 0.0
+        with connect(AMQP_URL) as transport:
+            transport.declare(topology.core())
+            for round_id, ranks in enumerate([(4, 8), (8, 16)]):
+                for i, rank in enumerate(ranks):
+                    header, payload = synthetic_update(
+                        federation, f"c{i}", rank, store.version(), shape=SMALL, seed=10 * round_id + i
+                    )
+                    header = header.model_copy(update={"train_loss": 2.0 - round_id})
+                    publish_update(transport, topology, header, payload)
+                target = round_id + 1
+                wait_for(lambda: store.version() == target, timeout=60, what=f"version {target}")
+            # Not a header at all: dead-lettered with reason "schema", and the aggregator carries on.
+            transport.publish(topology.updates_exchange, UPDATE_ROUTING_KEY, b"junk", {HEADER_KEY: "not json"})
+            wait_for(lambda: store.refusals() == {"schema": 1}, timeout=30, what="the refusal counted")
+
+        after = _scrape(port)
+        assert after[f'flexlora_updates_total{{{fed},outcome="accepted"}}'] == 4
+        assert after[f'flexlora_refused_total{{{fed},reason="schema"}}'] == 1
+        assert after[f"flexlora_rounds_total{{{fed}}}"] == 2
+        assert after[f"flexlora_global_version{{{fed}}}"] == 2
+        assert after[f"flexlora_svd_seconds_count{{{fed}}}"] == 2
+        assert after[f"flexlora_update_staleness_versions_count{{{fed}}}"] == 4
+        assert after[f"flexlora_adapters_published_total{{{fed}}}"] == 4
+
+        result = runner.invoke(app, ["status", *where, "--json"])
+        assert result.exit_code == 0, result.output
+        status = json.loads(result.stdout)
+        assert status["version"] == 2
+        assert status["open_round"] == {
+            "round_id": 2,
+            "updates": 0,
+            "max_updates": 2,
+            "opened_at": None,
+            "deadline_at": None,
+        }
+        assert [a["pid"] for a in status["aggregators"]] == [group.procs[0].pid]
+        assert status["queues"] == {"updates": 0, "dead-letter": 1}
+        assert status["refusals"] == {"schema": 1}
+        assert [(r["version"], r["participants"], r["rank_mix"]) for r in status["rounds"]] == [
+            (1, 2, {"4": 1, "8": 1}),
+            (2, 2, {"8": 1, "16": 1}),
+        ]
+        assert [r["train_loss"] for r in status["rounds"]] == pytest.approx([2.0, 1.0])
+
+        tables = runner.invoke(app, ["status", *where])
+        assert tables.exit_code == 0, tables.output
+        assert "global version 2" in tables.stdout
+        assert "schema 1" in tables.stdout
+
+    picture = tmp_path / "history.png"
+    result = runner.invoke(
+        app, ["history", "--out", str(picture), "--federation", federation, "--redis-url", REDIS_URL]
+    )
+    assert result.exit_code == 0, result.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
