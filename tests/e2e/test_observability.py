@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +129,35 @@ def test_metrics_status_and_history_of_a_running_federation(
     )
     assert result.exit_code == 0, result.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_metrics_move_while_it_federates(
+    federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
+    amqp_cleanup.append(Topology(federation).adapter_queue("dev1"))
+    port = _free_port()
+    labels = f'client="dev1",federation="{federation}"'
+    env = {**os.environ, "FLEXLORA_BROKER_URL": AMQP_URL}
+    cmd = [sys.executable, "-m", "flexlora.cli", "client", "--federation", federation, "--client-id", "dev1"]
+    cmd += ["--model", "tiny", "--rank", "4", "--local-steps", "3", "--batch-size", "4", "--samples-per-task", "8"]
+    cmd += ["--state-dir", str(tmp_path / "state"), "--metrics-port", str(port), "--log-format", "json"]
+    with aggregators(federation, tmp_path, "--max-updates", "1") as group:
+        group.start(1)
+        with (tmp_path / "client.log").open("wb") as log:
+            client = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_for(lambda: _serving(port), timeout=60, what="the client's metrics endpoint")
+                assert _scrape(port)[f"flexlora_client_rank{{{labels}}}"] == 4
+
+                def rounds_done() -> float:
+                    return _scrape(port).get(f"flexlora_client_rounds_total{{{labels}}}", 0.0)
+
+                wait_for(lambda: rounds_done() >= 2, timeout=120, what="two rounds on the client")
+                metrics = _scrape(port)
+                assert metrics[f"flexlora_client_global_version{{{labels}}}"] >= 2
+                assert metrics[f"flexlora_client_train_step_seconds_count{{{labels}}}"] >= 4  # 2 timed steps a round
+                assert metrics[f"flexlora_client_train_loss{{{labels}}}"] > 0
+            finally:
+                client.terminate()
+                client.wait(timeout=30)
+    assert store.version() >= 2
