@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +61,10 @@ def _serving(port: int) -> bool:
     return True
 
 
+def _at_version(store: RedisRoundStore, version: int) -> Callable[[], bool]:
+    return lambda: store.version() == version
+
+
 def test_metrics_status_and_history_of_a_running_federation(
     federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
 ) -> None:
@@ -83,8 +87,7 @@ def test_metrics_status_and_history_of_a_running_federation(
                     )
                     header = header.model_copy(update={"train_loss": 2.0 - round_id})
                     publish_update(transport, topology, header, payload)
-                target = round_id + 1
-                wait_for(lambda: store.version() == target, timeout=60, what=f"version {target}")
+                wait_for(_at_version(store, round_id + 1), timeout=60, what=f"version {round_id + 1}")
             # Not a header at all: dead-lettered with reason "schema", and the aggregator carries on.
             transport.publish(topology.updates_exchange, UPDATE_ROUTING_KEY, b"junk", {HEADER_KEY: "not json"})
             wait_for(lambda: store.refusals() == {"schema": 1}, timeout=30, what="the refusal counted")
