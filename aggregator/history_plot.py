@@ -13,9 +13,9 @@ from aggregator.status import summarise
 
 
 def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
-    """Write a three-panel PNG: the participants' mean training loss per round (the score the history
-    stores), updates per round, and how many of them trained at each rank. Raises ValueError when there
-    are no rounds yet."""
+    """Write a three-panel PNG: the scores the participants reported (held-out ROUGE-L of the version they
+    trained from, mean training loss), updates per round, and how many of them trained at each rank.
+    Raises ValueError when there are no rounds yet."""
     if not records:
         raise ValueError("no committed rounds yet: nothing to plot")
     rounds = [summarise(r) for r in records]
@@ -25,12 +25,19 @@ def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
     score, counts, mix = fig.subplots(3, 1, sharex=True)
     fig.suptitle(title)
 
-    scored = [(s.version, s.train_loss) for s in rounds if s.train_loss is not None]
-    if scored:
-        score.plot([v for v, _ in scored], [loss for _, loss in scored], marker="o")
-    else:
-        score.text(0.5, 0.5, "no participant reported a training loss", ha="center", transform=score.transAxes)
-    score.set_ylabel("mean train loss\n(lower is better)")
+    # Held-out ROUGE-L (higher is better) where clients report it, the training loss on a second axis.
+    rouge = [(s.version, s.eval_score) for s in rounds if s.eval_score is not None]
+    losses = [(s.version, s.train_loss) for s in rounds if s.train_loss is not None]
+    if rouge:
+        # Each round's participants scored the version they trained from, so it belongs one version back.
+        score.plot([v - 1 for v, _ in rouge], [r for _, r in rouge], marker="o", color="tab:blue")
+        score.set_ylabel("clients' held-out\nROUGE-L", color="tab:blue")
+    if losses:
+        axis = score.twinx() if rouge else score
+        axis.plot([v for v, _ in losses], [x for _, x in losses], marker=".", color="tab:red")
+        axis.set_ylabel("mean train loss", color="tab:red")
+    if not rouge and not losses:
+        score.text(0.5, 0.5, "no participant reported a score", ha="center", transform=score.transAxes)
     score.grid(alpha=0.3)
 
     counts.bar(versions, [s.participants for s in rounds], color="tab:gray")

@@ -358,7 +358,7 @@ class AggregatorService:
             closed_at=now,
             aggregate_seconds=now - started,
             finalised_by=self.config.owner,
-            metrics={**result.info, **_train_loss(recorded, weights)},
+            metrics={**result.info, **_participant_means(recorded, weights)},
         )
         if not self.store.commit(lease, len(recorded), releases, record, now):
             log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)
@@ -417,13 +417,15 @@ class AggregatorService:
                 self.store.mark_published(version)
 
 
-def _train_loss(recorded: list[RecordedUpdate], weights: list[float]) -> dict[str, float]:
-    """The participants' mean local training loss, with the round's own weights: the federation's score per
-    round in `flexlora status` and the history picture (absent when no participant reported one)."""
-    pairs = [
-        (w, u.header.train_loss) for u, w in zip(recorded, weights, strict=True) if u.header.train_loss is not None
-    ]
-    total = sum(w for w, _ in pairs)
-    if not pairs or total <= 0:
-        return {}
-    return {"train_loss": sum(w * loss for w, loss in pairs) / total}
+def _participant_means(recorded: list[RecordedUpdate], weights: list[float]) -> dict[str, float]:
+    """What the participants reported, averaged with the round's own weights: their local training loss and
+    their held-out ROUGE-L of the version they trained from (the scores `flexlora status` and the history
+    picture show). A figure no participant reported is left out."""
+    out = {}
+    for name in ("train_loss", "eval_score"):
+        known = [(w, getattr(u.header, name)) for u, w in zip(recorded, weights, strict=True)]
+        known = [(w, v) for w, v in known if v is not None]
+        total = sum(w for w, _ in known)
+        if known and total > 0:
+            out[name] = sum(w * v for w, v in known) / total
+    return out

@@ -41,6 +41,7 @@ class RoundSummary:
     participants: int
     rank_mix: dict[int, int]  # rank -> how many participants trained at it
     train_loss: float | None  # the participants' weighted mean local training loss
+    eval_score: float | None  # their weighted mean held-out ROUGE-L of the version they trained from
     aggregate_seconds: float
     closed_at: float
     max_staleness: int
@@ -67,6 +68,7 @@ def summarise(record: RoundRecord) -> RoundSummary:
         participants=len(record.participants),
         rank_mix=dict(sorted(ranks.items())),
         train_loss=record.metrics.get("train_loss"),
+        eval_score=record.metrics.get("eval_score"),
         aggregate_seconds=record.aggregate_seconds,
         closed_at=record.closed_at,
         max_staleness=max((p.staleness for p in record.participants), default=0),
@@ -157,13 +159,14 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
     refusals = ", ".join(f"{reason} {n}" for reason, n in status.refusals.items()) or "none"
     console.print(f"dead-lettered by reason: {refusals}", highlight=False)
     rounds = Table(title=f"last {len(status.rounds)} round(s)", title_justify="left")
-    for column in ("version", "updates", "ranks", "train loss", "max staleness", "aggregate s"):
+    for column in ("version", "updates", "ranks", "held-out ROUGE-L", "train loss", "max staleness", "aggregate s"):
         rounds.add_column(column, justify="right")
     for s in status.rounds:
         rounds.add_row(
             str(s.version),
             str(s.participants),
             " ".join(f"{rank}×{n}" for rank, n in s.rank_mix.items()),
+            "-" if s.eval_score is None else f"{s.eval_score:.3f}",
             "-" if s.train_loss is None else f"{s.train_loss:.3f}",
             str(s.max_staleness),
             f"{s.aggregate_seconds:.2f}",

@@ -17,7 +17,7 @@ from broker.errors import BrokerError, ConnectionLost, DeliveryGone
 from broker.transport import Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.data import task_examples
-from edge_client.datasets import load_jsonl
+from edge_client.datasets import DataError, load_jsonl
 from edge_client.metrics import ClientMetrics
 from edge_client.model import BaseModel, cache_dir, load_base_model, wrap_lora
 from edge_client.settings import ClientSettings
@@ -55,6 +55,7 @@ def build_worker(
             learning_rate=settings.learning_rate,
             seed=settings.seed,
         ),
+        held_out=held_out_examples(settings),
     )
     config = EdgeConfig(
         federation=settings.federation,
@@ -69,10 +70,30 @@ def build_worker(
 
 
 def load_examples(settings: ClientSettings) -> list[Example]:
-    """The device's local data: its JSONL file, or built-in tasks. A malformed or empty file raises DataError."""
+    """The device's training data: its JSONL file (less the held-out tail), or built-in tasks. A malformed
+    file, or one with nothing left to train on, raises DataError."""
     if settings.data is not None:
-        return load_jsonl(settings.data)
+        records = load_jsonl(settings.data)
+        if settings.eval_examples and len(records) <= settings.eval_examples:
+            raise DataError(
+                settings.data,
+                f"{len(records)} records, but eval_examples={settings.eval_examples} are held out for scoring: "
+                "nothing would be left to train on",
+            )
+        return records[: len(records) - settings.eval_examples]
     return task_examples(settings.task_list, settings.samples_per_task, settings.seed)
+
+
+def held_out_examples(settings: ClientSettings) -> list[Example]:
+    """What the device scores each round's starting adapter on: the last `eval_examples` records of its
+    JSONL file, or as many fresh examples of its built-in tasks (another seed than its training data)."""
+    if settings.eval_examples == 0:
+        return []
+    if settings.data is not None:
+        return load_jsonl(settings.data)[-settings.eval_examples :]
+    tasks = settings.task_list
+    per_task = -(-settings.eval_examples // len(tasks))
+    return task_examples(tasks, per_task, settings.seed + 10_000)[: settings.eval_examples]
 
 
 def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Transport:
@@ -163,7 +184,7 @@ def run_client(
             outcome.train.num_samples,
             outcome.release.version,
         )
-        metrics.round_done(outcome.train.mean_loss, outcome.release.version)
+        metrics.round_done(outcome.train.mean_loss, outcome.release.version, outcome.train.start_score)
         if on_round is not None:
             on_round(outcome)
 

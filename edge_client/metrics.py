@@ -28,6 +28,12 @@ class ClientMetrics:
             "flexlora_client_train_loss", "Mean training loss of the last local epoch", names, registry=r
         )
         self._version = Gauge("flexlora_client_global_version", "Global version of the adapter held", names, registry=r)
+        self._score = Gauge(
+            "flexlora_client_eval_score",
+            "ROUGE-L on held-out examples of the adapter the last round started from",
+            names,
+            registry=r,
+        )
         self._reconnects = Counter(
             "flexlora_client_reconnects", "Broker connections lost and re-made", names, registry=r
         )
@@ -42,8 +48,10 @@ class ClientMetrics:
             self._steps.labels(*self._labels).observe(now - self._last_step)
         self._last_step = now
 
-    def round_done(self, mean_loss: float, version: int) -> None:
+    def round_done(self, mean_loss: float, version: int, start_score: float | None = None) -> None:
         self._rounds.labels(*self._labels).inc()
+        if start_score is not None:
+            self._score.labels(*self._labels).set(start_score)
         self._loss.labels(*self._labels).set(mean_loss)
         self._version.labels(*self._labels).set(version)
 

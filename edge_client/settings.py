@@ -35,6 +35,9 @@ class ClientSettings(FlexloraSettings):
     adapter_timeout_s: float = Field(default=3600.0, gt=0)
     state_dir: Path | None = Field(default=None, description="checkpoint folder (default: the cache)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
+    eval_examples: int = Field(
+        default=0, ge=0, description="held-out examples scored (ROUGE-L) each round and reported; 0 = off"
+    )
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ClientSettings:

@@ -33,17 +33,26 @@ class TrainResult:
     mean_loss: float
     steps: int
     num_samples: int
+    # ROUGE-L on the device's held-out examples of the adapter this epoch started from (the global
+    # version received), or None when the device holds none out.
+    start_score: float | None = None
 
 
 class LocalTrainer:
     """Trains only the LoRA factors of a PeftModel on the device's own examples."""
 
     def __init__(
-        self, model: PeftModel, tokenizer: TextTokenizer, examples: Sequence[Example], config: TrainConfig
+        self,
+        model: PeftModel,
+        tokenizer: TextTokenizer,
+        examples: Sequence[Example],
+        config: TrainConfig,
+        held_out: Sequence[Example] = (),
     ) -> None:
         if not examples:
             raise ValueError("a client needs at least one training example")
         self.model = model
+        self.held_out = list(held_out)
         self.tokenizer = tokenizer
         self.config = config
         self.encoded: list[Encoded] = [encode(tokenizer, ex, config.max_length) for ex in examples]
@@ -59,6 +68,7 @@ class LocalTrainer:
     def train(self) -> TrainResult:
         """One local epoch of `local_steps` steps from the current adapter; a fresh optimiser each time,
         since the factors were just replaced by the aggregator's and old moments no longer apply."""
+        start_score = score(self.model, self.tokenizer, self.held_out) if self.held_out else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=0.0)
         self.model.train()
@@ -76,7 +86,7 @@ class LocalTrainer:
             if self.on_step is not None:
                 self.on_step(step, losses[-1])
         self.model.eval()
-        return TrainResult(sum(losses) / len(losses), len(losses), self.num_samples)
+        return TrainResult(sum(losses) / len(losses), len(losses), self.num_samples, start_score)
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)

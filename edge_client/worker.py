@@ -186,6 +186,7 @@ class EdgeWorker:
             base_model_fingerprint=self.config.base_model_fingerprint,
             payload=info,
             train_loss=result.mean_loss,
+            eval_score=result.start_score,
         )
         return update, data
 

@@ -137,6 +137,9 @@ def client(
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     state_dir: Annotated[str | None, typer.Option(help="checkpoint folder (default: under the cache)")] = None,
+    eval_examples: Annotated[
+        int | None, typer.Option(help="held-out examples scored (ROUGE-L) each round and reported (0 = off)")
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
     log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
@@ -166,6 +169,7 @@ def client(
                 rounds=rounds,
                 heartbeat_s=heartbeat_s,
                 state_dir=state_dir,
+                eval_examples=eval_examples,
                 metrics_port=metrics_port,
             )
         )

@@ -52,6 +52,8 @@ class LoraUpdate(_Strict):
     base_model_fingerprint: Sha256
     payload: PayloadInfo
     train_loss: float | None = Field(default=None, allow_inf_nan=False)
+    # ROUGE-L of global version `base_version` on the client's own held-out examples (None: not measured).
+    eval_score: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @model_validator(mode="after")

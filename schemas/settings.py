@@ -54,6 +54,7 @@ KNOWN_NAMES = frozenset(
         "rounds",
         "adapter_timeout_s",
         "state_dir",
+        "eval_examples",
         # read directly: the model cache, and the test suite's service addresses
         "cache",
         "test_amqp_url",

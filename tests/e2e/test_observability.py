@@ -85,7 +85,9 @@ def test_metrics_status_and_history_of_a_running_federation(
                     header, payload = synthetic_update(
                         federation, f"c{i}", rank, store.version(), shape=SMALL, seed=10 * round_id + i
                     )
-                    header = header.model_copy(update={"train_loss": 2.0 - round_id})
+                    header = header.model_copy(
+                        update={"train_loss": 2.0 - round_id, "eval_score": 0.2 + 0.4 * round_id}
+                    )
                     publish_update(transport, topology, header, payload)
                 wait_for(_at_version(store, round_id + 1), timeout=60, what=f"version {round_id + 1}")
             # Not a header at all: dead-lettered with reason "schema", and the aggregator carries on.
@@ -120,6 +122,7 @@ def test_metrics_status_and_history_of_a_running_federation(
             (2, 2, {"8": 1, "16": 1}),
         ]
         assert [r["train_loss"] for r in status["rounds"]] == pytest.approx([2.0, 1.0])
+        assert [r["eval_score"] for r in status["rounds"]] == pytest.approx([0.2, 0.6])
 
         tables = runner.invoke(app, ["status", *where])
         assert tables.exit_code == 0, tables.output
@@ -144,6 +147,7 @@ def test_client_metrics_move_while_it_federates(
     cmd = [sys.executable, "-m", "flexlora.cli", "client", "--federation", federation, "--client-id", "dev1"]
     cmd += ["--model", "tiny", "--rank", "4", "--local-steps", "3", "--batch-size", "4", "--samples-per-task", "8"]
     cmd += ["--state-dir", str(tmp_path / "state"), "--metrics-port", str(port), "--log-format", "json"]
+    cmd += ["--eval-examples", "2"]
     with aggregators(federation, tmp_path, "--max-updates", "1") as group:
         group.start(1)
         with (tmp_path / "client.log").open("wb") as log:
@@ -160,7 +164,11 @@ def test_client_metrics_move_while_it_federates(
                 assert metrics[f"flexlora_client_global_version{{{labels}}}"] >= 2
                 assert metrics[f"flexlora_client_train_step_seconds_count{{{labels}}}"] >= 4  # 2 timed steps a round
                 assert metrics[f"flexlora_client_train_loss{{{labels}}}"] > 0
+                assert 0.0 <= metrics[f"flexlora_client_eval_score{{{labels}}}"] <= 1.0
             finally:
                 client.terminate()
                 client.wait(timeout=30)
     assert store.version() >= 2
+    assert all(0.0 <= r.metrics["eval_score"] <= 1.0 for r in store.history()), (
+        "the client's scores reached the history"
+    )
