@@ -52,7 +52,7 @@ class TopSVD:
     U: torch.Tensor  # (M, d_out, k)
     S: torch.Tensor  # (M, k)
     Vh: torch.Tensor  # (M, k, d_in)
-    paths: list[str]  # per module: dense | factored | factored-qr | fast | fast→exact
+    paths: list[str]  # per module: dense | dense-eigh | factored | factored-qr | fast | fast→factored[-qr]
     excess: list[float]  # per module: max over certified ranks of err_r / err_opt − 1 (0 when exact)
 
 
