@@ -9,8 +9,9 @@ import threading
 from prometheus_client import start_http_server
 from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
 
+from aggregator.config import AggregatorConfig
 from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect

@@ -9,13 +9,11 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from aggregator.config import AggregatorConfig, build_aggregation
 from aggregator.flexlora import ClientAdapter, RankRequest
 from aggregator.joining import join_release
-from aggregator.lowrank import SvdMode
 from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import (
     GLOBAL_RELEASE,
@@ -23,12 +21,11 @@ from aggregator.rounds import (
     Participant,
     RecordedUpdate,
     RecordResult,
-    RoundPolicy,
     RoundRecord,
     RoundStore,
     StoredRelease,
 )
-from aggregator.strategies import ClientMeta, Strategy, Weighting, get_strategy, get_weighting
+from aggregator.strategies import ClientMeta
 from aggregator.validation import validate_update
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, Topology
@@ -39,51 +36,6 @@ from schemas.messages import HEADER_KEY, AdapterRelease, parse_join
 from schemas.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
-
-
-def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-@dataclass(frozen=True)
-class AggregatorConfig:
-    federation: str
-    policy: RoundPolicy = field(default_factory=RoundPolicy)
-    lease_s: float = 120.0
-    prefetch: int = 8
-    poll_s: float = 0.2
-    republish_every_s: float = 10.0
-    owner: str = field(default_factory=default_owner)
-    strategy: str = "flexlora"
-    svd_mode: SvdMode = "exact"
-    weighting: str = "data_size"
-    staleness_exponent: float = 0.5
-    # Updates trained from a version more than this many rounds old are dead-lettered ("stale").
-    max_staleness: int | None = None
-    health_every_s: float = 5.0
-    # The global adapter is also cut (and stored) at this rank, so a joining client of any rank up to it
-    # gets an exact cut of the newest ΔW at once (FlexLoRA only: its cuts nest).
-    global_rank: int = 64
-    # Update payloads and releases of versions older than this many are dropped from the store (history,
-    # update ids and membership stay); None keeps everything.
-    keep_versions: int | None = 20
-    # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
-    # should fail loudly rather than loop through redeliveries.
-    fail_fast: bool = False
-
-
-def build_aggregation(config: AggregatorConfig) -> tuple[Strategy, Weighting]:
-    """The federation's strategy and weighting; refused at start-up, not at the first round, when unusable."""
-    options: dict[str, object] = {"mode": config.svd_mode} if config.strategy == "flexlora" else {}
-    strategy = get_strategy(config.strategy, **options)
-    if strategy.name == "flora":
-        # FLoRA clients must merge each release into their base weights, which changes the base-model
-        # fingerprint every round; the service's pinned-base check does not model that yet.
-        raise ValueError("the flora strategy is offline-only for now: use `flexlora aggregate --strategy flora`")
-    weighting_options: dict[str, object] = (
-        {"exponent": config.staleness_exponent} if config.weighting == "staleness" else {}
-    )
-    return strategy, get_weighting(config.weighting, **weighting_options)
 
 
 OnCommit = Callable[[RoundRecord, dict[str, StoredRelease]], None]

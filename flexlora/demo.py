@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundPolicy, RoundRecord, RoundStore, StoredRelease
-from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.service import AggregatorService
 from broker.connect import connect
 from broker.transports.memory import MemoryBroker
 from edge_client.app import build_worker

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from aggregator.config import AggregatorConfig
 from aggregator.rounds import RecordedUpdate, RoundPolicy, RoundStore
-from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.service import AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect

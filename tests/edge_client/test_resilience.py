@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundPolicy
-from aggregator.service import AggregatorConfig, AggregatorService
+from aggregator.service import AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect

@@ -1,0 +1,57 @@
+"""How one aggregator process is configured: its identity, round policy, strategy and housekeeping."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from aggregator.lowrank import SvdMode
+from aggregator.rounds import RoundPolicy
+from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighting
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    federation: str
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    lease_s: float = 120.0
+    prefetch: int = 8
+    poll_s: float = 0.2
+    republish_every_s: float = 10.0
+    owner: str = field(default_factory=default_owner)
+    strategy: str = "flexlora"
+    svd_mode: SvdMode = "exact"
+    weighting: str = "data_size"
+    staleness_exponent: float = 0.5
+    # Updates trained from a version more than this many rounds old are dead-lettered ("stale").
+    max_staleness: int | None = None
+    health_every_s: float = 5.0
+    # The global adapter is also cut (and stored) at this rank, so a joining client of any rank up to it
+    # gets an exact cut of the newest ΔW at once (FlexLoRA only: its cuts nest).
+    global_rank: int = 64
+    # Update payloads and releases of versions older than this many are dropped from the store (history,
+    # update ids and membership stay); None keeps everything.
+    keep_versions: int | None = 20
+    # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
+    # should fail loudly rather than loop through redeliveries.
+    fail_fast: bool = False
+
+
+def build_aggregation(config: AggregatorConfig) -> tuple[Strategy, Weighting]:
+    """The federation's strategy and weighting; refused at start-up, not at the first round, when unusable."""
+    options: dict[str, object] = {"mode": config.svd_mode} if config.strategy == "flexlora" else {}
+    strategy = get_strategy(config.strategy, **options)
+    if strategy.name == "flora":
+        # FLoRA clients must merge each release into their base weights, which changes the base-model
+        # fingerprint every round; the service's pinned-base check does not model that yet.
+        raise ValueError("the flora strategy is offline-only for now: use `flexlora aggregate --strategy flora`")
+    weighting_options: dict[str, object] = (
+        {"exponent": config.staleness_exponent} if config.weighting == "staleness" else {}
+    )
+    return strategy, get_weighting(config.weighting, **weighting_options)
