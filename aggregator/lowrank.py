@@ -52,7 +52,7 @@ class TopSVD:
     U: torch.Tensor  # (M, d_out, k)
     S: torch.Tensor  # (M, k)
     Vh: torch.Tensor  # (M, k, d_in)
-    paths: list[str]  # per module: dense | dense-eigh | factored | factored-qr | fast | fast→factored[-qr]
+    paths: list[str]  # dense | dense-eigh | factored | factored-qr | fast | fast-truncated | fast→factored[-qr]
     excess: list[float]  # per module: max over certified ranks of err_r / err_opt − 1 (0 when exact)
 
 
@@ -153,23 +153,74 @@ def _core_exact(p: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return u, s[..., :k], v.transpose(-1, -2), paths
 
 
-def _excess(total: torch.Tensor, theta: torch.Tensor, captured: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+def _excess(
+    total: torch.Tensor,
+    theta: torch.Tensor,
+    captured: torch.Tensor,
+    ranks: list[int],
+    slack: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per module: max over `ranks` of err_r / err_opt − 1.
 
     err_r is the Frobenius error of projecting C onto the released top-r left vectors, measured with those
     vectors themselves (‖C‖² − Σ_{i≤r} ‖u_iᵀC‖², `captured` holds the ‖u_iᵀC‖²); err_opt is that of the
     best rank r (‖C‖² − Σ_{i≤r} σ_i², from the eigenvalues `theta`). Vectors that missed part of the top
     subspace show up as captured < theta; eigenvalues that came out too large make err_opt smaller, so
-    they can only make the certificate stricter."""
+    they can only make the certificate stricter. `slack` bounds, in Frobenius norm, how far the problem
+    solved is from the one asked (a truncated factor): it is added to err_r and taken from err_opt."""
     worst = torch.zeros_like(total)
+    slack = torch.zeros_like(total) if slack is None else slack
+    # Both near zero means ΔW has rank ≤ r and the cut is exact whatever the rounding says.
+    tiny = 1e-12 * total.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     for r in ranks:
-        opt = (total - theta[..., :r].sum(-1)).clamp_min(0)
-        got = (total - captured[..., :r].sum(-1)).clamp_min(0)
-        # Both near zero means ΔW has rank ≤ r and the cut is exact whatever the rounding says.
-        tiny = 1e-24 * total.clamp_min(torch.finfo(torch.float64).tiny)
-        ratio = torch.where(opt > tiny, (got / opt.clamp_min(tiny)).sqrt() - 1, torch.where(got > tiny, torch.inf, 0.0))
+        opt = (total - theta[..., :r].sum(-1)).clamp_min(0).sqrt() - slack
+        got = (total - captured[..., :r].sum(-1)).clamp_min(0).sqrt() + slack
+        ratio = torch.where(opt > tiny, got / opt.clamp_min(tiny) - 1, torch.where(got > tiny, torch.inf, 0.0))
         worst = torch.maximum(worst, ratio.clamp_min(0))
     return worst
+
+
+def _fast_truncated(
+    p: torch.Tensor, q: torch.Tensor, k: int, ranks: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Fast mode for one module whose P has (nearly) dependent columns, where CholeskyQR is refused: clients
+    that trained the same directions. G_P = WΛWᵀ stands in for R₁ᵀR₁ with F = Λ_K^½W_Kᵀ, keeping only the
+    eigenvalues above float64 rounding; what is dropped is bounded (‖P W_D‖₂‖Q‖_F) and charged to the
+    certificate. Float64 throughout: in float32 that bound alone is ~1e-3 of ‖ΔW‖, as large as the
+    tolerance, and U = P W_K Λ_K^-½ u amplifies rounding by Λ_K^-½. Still much cheaper than the Householder
+    QR and full core SVD it saves.
+
+    Returns (U, S, Vh, excess) for one module, k columns, zero-padded above the kept rank."""
+    p, q = p.to(torch.float64), q.to(torch.float64)
+    lam, w = torch.linalg.eigh(_gram(p.unsqueeze(0))[0])
+    floor = 10 * p.shape[0] ** 0.5 * torch.finfo(torch.float64).eps * lam[-1].clamp_min(0)
+    keep = lam > floor
+    kept = int(keep.sum())
+    u = torch.zeros((p.shape[0], k), dtype=torch.float64)
+    s = torch.zeros(k, dtype=torch.float64)
+    vh = torch.zeros((k, q.shape[1]), dtype=torch.float64)
+    if kept == 0:  # P is zero to rounding: so is ΔW
+        return u, s, vh, 0.0
+    lam_k, w_k = lam[keep], w[:, keep]
+    f = lam_k.sqrt().unsqueeze(-1) * w_k.transpose(0, 1)  # FᵀF = P's Gram matrix on the kept eigenvectors
+    gq = _gram(q.transpose(0, 1).unsqueeze(0))[0]
+    h = f @ gq @ f.transpose(0, 1)
+    h = (h + h.transpose(0, 1)) / 2
+    width = min(k, kept)
+    theta, uc = _top_eigh(h.unsqueeze(0), width)
+    theta, uc = theta[0].clamp_min(0), uc[0]
+    dropped = float(lam[~keep].clamp_min(0).max()) if kept < lam.numel() else 0.0
+    slack = torch.tensor([(dropped * float(torch.diagonal(gq).sum().clamp_min(0))) ** 0.5], dtype=torch.float64)
+    captured = (uc * (h @ uc)).sum(0)
+    excess = _excess(torch.diagonal(h).sum().unsqueeze(0), theta[None], captured[None], ranks, slack)
+    # U = P W_K Λ_K^-½ u and σ v = ΔWᵀu = Qᵀ Fᵀ u.
+    u[:, :width] = p @ ((w_k * lam_k.rsqrt()) @ uc)
+    s[:width] = theta.sqrt()
+    cutoff = s[:1] * torch.finfo(torch.float64).eps * lam.numel()
+    back = f.transpose(0, 1) @ uc
+    v = (q.transpose(0, 1) @ back) / torch.where(s[:width] > cutoff, s[:width], torch.inf)
+    vh[:width] = v.transpose(0, 1)
+    return u, s, vh, float(excess[0])
 
 
 def _dense_top(p: torch.Tensor, q: torch.Tensor, k: int) -> TopSVD:
@@ -253,7 +304,10 @@ def top_svd(
     v = (q.transpose(-1, -2) @ back.to(q.dtype)).to(torch.float64) / torch.where(s > floor, s, torch.inf).unsqueeze(-2)
     vh = v.transpose(-1, -2)
     paths = ["fast"] * batch
-    redo = ~ok | ~(excess <= tolerance)
+    for m in torch.nonzero(~ok).flatten().tolist():
+        u[m], s[m], vh[m], excess[m] = _fast_truncated(p[m], q[m], k, ranks)
+        paths[m] = "fast-truncated"
+    redo = ~(excess <= tolerance)
     if bool(redo.any()):
         idx = torch.nonzero(redo).flatten()
         eu, es, evh, epaths = _core_exact(p[idx], q[idx], k)

@@ -145,7 +145,8 @@ def test_factored_paths_equal_dense(d_out, d_in, ranks, target, mode, seed) -> N
         delta = _reference(clients, n, 64)
         opt = float(np.linalg.norm(delta - want))
         assert float(np.linalg.norm(delta - got)) <= (1 + 1e-3) * opt + 1e-5 * float(np.linalg.norm(delta))
-    assert {r.path for r in reports} <= {"factored", "fast", "fast→factored", "fast→factored-qr", "factored-qr"}
+    allowed = {"factored", "factored-qr", "fast", "fast-truncated", "fast→factored", "fast→factored-qr"}
+    assert {r.path for r in reports} <= allowed
 
 
 def test_released_error_is_the_norm_of_the_discarded_singular_values() -> None:
@@ -264,3 +265,48 @@ def test_factors_that_overflow_float32_in_fast_mode_are_refused_with_the_module(
         flexlora([huge], [1], [RankRequest(2, 4.0)], mode="fast")
     # float64 holds them: the exact path aggregates the same input.
     assert set(flexlora([huge], [1], [RankRequest(2, 4.0)], mode="exact")[RankRequest(2, 4.0)]) == {"m"}
+
+
+def _shared_direction_clients(rng: np.random.Generator, noise: float, count: int = 6) -> list[ClientAdapter]:
+    """Clients that all trained the same 8 directions, up to `noise`: P's columns are nearly dependent."""
+    d_out, d_in, rank = 200, 160, 8
+    u = np.linalg.qr(rng.standard_normal((d_out, rank)))[0]
+    v = np.linalg.qr(rng.standard_normal((d_in, rank)))[0]
+    clients = []
+    for k in range(count):
+        b = u * np.linspace(1.0, 0.2, rank) + noise * rng.standard_normal((d_out, rank))
+        a = v.T * (1 + 0.1 * k) + 1e-2 * rng.standard_normal((rank, d_in))
+        factors = LoraFactors(A=torch.tensor(a, dtype=torch.float32), B=torch.tensor(b, dtype=torch.float32))
+        clients.append(ClientAdapter({"m": factors}, rank=rank, alpha=2.0 * rank))
+    return clients
+
+
+def test_fast_mode_keeps_nearly_dependent_factors_off_the_exact_path() -> None:
+    # CholeskyQR refuses such a P; fast mode truncates its Gram eigenbasis instead of falling back to
+    # Householder QR, and charges what it drops to the certificate.
+    clients = _shared_direction_clients(np.random.default_rng(15), noise=1e-6)
+    reqs = [RankRequest(2, 4.0), RankRequest(4, 8.0)]
+    exact_reports: list[ModuleReport] = []
+    exact = flexlora(clients, [1] * 6, reqs, torch.float64, reports=exact_reports)
+    assert exact_reports[0].path == "factored-qr"
+    reports: list[ModuleReport] = []
+    fast = flexlora(clients, [1] * 6, reqs, torch.float64, mode="fast", reports=reports)
+    assert reports[0].path == "fast-truncated"
+    assert 0.0 <= reports[0].excess <= 1e-3
+    for req in reqs:
+        want = _product(exact[req]["m"], req)
+        got = _product(fast[req]["m"], req)
+        assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+
+
+def test_fast_mode_falls_back_to_exact_when_the_truncation_cannot_be_certified() -> None:
+    # Exactly repeated clients: ΔW has rank 8, so the rank-8 cut's optimal error is 0 and no relative bound
+    # on what truncation dropped can certify it; the exact path answers instead.
+    clients = _shared_direction_clients(np.random.default_rng(16), noise=0.0, count=3)
+    clients = [ClientAdapter(dict(clients[0].factors), 8, 16.0)] * 3
+    reports: list[ModuleReport] = []
+    req = RankRequest(8, 16.0)
+    out = flexlora(clients, [1, 1, 1], [req], torch.float64, mode="fast", reports=reports)
+    assert reports[0].path == "fast→factored-qr"
+    want = 2.0 * (clients[0].factors["m"].B.double() @ clients[0].factors["m"].A.double()).numpy()
+    np.testing.assert_allclose(_product(out[req]["m"], req), want, atol=1e-6 * np.abs(want).max())
