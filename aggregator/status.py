@@ -113,7 +113,7 @@ def collect(
         }
     return FederationStatus(
         federation=federation,
-        version=store.version(),
+        version=status.round_id,  # round N builds version N + 1, so the open round's id is the newest version
         open_round=OpenRound(
             round_id=status.round_id,
             updates=status.count,

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import start_http_server
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,27 +36,27 @@ def build_worker(
     *,
     copy_base: bool = True,
     checkpoints: CheckpointStore | None = None,
-    examples: list[Example] | None = None,
+    data: LocalData | None = None,
 ) -> EdgeWorker:
     """`copy_base` keeps `base` untouched, so one loaded model can seed several clients in one process."""
     choice = settings.resolved_rank()
     rank, alpha = choice.rank, settings.alpha_for(choice.rank)
     log.info("%s trains at %s", settings.client_id, choice.reason)
-    if examples is None:
-        examples = load_examples(settings)
+    if data is None:
+        data = load_examples(settings)
     model = copy.deepcopy(base.model) if copy_base else base.model
     peft_model = wrap_lora(model, rank, alpha, list(settings.target_modules), settings.seed)
     trainer = LocalTrainer(
         peft_model,
         base.tokenizer,
-        examples,
+        data.train,
         TrainConfig(
             local_steps=settings.local_steps,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
             seed=settings.seed,
         ),
-        held_out=held_out_examples(settings),
+        held_out=data.held_out,
     )
     config = EdgeConfig(
         federation=settings.federation,
@@ -69,31 +70,33 @@ def build_worker(
     return EdgeWorker(transport, trainer, config, checkpoints)
 
 
-def load_examples(settings: ClientSettings) -> list[Example]:
-    """The device's training data: its JSONL file (less the held-out tail), or built-in tasks. A malformed
-    file, or one with nothing left to train on, raises DataError."""
+@dataclass(frozen=True)
+class LocalData:
+    train: list[Example]
+    # What the device scores each round's starting adapter on (empty unless eval_examples is set).
+    held_out: list[Example]
+
+
+def load_examples(settings: ClientSettings) -> LocalData:
+    """The device's data, read once: its JSONL file, whose last `eval_examples` records are held out, or
+    built-in tasks, with as many fresh held-out examples drawn under another seed. A malformed file, or
+    one with nothing left to train on, raises DataError."""
+    held = settings.eval_examples
     if settings.data is not None:
         records = load_jsonl(settings.data)
-        if settings.eval_examples and len(records) <= settings.eval_examples:
+        if held and len(records) <= held:
             raise DataError(
                 settings.data,
-                f"{len(records)} records, but eval_examples={settings.eval_examples} are held out for scoring: "
+                f"{len(records)} records, but eval_examples={held} are held out for scoring: "
                 "nothing would be left to train on",
             )
-        return records[: len(records) - settings.eval_examples]
-    return task_examples(settings.task_list, settings.samples_per_task, settings.seed)
-
-
-def held_out_examples(settings: ClientSettings) -> list[Example]:
-    """What the device scores each round's starting adapter on: the last `eval_examples` records of its
-    JSONL file, or as many fresh examples of its built-in tasks (another seed than its training data)."""
-    if settings.eval_examples == 0:
-        return []
-    if settings.data is not None:
-        return load_jsonl(settings.data)[-settings.eval_examples :]
+        return LocalData(records[: len(records) - held], records[len(records) - held :])
     tasks = settings.task_list
-    per_task = -(-settings.eval_examples // len(tasks))
-    return task_examples(tasks, per_task, settings.seed + 10_000)[: settings.eval_examples]
+    train = task_examples(tasks, settings.samples_per_task, settings.seed)
+    if not held:
+        return LocalData(train, [])
+    per_task = -(-held // len(tasks))
+    return LocalData(train, task_examples(tasks, per_task, settings.seed + 10_000)[:held])
 
 
 def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Transport:
@@ -146,14 +149,12 @@ def run_client(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    examples = load_examples(settings)  # bad data stops the client before it loads a model or connects
+    data = load_examples(settings)  # bad data stops the client before it loads a model or connects
     base = load_base_model(settings.model)
     log.info("loaded %s (fingerprint %s…)", base.name, base.fingerprint[:12])
     state_dir = settings.state_dir or cache_dir() / "clients" / settings.federation / settings.client_id
     transport = connect_with_retry(settings, stop)
-    worker = build_worker(
-        settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir), examples=examples
-    )
+    worker = build_worker(settings, transport, base, copy_base=False, checkpoints=CheckpointStore(state_dir), data=data)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

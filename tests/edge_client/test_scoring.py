@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.transports.memory import MemoryBroker, MemoryTransport
-from edge_client.app import build_worker, held_out_examples, load_examples
+from edge_client.app import build_worker, load_examples
 from edge_client.datasets import DataError
 from edge_client.model import tiny_model
 from edge_client.settings import ClientSettings
@@ -34,8 +34,8 @@ def test_the_update_carries_the_held_out_score_of_the_adapter_it_started_from() 
 
 def test_built_in_tasks_hold_out_fresh_examples_of_the_same_tasks() -> None:
     settings = _settings(eval_examples=5)
-    held = held_out_examples(settings)
-    train = load_examples(settings)
+    data = load_examples(settings)
+    held, train = data.held_out, data.train
     assert len(held) == 5
     assert len(train) == settings.samples_per_task * len(settings.task_list)
     assert {ex.instruction for ex in held} <= {ex.instruction for ex in train}, "the device's own tasks"
@@ -47,7 +47,8 @@ def test_a_jsonl_file_gives_its_last_records_to_scoring_and_keeps_the_rest_for_t
     records = [{"instruction": f"Say {w}.", "output": w} for w in ("a", "b", "c", "d", "e")]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     settings = _settings(data=data, eval_examples=2)
-    assert [ex.output for ex in load_examples(settings)] == ["a", "b", "c"]
-    assert [ex.output for ex in held_out_examples(settings)] == ["d", "e"]
+    split = load_examples(settings)
+    assert [ex.output for ex in split.train] == ["a", "b", "c"]
+    assert [ex.output for ex in split.held_out] == ["d", "e"]
     with pytest.raises(DataError, match="5 records, but eval_examples=5 are held out"):
         load_examples(settings.model_copy(update={"eval_examples": 5}))
