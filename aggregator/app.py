@@ -37,6 +37,9 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         staleness_exponent=settings.staleness_exponent,
         max_staleness=settings.max_staleness,
         keep_versions=settings.keep_versions,
+        chunk_bytes=settings.chunk_bytes,
+        max_update_bytes=settings.max_update_bytes,
+        transfer_expiry_s=settings.transfer_expiry_s,
     )
     # One set of metrics for the process's life: counters keep counting across reconnects.
     metrics = AggregatorMetrics(settings.federation)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aggregator.lowrank import SvdMode
 from aggregator.rounds import RoundPolicy
 from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighting
+from schemas.chunks import DEFAULT_CHUNK_BYTES
 
 
 def default_owner() -> str:
@@ -38,6 +39,12 @@ class AggregatorConfig:
     # Update payloads and releases of versions older than this many are dropped from the store (history,
     # update ids and membership stay); None keeps everything.
     keep_versions: int | None = 20
+    # Payloads above this size travel as chunks of this size (updates, and adapters sent to clients).
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Updates declaring a larger payload are refused ("too-large") from their header, before any chunk is kept.
+    max_update_bytes: int | None = 2 * 1024**3
+    # A chunked update that gets no new chunk for this long is dropped and reported, never counted.
+    transfer_expiry_s: float = 300.0
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False

@@ -39,7 +39,7 @@ def join_release(store: RoundStore, request: JoinRequest) -> StoredRelease | Non
         raise SchemaError(
             f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason="modules"
         )
-    factors = split_lora(decode_tensors(source.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+    factors = split_lora(decode_tensors(store.payload(source), h.payload), rank=h.rank, target_modules=h.target_modules)
     cut = recut(factors, RankRequest(h.rank, h.lora_alpha), RankRequest(request.rank, request.lora_alpha))
     data, info = encode_tensors(join_lora(cut))
     header = AdapterRelease(

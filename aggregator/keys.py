@@ -38,6 +38,19 @@ class Keys:
     def update_payload(self, update_id: str, sha256: str) -> str:  # safetensors bytes of one update
         return self._k("update", update_id, "payload", sha256)
 
+    def transfer(self, update_id: str) -> str:  # hash: chunk index -> bytes, of an update still arriving
+        return self._k("transfer", update_id)
+
+    def transfer_meta(self, update_id: str) -> str:  # hash: signature, client, count of a transfer
+        return self._k("transfer", update_id, "meta")
+
+    @property
+    def transfers_open(self) -> str:  # sorted set: update id -> when its transfer expires unless a chunk comes
+        return self._k("transfers")
+
+    def staged(self, name: str) -> str:  # hash of chunks written before a commit adopts (renames) it
+        return self._k("staged", name)
+
     def lease(self, round_id: int) -> str:  # "owner:token" with a TTL: who finalises the round now
         return self._k("round", round_id, "lease")
 

@@ -66,6 +66,12 @@ class AggregatorMetrics:
             "flexlora_adapters_published", "Adapters this process published to clients", fed, registry=r
         )
         self._joins = Counter("flexlora_joins", "Join requests answered", fed, registry=r)
+        self._chunks = Counter(
+            "flexlora_update_chunks",
+            "Chunks of chunked updates taken in (stored: update still incomplete; counted: a late duplicate)",
+            [*fed, "outcome"],
+            registry=r,
+        )
 
     def update(self, outcome: str) -> None:
         self._updates.labels(self.federation, outcome).inc()
@@ -93,6 +99,9 @@ class AggregatorMetrics:
 
     def published(self) -> None:
         self._published.labels(self.federation).inc()
+
+    def chunk(self, outcome: str) -> None:
+        self._chunks.labels(self.federation, outcome).inc()
 
     def joined(self) -> None:
         self._joins.labels(self.federation).inc()

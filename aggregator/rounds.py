@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +14,10 @@ from schemas.messages import AdapterRelease, LoraUpdate
 # The release stored under this id is the global adapter at the federation's largest rank; joining
 # clients get their rank's cut of it. It is never published as is.
 GLOBAL_RELEASE = "_global"
+
+
+class TransferGone(RuntimeError):
+    """A chunked payload lost chunks while being read or recorded (it expired meanwhile)."""
 
 
 class RecordResult(enum.Enum):
@@ -30,10 +34,43 @@ class RoundStatus:
     opened_at: float | None  # when its first update arrived (None while empty)
 
 
+# Payloads that went through the broker in chunks are kept and handed around as a bytearray (assembled
+# once, in place) rather than bytes, so a payload of hundreds of MB is never copied to change its type.
+Payload = bytes | bytearray
+
+
 @dataclass(frozen=True)
 class RecordedUpdate:
     header: LoraUpdate
-    payload: bytes
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A payload kept in the store as numbered chunks (too large to be one value: Redis refuses values over
+    512 MB, and a Lua script's arguments cost three copies). Only its key travels; `read_blob` assembles it
+    and `iter_blob` streams it."""
+
+    key: str
+    size: int
+
+
+class ChunkResult(enum.Enum):
+    STORED = "stored"  # kept; chunks are still missing
+    DUPLICATE = "duplicate"  # this chunk was kept already (a redelivery); chunks are still missing
+    COMPLETE = "complete"  # every chunk is in: assemble, validate and record the update
+    RECORDED = "recorded"  # the update was counted already: the chunk is a late duplicate
+    MISMATCH = "mismatch"  # the transfer id was seen with another header or chunking: refused
+
+
+@dataclass(frozen=True)
+class ExpiredTransfer:
+    """An update whose chunks stopped arriving before it was complete; it was dropped, never counted."""
+
+    update_id: str
+    client_id: str
+    received: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -48,7 +85,7 @@ class StoredRelease:
     """What a client is sent: its header and the payload of its rank's cut."""
 
     header: AdapterRelease
-    payload: bytes
+    payload: bytes | Blob
 
 
 class Participant(BaseModel):
@@ -114,9 +151,69 @@ class RoundStore(abc.ABC):
         """The open round and how full it is."""
 
     @abc.abstractmethod
-    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record(
+        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+    ) -> RecordResult:
         """Add an update to the open round, at most once per update id, atomically. Its staleness (open
         round − base version) is judged in the same step, so a commit cannot slip in between."""
+
+    # --- chunked transfers: an update's chunks may reach different aggregators, in any order, twice ----------
+    @abc.abstractmethod
+    def put_chunk(
+        self,
+        update_id: str,
+        index: int,
+        body: bytes,
+        *,
+        count: int,
+        signature: str,
+        client_id: str,
+        now: float,
+        expiry_s: float,
+    ) -> ChunkResult:
+        """Keep chunk `index` of `count` of an update's payload. `signature` names the header and chunking; a
+        chunk with another signature for the same update is a MISMATCH. An update that gets no new chunk for
+        `expiry_s` seconds is incomplete: `expire_transfers` drops and reports it."""
+
+    @abc.abstractmethod
+    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+        """The chunks of a complete transfer, assembled in order into one buffer (None if it was dropped)."""
+
+    @abc.abstractmethod
+    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+        """`record` for an update whose chunks are all kept: they become its payload without being copied.
+        Raises TransferGone if the chunks were dropped (expired) meanwhile."""
+
+    @abc.abstractmethod
+    def drop_transfer(self, update_id: str) -> None:
+        """Forget a transfer's chunks (its update was refused)."""
+
+    @abc.abstractmethod
+    def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
+        """Drop every transfer idle past its expiry; each is returned to exactly one caller, to report."""
+
+    @abc.abstractmethod
+    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+        """Store a payload chunk by chunk under `key` (expiring unless a commit adopts it)."""
+
+    @abc.abstractmethod
+    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
+        """A stored payload's chunks in order, one at a time."""
+
+    def read_blob(self, blob: Blob) -> bytearray:
+        """A stored payload assembled into one buffer."""
+        out = bytearray(blob.size)
+        at = 0
+        for chunk in self.iter_blob(blob):
+            out[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        if at != blob.size:
+            raise TransferGone(f"payload {blob.key} has {at} of its {blob.size} bytes")
+        return out
+
+    def payload(self, release: StoredRelease) -> Payload:
+        """A release's payload, assembled if it is kept in chunks."""
+        return self.read_blob(release.payload) if isinstance(release.payload, Blob) else release.payload
 
     @abc.abstractmethod
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:

@@ -15,6 +15,7 @@ from aggregator.config import AggregatorConfig, build_aggregation
 from aggregator.flexlora import ClientAdapter, RankRequest
 from aggregator.joining import join_release
 from aggregator.metrics import AggregatorMetrics
+from aggregator.releasing import encode_release, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
     Lease,
@@ -26,6 +27,7 @@ from aggregator.rounds import (
     StoredRelease,
 )
 from aggregator.strategies import ClientMeta
+from aggregator.transfers import ChunkIntake
 from aggregator.validation import validate_update
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, Topology
@@ -33,7 +35,7 @@ from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import SchemaError
 from schemas.lora import join_lora, split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, parse_join
-from schemas.tensors import decode_tensors, encode_tensors
+from schemas.tensors import decode_tensors
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,14 @@ class AggregatorService:
         self.strategy, self.weighting = build_aggregation(config)
         self._last_step = self.clock()
         self._pins: dict[str, str] = {}
+        self.intake = ChunkIntake(
+            store,
+            config.federation,
+            expiry_s=config.transfer_expiry_s,
+            max_bytes=config.max_update_bytes,
+            pins=self._pins,
+        )
+        self._last_expiry_check = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,6 +146,10 @@ class AggregatorService:
             self.maybe_finalise()
             if self.clock() - self._last_republish >= self.config.republish_every_s:
                 self.publish_pending()
+            if self.clock() - self._last_expiry_check >= min(5.0, self.config.transfer_expiry_s / 4):
+                self._last_expiry_check = self.clock()
+                for _ in self.intake.expire(self.clock()):
+                    self._refused("incomplete")
         except BrokerError:
             raise  # the caller reconnects
         except Exception:
@@ -155,8 +169,18 @@ class AggregatorService:
             self.handle_join(delivery)
             return
         try:
-            valid = validate_update(delivery.message, self.config.federation, self.store, self._pins)
-            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+            if ChunkIntake.is_chunk(delivery.message):
+                chunk = self.intake.take(delivery.message, self.clock(), self.config.max_staleness)
+                if chunk.valid is None or chunk.result is None:
+                    delivery.ack()  # kept in the store (or counted already): the chunk's work is done
+                    self.metrics.chunk(chunk.state)
+                    return
+                valid, result = chunk.valid, chunk.result
+            else:
+                valid = validate_update(
+                    delivery.message, self.config.federation, self.store, self._pins, self.config.max_update_bytes
+                )
+                result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
             if result is RecordResult.STALE:
                 raise SchemaError(
                     f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
@@ -269,7 +293,13 @@ class AggregatorService:
         cuts = result.adapters
         version = lease.round_id + 1
         first = recorded[0].header
-        payloads = {req: encode_tensors(join_lora(cut)) for req, cut in cuts.items()}
+        payloads = {
+            req: encode_release(
+                self.store, join_lora(cut), chunk_bytes=self.config.chunk_bytes, ttl_s=4 * self.config.lease_s
+            )
+            for req, cut in cuts.items()
+        }
+        cuts.clear()  # large releases now live in the store; only their keys are held
         releases = []
         for client_id, req in sorted(wanted.items()):
             data, info = payloads[req]
@@ -349,13 +379,7 @@ class AggregatorService:
         if client_id not in self._declared_clients:
             self.transport.declare(self.topology.client(client_id))
             self._declared_clients.add(client_id)
-        self.transport.publish(
-            self.topology.adapters_exchange,
-            client_id,
-            release.payload,
-            {HEADER_KEY: release.header.model_dump_json()},
-            message_id=f"{self.config.federation}:{release.header.version}:{client_id}",
-        )
+        send_release(self.transport, self.topology, self.store, release, chunk_bytes=self.config.chunk_bytes)
 
     def publish_pending(self) -> None:
         """Publish committed versions whose adapters may not have gone out (their finaliser died)."""

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aggregator.rounds import RoundPolicy
+from broker.topology import MAILBOX_MAX_BYTES
+from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.settings import FlexloraSettings
 
 
@@ -27,6 +29,9 @@ class AggregatorSettings(FlexloraSettings):
     max_staleness: int | None = Field(default=None, ge=0)
     keep_versions: int | None = Field(default=20, ge=1, description="versions whose updates stay in Redis")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, description="larger payloads are chunked")
+    max_update_bytes: int = Field(default=2 * 1024**3, ge=1, le=MAILBOX_MAX_BYTES // 2)
+    transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

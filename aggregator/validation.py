@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from aggregator.rounds import RoundStore
+from aggregator.rounds import Payload, RoundStore
 from broker.transport import Message
 from schemas.errors import SchemaError
 from schemas.lora import LoraFactors, module_shapes, split_lora
@@ -34,17 +34,40 @@ def pinned(store: RoundStore, name: str, value: str, cache: dict[str, str] | Non
 
 
 def validate_update(
-    message: Message, federation: str, store: RoundStore, pins: dict[str, str] | None = None
+    message: Message,
+    federation: str,
+    store: RoundStore,
+    pins: dict[str, str] | None = None,
+    max_bytes: int | None = None,
 ) -> ValidUpdate:
     """Header, integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes.
 
     The first accepted update pins the base-model fingerprint and the module shapes; every later update
     must match them, so updates from a different base model can never be averaged together.
     """
+    header = check_header(message, federation, max_bytes)
+    return validate_payload(header, message.body, store, pins)
+
+
+def check_header(message: Message, federation: str, max_bytes: int | None) -> LoraUpdate:
+    """The checks that need only the header: schema, federation, and the size limit (before any decoding)."""
     header = parse_update(message.headers.get(HEADER_KEY))
     if header.federation != federation:
         raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
-    tensors = decode_tensors(message.body, header.payload)
+    if max_bytes is not None and max(header.payload.size, len(message.body)) > max_bytes:
+        raise SchemaError(
+            f"payload of {max(header.payload.size, len(message.body))} bytes exceeds the federation's limit of "
+            f"{max_bytes} bytes",
+            reason="too-large",
+        )
+    return header
+
+
+def validate_payload(
+    header: LoraUpdate, body: Payload, store: RoundStore, pins: dict[str, str] | None = None
+) -> ValidUpdate:
+    """Integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes."""
+    tensors = decode_tensors(body, header.payload)
     # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
     factors = split_lora(
         tensors, rank=header.rank, target_modules=header.target_modules, check_values=not all_finite(tensors)

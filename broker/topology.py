@@ -8,6 +8,9 @@ from typing import Literal
 ExchangeType = Literal["direct", "fanout"]
 UPDATE_ROUTING_KEY = "update"
 JOIN_ROUTING_KEY = "join"  # join requests share the updates queue, so any aggregator answers them
+# The largest update a federation may accept (aggregator setting max_update_bytes) is at most half this:
+# a client's adapter is the size of its update, and its mailbox must hold one whole while the next arrives.
+MAILBOX_MAX_BYTES = 4 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,17 @@ class Topology:
         ]
 
     def client(self, client_id: str) -> list[Spec]:
-        """One client's adapter mailbox: it keeps only the newest adapter, so no stale backlog builds up."""
+        """One client's adapter mailbox. A client is sent an adapter only for a round it took part in and on
+        joining, so little builds up; the byte bound drops the oldest messages first, and as it is twice the
+        largest update, the newest adapter always survives whole even when sent in chunks."""
         queue = self.adapter_queue(client_id)
+        arguments: dict[str, str | int] = {
+            "x-queue-type": "classic",
+            "x-max-length-bytes": MAILBOX_MAX_BYTES,
+            "x-overflow": "drop-head",
+        }
         return [
             ExchangeSpec(self.adapters_exchange),
-            QueueSpec(queue, {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"}),
+            QueueSpec(queue, arguments),
             BindingSpec(queue, self.adapters_exchange, client_id),
         ]

@@ -66,6 +66,7 @@ def build_worker(
         target_modules=settings.target_modules,
         base_model_fingerprint=base.fingerprint,
         adapter_timeout_s=settings.adapter_timeout_s,
+        chunk_bytes=settings.chunk_bytes,
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
 

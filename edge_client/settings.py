@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from edge_client.resources import RankChoice, parse_rank
 from edge_client.tasks import task_names
+from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.settings import FlexloraSettings
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -33,6 +34,7 @@ class ClientSettings(FlexloraSettings):
     rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
     heartbeat_s: int = Field(default=30, ge=1)
     adapter_timeout_s: float = Field(default=3600.0, gt=0)
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, description="larger updates are chunked")
     state_dir: Path | None = Field(default=None, description="checkpoint folder (default: the cache)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
     eval_examples: int = Field(

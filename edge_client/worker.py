@@ -8,11 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker.chunked import ChunkAssembler, publish_payload
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
-from broker.transport import Subscription, Transport
+from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.trainer import LocalTrainer, TrainResult
+from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import SchemaError
 from schemas.lora import split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
@@ -32,6 +34,8 @@ class EdgeConfig:
     adapter_timeout_s: float = 600.0
     # On start, how long to wait for the newest global adapter before training from a fresh LoRA.
     join_wait_s: float = 3.0
+    # Updates larger than this go to the broker in chunks (RabbitMQ 4 refuses messages over 16 MiB).
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 class AdapterTimeout(TimeoutError):
@@ -68,6 +72,7 @@ class EdgeWorker:
         self.pending: tuple[LoraUpdate, bytes, TrainResult | None] | None = None
         self._sent = False
         self._subscription: Subscription | None = None
+        self._assembler = ChunkAssembler()
         if checkpoints is not None:
             self._restore(checkpoints)
 
@@ -191,12 +196,15 @@ class EdgeWorker:
         return update, data
 
     def send(self, update: LoraUpdate, data: bytes) -> None:
-        self.transport.publish(
+        publish_payload(
+            self.transport,
             self.topology.updates_exchange,
             UPDATE_ROUTING_KEY,
+            update.model_dump_json(),
             data,
-            {HEADER_KEY: update.model_dump_json()},
+            update.payload,
             message_id=update.update_id,
+            chunk_bytes=self.config.chunk_bytes,
         )
         log.info(
             "%s published update %s (rank %d, base v%d, loss %s)",
@@ -227,7 +235,11 @@ class EdgeWorker:
                     delivery.ack()  # a re-publish of what we hold already
                     continue
                 self._check_release(release)
-                tensors = decode_tensors(delivery.message.body, release.payload)
+                payload = self._payload(delivery.message, release)
+                if payload is None:
+                    delivery.ack()  # a chunk, kept in memory until its adapter is whole
+                    continue
+                tensors = decode_tensors(payload, release.payload)
                 split_lora(tensors, rank=self.config.rank, target_modules=self.config.target_modules)
                 self.trainer.load(tensors)
             except (SchemaError, ValueError) as exc:
@@ -245,6 +257,12 @@ class EdgeWorker:
         if not required:
             return None
         raise AdapterTimeout(f"no adapter newer than version {self.version} within {timeout_s}s")
+
+    def _payload(self, message: Message, release: AdapterRelease) -> bytes | bytearray | None:
+        """The adapter's payload: the message body, or, for a chunk, the reassembled payload once whole."""
+        if CHUNK_KEY not in message.headers:
+            return message.body
+        return self._assembler.add(parse_chunk(message.headers[CHUNK_KEY]), message.body, release.payload)
 
     def _check_release(self, release: AdapterRelease) -> None:
         c = self.config

@@ -190,6 +190,7 @@ def export_release(
             raise ValueError(f"version {version} was released at ranks {ranks}, not {rank}")
         chosen = candidates[0]  # without a rank: the largest, the closest cut of ΔW
     h = chosen.header
-    factors = split_lora(decode_tensors(chosen.payload, h.payload), rank=h.rank, target_modules=h.target_modules)
+    payload = store.payload(chosen)
+    factors = split_lora(decode_tensors(payload, h.payload), rank=h.rank, target_modules=h.target_modules)
     write_adapter(out, factors, h.rank, h.lora_alpha, h.target_modules)
     return out, h

@@ -74,6 +74,11 @@ def aggregator(
     max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
     keep_versions: Annotated[int | None, typer.Option(help="versions whose updates and adapters stay in Redis")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    chunk_bytes: Annotated[int | None, typer.Option(help="adapters larger than this go in chunks")] = None,
+    max_update_bytes: Annotated[int | None, typer.Option(help="refuse updates larger than this")] = None,
+    transfer_expiry_s: Annotated[
+        float | None, typer.Option(help="drop a chunked update idle this long (reported, not counted)")
+    ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
@@ -103,6 +108,9 @@ def aggregator(
                 max_staleness=max_staleness,
                 keep_versions=keep_versions,
                 metrics_port=metrics_port,
+                chunk_bytes=chunk_bytes,
+                max_update_bytes=max_update_bytes,
+                transfer_expiry_s=transfer_expiry_s,
             )
         )
     except ValidationError as exc:

@@ -165,6 +165,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
                 continue
             records.append(record)
             mine = releases[f"client-{top}"]
+            assert isinstance(mine.payload, bytes), "SmolLM2's adapters fit one message"
             load_adapter_state(evaluator, decode_tensors(mine.payload, mine.header.payload))
             scores.append(score(evaluator, base.tokenizer, held_out))
             ranks = sorted(p.rank for p in record.participants)

@@ -25,6 +25,7 @@ KNOWN_NAMES = frozenset(
         "federation",
         "heartbeat_s",
         "metrics_port",
+        "chunk_bytes",
         # aggregator
         "redis_url",
         "max_updates",
@@ -38,6 +39,8 @@ KNOWN_NAMES = frozenset(
         "staleness_exponent",
         "max_staleness",
         "keep_versions",
+        "max_update_bytes",
+        "transfer_expiry_s",
         # edge client
         "client_id",
         "model",

@@ -9,27 +9,28 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from schemas.errors import PayloadIntegrityError, TensorDecodeError
 from schemas.messages import PayloadInfo
+from schemas.safetensors_stream import encode_pieces, view_tensors
 
+_FINITE_BATCH = 4 * 1024 * 1024  # elements per finiteness check
 ALLOWED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, PayloadInfo]:
-    """Serialise tensors to safetensors bytes and describe them for the message header."""
-    # safetensors refuses views that share storage or are not contiguous; a detached copy is safe.
-    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    data = st_save(plain)
+    """Serialise tensors to safetensors bytes and describe them for the message header. The bytes are the
+    library's own (`safetensors.torch.save`; a test checks), written without first copying every tensor."""
+    _, pieces = encode_pieces(tensors)
+    data = b"".join(pieces)
     return data, PayloadInfo(size=len(data), sha256=sha256_hex(data))
 
 
-def verify_payload(data: bytes, info: PayloadInfo) -> None:
+def verify_payload(data: bytes | bytearray, info: PayloadInfo) -> None:
     """Raise PayloadIntegrityError unless `data` has exactly the declared size and sha256."""
     if len(data) != info.size:
         raise PayloadIntegrityError(f"payload is {len(data)} bytes, header declares {info.size}")
@@ -38,10 +39,13 @@ def verify_payload(data: bytes, info: PayloadInfo) -> None:
         raise PayloadIntegrityError(f"payload sha256 {digest[:12]}… differs from the declared {info.sha256[:12]}…")
 
 
-def decode_tensors(data: bytes, info: PayloadInfo | None = None) -> dict[str, torch.Tensor]:
-    """Check integrity (if `info` is given) and parse safetensors bytes into float tensors."""
+def decode_tensors(data: bytes | bytearray, info: PayloadInfo | None = None) -> dict[str, torch.Tensor]:
+    """Check integrity (if `info` is given) and parse safetensors bytes into float tensors. A bytearray is a
+    payload reassembled from chunks: its tensors are views into it rather than copies."""
     if info is not None:
         verify_payload(data, info)
+    if isinstance(data, bytearray):
+        return view_tensors(data)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
@@ -65,7 +69,16 @@ def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
             if not all(bool(torch.isfinite(t).all()) for t in group):
                 return False
             continue
-        flat = np.concatenate([t.detach().cpu().numpy().ravel() for t in group])
-        if not bool(np.isfinite(flat).all()):
-            return False
+        # Checked in batches, so a payload of hundreds of MB is not copied whole into one array.
+        batches: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for tensor in group:
+            if size >= _FINITE_BATCH:
+                batches.append([])
+                size = 0
+            batches[-1].append(tensor)
+            size += tensor.numel()
+        for batch in batches:
+            if not bool(np.isfinite(np.concatenate([t.detach().cpu().numpy().ravel() for t in batch])).all()):
+                return False
     return True

@@ -6,18 +6,33 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from aggregator.rounds import (
+    Blob,
+    ChunkResult,
+    ExpiredTransfer,
     Lease,
+    Payload,
     RecordedUpdate,
     RecordResult,
     RoundRecord,
     RoundStatus,
     RoundStore,
     StoredRelease,
+    TransferGone,
 )
 from schemas.messages import LoraUpdate
+
+
+@dataclass
+class _Transfer:
+    signature: str
+    client_id: str
+    count: int
+    deadline: float
+    chunks: dict[int, bytes] = field(default_factory=dict)
 
 
 class MemoryRoundStore(RoundStore):
@@ -38,6 +53,8 @@ class MemoryRoundStore(RoundStore):
         self._refusals: collections.Counter[str] = collections.Counter()
         self._publish_claims: dict[int, float] = {}  # version -> claim expiry (monotonic)
         self._health: dict[str, tuple[str, float]] = {}  # owner -> (info, expiry)
+        self._transfers: dict[str, _Transfer] = {}
+        self._blobs: dict[str, list[bytes]] = {}  # staged or adopted chunked payloads (no expiry in memory)
 
     def version(self) -> int:
         with self._lock:
@@ -48,7 +65,9 @@ class MemoryRoundStore(RoundStore):
             ids = self._rounds.get(self._version, [])
             return RoundStatus(self._version, len(ids), self._opened.get(self._version))
 
-    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record(
+        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+    ) -> RecordResult:
         with self._lock:
             if header.update_id in self._seen:
                 return RecordResult.DUPLICATE
@@ -57,11 +76,83 @@ class MemoryRoundStore(RoundStore):
             if max_staleness is not None and self._version - header.base_version > max_staleness:
                 return RecordResult.STALE
             self._seen.add(header.update_id)
-            self._updates[header.update_id] = RecordedUpdate(header, bytes(payload))
+            # bytes stay bytes; an assembled bytearray is kept as it is (no copy of a large payload)
+            self._updates[header.update_id] = RecordedUpdate(header, payload)
             ids = self._rounds.setdefault(self._version, [])
             ids.append(header.update_id)
             self._opened.setdefault(self._version, now)
             return RecordResult.RECORDED
+
+    def put_chunk(
+        self,
+        update_id: str,
+        index: int,
+        body: bytes,
+        *,
+        count: int,
+        signature: str,
+        client_id: str,
+        now: float,
+        expiry_s: float,
+    ) -> ChunkResult:
+        with self._lock:
+            if update_id in self._seen:
+                return ChunkResult.RECORDED
+            transfer = self._transfers.setdefault(update_id, _Transfer(signature, client_id, count, now + expiry_s))
+            if transfer.signature != signature:
+                return ChunkResult.MISMATCH
+            transfer.deadline = now + expiry_s
+            fresh = index not in transfer.chunks
+            if fresh:
+                transfer.chunks[index] = bytes(body)
+            if len(transfer.chunks) >= transfer.count:
+                return ChunkResult.COMPLETE
+            return ChunkResult.STORED if fresh else ChunkResult.DUPLICATE
+
+    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+        with self._lock:
+            transfer = self._transfers.get(update_id)
+            chunks = [transfer.chunks.get(i) for i in range(transfer.count)] if transfer else None
+        if chunks is None or any(c is None for c in chunks):
+            return None
+        out = bytearray().join(c for c in chunks if c is not None)
+        return out if len(out) == size else None
+
+    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+        with self._lock:
+            if header.update_id not in self._seen and header.update_id not in self._transfers:
+                raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
+        payload = self.transfer_payload(header.update_id, header.payload.size)
+        if payload is None:
+            raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
+        result = self.record(header, payload, now, max_staleness)
+        if result is RecordResult.RECORDED:
+            self.drop_transfer(header.update_id)
+        return result
+
+    def drop_transfer(self, update_id: str) -> None:
+        with self._lock:
+            self._transfers.pop(update_id, None)
+
+    def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
+        with self._lock:
+            due = [i for i, t in self._transfers.items() if t.deadline <= now]
+            out = []
+            for update_id in due:
+                t = self._transfers.pop(update_id)
+                out.append(ExpiredTransfer(update_id, t.client_id, len(t.chunks), t.count))
+            return out
+
+    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+        stored = [bytes(c) for c in chunks]
+        with self._lock:
+            self._blobs[key] = stored
+        return Blob(key, sum(map(len, stored)))
+
+    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
+        with self._lock:
+            chunks = list(self._blobs.get(blob.key, []))
+        yield from chunks
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         with self._lock:

@@ -2,40 +2,80 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import cast
 
 import redis
 
 from aggregator.keys import Keys
 from aggregator.rounds import (
+    Blob,
+    ChunkResult,
+    ExpiredTransfer,
     Lease,
+    Payload,
     RecordedUpdate,
     RecordResult,
     RoundRecord,
     RoundStatus,
     RoundStore,
     StoredRelease,
+    TransferGone,
 )
 from schemas.messages import LoraUpdate, parse_release, parse_update
 
 # Per-round keys are built inside the scripts from the namespace (ARGV), because the round number
 # is only known there; aggregator.keys.Keys builds the same names (tests check they agree).
-# KEYS: seen, version, update hash, payload key. ARGV: id, header, (unused), now, namespace, base version,
-# max staleness (-1: no limit). The payload itself was SET beforehand under a key named by its sha256:
-# passing megabytes through a script's arguments costs three times a plain SET.
+# KEYS: seen, version, update hash, payload key [, final payload key, open transfers, transfer meta].
+# ARGV: id, header, (unused), now, namespace, base version, max staleness (-1: no limit).
+# The payload itself was SET beforehand under a key named by its sha256: passing megabytes through a
+# script's arguments costs three times a plain SET. A chunked payload (seven keys) is the transfer's hash
+# of chunks, renamed (not copied) to the update's payload key.
 _RECORD = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 local v = redis.call('GET', KEYS[2]) or '0'
 local base = tonumber(ARGV[6])
 if base > tonumber(v) then return 3 end
 if tonumber(ARGV[7]) >= 0 and tonumber(v) - base > tonumber(ARGV[7]) then return 2 end
-if redis.call('PERSIST', KEYS[4]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
+local payload = KEYS[4]
+if #KEYS > 4 then
+  if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
+  redis.call('RENAME', KEYS[4], KEYS[5])
+  payload = KEYS[5]
+  redis.call('PERSIST', payload)
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('DEL', KEYS[7])
+  redis.call('HSET', KEYS[3], 'chunked', '1')
+elseif redis.call('PERSIST', KEYS[4]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[3], 'header', ARGV[2], 'payload', KEYS[4])
+redis.call('HSET', KEYS[3], 'header', ARGV[2], 'payload', payload)
 redis.call('RPUSH', ARGV[5] .. 'round:' .. v .. ':updates', ARGV[1])
 redis.call('SET', ARGV[5] .. 'round:' .. v .. ':opened', ARGV[4], 'NX')
 return 1
+"""
+
+# A chunk's bookkeeping, before its bytes are written. KEYS: seen, transfer meta, open transfers, transfer.
+# ARGV: update id, signature, client, count, deadline, ttl (ms). Returns 1 (go on), 0 (already counted),
+# -1 (another header or chunking under this id).
+_OPEN_TRANSFER = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+local sig = redis.call('HGET', KEYS[2], 'signature')
+if not sig then
+  redis.call('HSET', KEYS[2], 'signature', ARGV[2], 'client', ARGV[3], 'count', ARGV[4])
+elseif sig ~= ARGV[2] then return -1 end
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+return 1
+"""
+
+# Take one idle transfer off the open set and drop its chunks; only the caller whose ZREM succeeded reports.
+# KEYS: open transfers, transfer, transfer meta. ARGV: update id.
+_EXPIRE_TRANSFER = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return false end
+local got = redis.call('HLEN', KEYS[2])
+local meta = redis.call('HMGET', KEYS[3], 'client', 'count')
+redis.call('DEL', KEYS[2], KEYS[3])
+return {got, meta[1] or '', meta[2] or '0'}
 """
 
 _ACQUIRE = """
@@ -53,7 +93,8 @@ return 0
 """
 
 # KEYS: version, fence, lease, unpublished, history, releases(next)
-# ARGV: round, token, consumed, record, now, namespace, n_adapters, (key, payload)*, (client, header)*
+# ARGV: round, token, consumed, record, now, namespace, n_adapters, (key, kind, payload)*, (client, header)*
+# kind "v": the payload itself; kind "b": the key of a staged hash of chunks, adopted by renaming it.
 _COMMIT = """
 local round = tonumber(ARGV[1])
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= round then return 0 end
@@ -72,8 +113,14 @@ end
 local n_adapters = tonumber(ARGV[7])
 local i = 8
 for _ = 1, n_adapters do
-  redis.call('SET', ARGV[i], ARGV[i + 1])
-  i = i + 2
+  if ARGV[i + 1] == 'b' then
+    if redis.call('EXISTS', ARGV[i + 2]) == 0 then return -1 end
+    redis.call('RENAME', ARGV[i + 2], ARGV[i])
+    redis.call('PERSIST', ARGV[i])
+  else
+    redis.call('SET', ARGV[i], ARGV[i + 2])
+  end
+  i = i + 3
 end
 while i <= #ARGV do
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
@@ -88,6 +135,7 @@ return 1
 
 
 _ORPHAN_PAYLOAD_TTL_S = 24 * 3600
+_TRANSFER_GRACE_S = 60.0
 _RECORD_RESULTS = {
     0: RecordResult.DUPLICATE,
     1: RecordResult.RECORDED,
@@ -104,6 +152,8 @@ class RedisRoundStore(RoundStore):
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._commit = client.register_script(_COMMIT)
+        self._open_transfer = client.register_script(_OPEN_TRANSFER)
+        self._expire_transfer = client.register_script(_EXPIRE_TRANSFER)
 
     @classmethod
     def from_url(cls, url: str, federation: str, *, prefix: str = "flexlora") -> RedisRoundStore:
@@ -124,14 +174,22 @@ class RedisRoundStore(RoundStore):
             return self.status()
         return RoundStatus(version, int(count), float(opened) if opened is not None else None)
 
-    def record(self, header: LoraUpdate, payload: bytes, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record(
+        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+    ) -> RecordResult:
         k = self.keys
         payload_key = k.update_payload(header.update_id, header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         self.r.set(payload_key, payload, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
+        return self._run_record(header, [payload_key], now, max_staleness)
+
+    def _run_record(
+        self, header: LoraUpdate, payload_keys: list[str], now: float, max_staleness: int | None
+    ) -> RecordResult:
+        k = self.keys
         done = self._record(
-            keys=[k.seen, k.version, k.update(header.update_id), payload_key],
+            keys=[k.seen, k.version, k.update(header.update_id), *payload_keys],
             args=[
                 header.update_id,
                 header.model_dump_json(),
@@ -144,23 +202,116 @@ class RedisRoundStore(RoundStore):
         )
         result = int(done)
         if result == -1:
-            raise RuntimeError(f"payload of update {header.update_id} vanished before it was recorded")
+            raise TransferGone(f"payload of update {header.update_id} vanished before it was recorded")
         return _RECORD_RESULTS[result]
+
+    # --- chunked transfers ----------------------------------------------------------------------------------
+    def put_chunk(
+        self,
+        update_id: str,
+        index: int,
+        body: bytes,
+        *,
+        count: int,
+        signature: str,
+        client_id: str,
+        now: float,
+        expiry_s: float,
+    ) -> ChunkResult:
+        k = self.keys
+        # The chunks outlive the deadline a little, so the reaper (not Redis) is what drops and reports them.
+        ttl_ms = int((expiry_s + _TRANSFER_GRACE_S) * 1000)
+        state = int(
+            self._open_transfer(
+                keys=[k.seen, k.transfer_meta(update_id), k.transfers_open, k.transfer(update_id)],
+                args=[update_id, signature, client_id, count, repr(now + expiry_s), ttl_ms],
+            )
+        )
+        if state == 0:
+            return ChunkResult.RECORDED
+        if state == -1:
+            return ChunkResult.MISMATCH
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(k.transfer(update_id), str(index), body)
+        pipe.pexpire(k.transfer(update_id), ttl_ms)
+        pipe.hlen(k.transfer(update_id))
+        added, _, have = pipe.execute()
+        if int(have) >= count:
+            return ChunkResult.COMPLETE
+        return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE
+
+    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+        try:
+            return self.read_blob(Blob(self.keys.transfer(update_id), size))
+        except TransferGone:
+            return None
+
+    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+        k = self.keys
+        update_id = header.update_id
+        final = k.update_payload(update_id, header.payload.sha256)
+        keys = [k.transfer(update_id), final, k.transfers_open, k.transfer_meta(update_id)]
+        return self._run_record(header, keys, now, max_staleness)
+
+    def drop_transfer(self, update_id: str) -> None:
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(k.transfers_open, update_id)
+        pipe.delete(k.transfer(update_id), k.transfer_meta(update_id))
+        pipe.execute()
+
+    def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
+        k = self.keys
+        due = cast(list[bytes], self.r.zrangebyscore(k.transfers_open, "-inf", repr(now), start=0, num=100))
+        out = []
+        for raw in due:
+            update_id = raw.decode()
+            got = self._expire_transfer(
+                keys=[k.transfers_open, k.transfer(update_id), k.transfer_meta(update_id)], args=[update_id]
+            )
+            if got:
+                received, client, count = got
+                out.append(ExpiredTransfer(update_id, bytes(client).decode(), int(received), int(count)))
+        return out
+
+    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        size = 0
+        for index, chunk in enumerate(chunks):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(key, str(index), chunk)
+            pipe.pexpire(key, ttl_ms)
+            pipe.execute()
+            size += len(chunk)
+        return Blob(key, size)
+
+    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
+        index = 0
+        while True:
+            chunk = cast(bytes | None, self.r.hget(blob.key, str(index)))
+            if chunk is None:
+                return
+            yield chunk
+            index += 1
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         ids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
         pipe = self.r.pipeline(transaction=False)
         for update_id in ids:
-            pipe.hmget(self.keys.update(update_id.decode()), ["header", "payload"])
-        rows = [(h, key) for h, key in pipe.execute() if h is not None]  # pruned updates are gone
+            pipe.hmget(self.keys.update(update_id.decode()), ["header", "payload", "chunked"])
+        rows = [(parse_update(h), key, c) for h, key, c in pipe.execute() if h is not None]  # pruned: gone
         pipe = self.r.pipeline(transaction=False)
-        for _, payload_key in rows:
-            pipe.get(payload_key)
-        return [
-            RecordedUpdate(parse_update(header), bytes(payload))
-            for (header, _), payload in zip(rows, pipe.execute(), strict=True)
-            if payload is not None
-        ]
+        for _, payload_key, chunked in rows:
+            if not chunked:
+                pipe.get(payload_key)
+        plain = iter(pipe.execute())
+        out = []
+        for header, payload_key, chunked in rows:
+            blob = Blob(payload_key.decode(), header.payload.size) if chunked else None
+            payload: Payload | None = self.read_blob(blob) if blob is not None else next(plain)
+            if payload is not None:
+                out.append(RecordedUpdate(header, payload))
+        return out
 
     def round_update_ids(self, round_id: int) -> list[str]:
         return [i.decode() for i in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
@@ -183,7 +334,7 @@ class RedisRoundStore(RoundStore):
     ) -> bool:
         k = self.keys
         version = lease.round_id + 1
-        adapters: dict[str, bytes] = {}
+        adapters: dict[str, bytes | Blob] = {}
         headers: list[str | bytes] = []
         for rel in releases:
             h = rel.header
@@ -199,7 +350,7 @@ class RedisRoundStore(RoundStore):
             len(adapters),
         ]
         for key, payload in adapters.items():
-            args += [key, payload]
+            args += [key, "b", payload.key] if isinstance(payload, Blob) else [key, "v", payload]
         args += headers
         keys = [
             k.version,
@@ -209,16 +360,28 @@ class RedisRoundStore(RoundStore):
             k.history,
             k.releases(version),
         ]
-        return int(self._commit(keys=keys, args=args)) == 1
+        done = int(self._commit(keys=keys, args=args))
+        if done == -1:
+            raise TransferGone(f"a staged adapter of version {version} expired before the commit")
+        return done == 1
 
     def releases(self, version: int) -> dict[str, StoredRelease]:
         raw = cast(dict[bytes, bytes], self.r.hgetall(self.keys.releases(version)))
         headers = [parse_release(v) for v in raw.values()]
         keys = sorted({self.keys.adapter(version, h.rank, h.lora_alpha) for h in headers})
-        payloads = dict(zip(keys, cast(list[bytes | None], self.r.mget(keys)), strict=True)) if keys else {}
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        kinds = dict(zip(keys, pipe.execute(), strict=True))
+        plain = [key for key in keys if kinds[key] == b"string"]
+        payloads = dict(zip(plain, cast(list[bytes | None], self.r.mget(plain)), strict=True)) if plain else {}
         out = {}
         for h in headers:
-            payload = payloads[self.keys.adapter(version, h.rank, h.lora_alpha)]
+            key = self.keys.adapter(version, h.rank, h.lora_alpha)
+            if kinds[key] == b"hash":
+                out[h.client_id] = StoredRelease(h, Blob(key, h.payload.size))
+                continue
+            payload = payloads.get(key)
             if payload is None:
                 raise RuntimeError(f"release of {h.client_id} at version {version} has no stored adapter")
             out[h.client_id] = StoredRelease(h, bytes(payload))

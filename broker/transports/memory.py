@@ -25,6 +25,17 @@ class _Queue:
         value = self.spec.arguments.get("x-max-length")
         return int(value) if value is not None else None
 
+    @property
+    def max_bytes(self) -> int | None:
+        value = self.spec.arguments.get("x-max-length-bytes")
+        return int(value) if value is not None else None
+
+    def over_limit(self) -> bool:
+        """RabbitMQ's x-max-length and x-max-length-bytes (bodies of ready messages)."""
+        if self.max_length is not None and len(self.ready) > self.max_length:
+            return True
+        return self.max_bytes is not None and sum(len(m.body) for m, _ in self.ready) > self.max_bytes
+
 
 class MemoryBroker:
     """The 'server': exchanges, queues and bindings shared by every MemoryTransport connected to it."""
@@ -69,8 +80,7 @@ class MemoryBroker:
 
     def _enqueue(self, queue: _Queue, message: Message, delivered: int) -> None:
         queue.ready.append((message, delivered))
-        limit = queue.max_length
-        while limit is not None and len(queue.ready) > limit:
+        while queue.ready and queue.over_limit():
             queue.ready.popleft()  # x-overflow drop-head
 
     def requeue(self, queue_name: str, message: Message, delivered: int) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from broker.connect import connect
 from broker.errors import BrokerError, PublishRefused
-from broker.topology import UPDATE_ROUTING_KEY, Topology
+from broker.topology import UPDATE_ROUTING_KEY, BindingSpec, ExchangeSpec, QueueSpec, Topology
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
 from schemas.messages import REASON_KEY
@@ -149,11 +149,23 @@ def test_poison_message_is_dead_lettered_past_the_delivery_limit(transport: Tran
     assert dead == [b"poison"]
 
 
-def test_adapter_mailbox_keeps_only_the_newest(transport: Transport, topo: Topology) -> None:
-    transport.declare(topo.client("c1"))
-    for version in (b"v1", b"v2", b"v3"):
-        transport.publish(topo.adapters_exchange, "c1", version, {})
-    assert _drain(transport, topo.adapter_queue("c1"), topo.dead_letter_exchange) == [b"v3"]
+def test_a_byte_bounded_mailbox_drops_the_oldest_first(transport: Transport, topo: Topology) -> None:
+    # The adapter mailbox's semantics (x-max-length-bytes with drop-head), at a bound small enough to test.
+    queue = topo.adapter_queue("c1")
+    bounded = QueueSpec(queue, {"x-queue-type": "classic", "x-max-length-bytes": 10, "x-overflow": "drop-head"})
+    transport.declare([ExchangeSpec(topo.adapters_exchange), bounded, BindingSpec(queue, topo.adapters_exchange, "c1")])
+    for body in (b"v1-a", b"v2-b", b"v3-c"):
+        transport.publish(topo.adapters_exchange, "c1", body, {})
+    assert _drain(transport, queue, topo.dead_letter_exchange) == [b"v2-b", b"v3-c"]
+
+
+def test_the_mailbox_holds_two_of_the_largest_adapters() -> None:
+    from aggregator.settings import AggregatorSettings
+    from broker.topology import MAILBOX_MAX_BYTES
+
+    (spec,) = [s for s in Topology("f").client("c1") if isinstance(s, QueueSpec)]
+    assert spec.arguments["x-max-length-bytes"] == MAILBOX_MAX_BYTES
+    assert AggregatorSettings.model_fields["max_update_bytes"].default * 2 <= MAILBOX_MAX_BYTES
 
 
 def test_concurrent_publishers_share_one_transport(transport: Transport, topo: Topology) -> None:

@@ -1,0 +1,126 @@
+"""Chunked updates: each chunk is kept in the round store as it arrives, at whichever aggregator it reaches;
+the aggregator that stores the last one reassembles, validates and records the update.
+
+Exactly once, whatever the broker does:
+- a chunk is acked only once it is in the store, and the last one only once the update is recorded, so a
+  crash anywhere redelivers it and the next aggregator finds the update complete and records it;
+- chunks delivered twice are kept once (by index), and chunks of an update already counted are dropped;
+- chunks out of order are placed by index; two aggregators that both see the update complete race to
+  record it, and the store's update-id guard lets one through;
+- an update whose chunks stop coming is dropped after `expiry_s` idle seconds and reported, never counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from aggregator.rounds import ChunkResult, ExpiredTransfer, RecordResult, RoundStore, TransferGone
+from aggregator.validation import ValidUpdate, check_header, validate_payload
+from broker.transport import Message
+from schemas.chunks import CHUNK_KEY, check_chunk, parse_chunk
+from schemas.errors import SchemaError
+from schemas.messages import HEADER_KEY, LoraUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """`stored`: kept, the update still incomplete (or this chunk was kept before); `counted`: the update was
+    counted already; `gone`: the update expired while its last chunk was handled; `complete`: recorded now,
+    with `valid` and `result` as for a single-message update."""
+
+    state: str
+    valid: ValidUpdate | None = None
+    result: RecordResult | None = None
+
+
+class ChunkIntake:
+    def __init__(
+        self,
+        store: RoundStore,
+        federation: str,
+        *,
+        expiry_s: float,
+        max_bytes: int | None,
+        pins: dict[str, str] | None = None,
+    ) -> None:
+        self.store = store
+        self.federation = federation
+        self.expiry_s = expiry_s
+        self.max_bytes = max_bytes
+        self.pins = pins
+
+    @staticmethod
+    def is_chunk(message: Message) -> bool:
+        return CHUNK_KEY in message.headers
+
+    def take(self, message: Message, now: float, max_staleness: int | None) -> ChunkOutcome:
+        """Keep one chunk; on the last, validate and record the update. SchemaError refuses the chunk (and,
+        when the reassembled update is what fails, drops the whole transfer)."""
+        header = check_header(message, self.federation, self.max_bytes)
+        chunk = parse_chunk(message.headers.get(CHUNK_KEY))
+        if chunk.transfer_id != header.update_id:
+            raise SchemaError(
+                f"chunk of transfer {chunk.transfer_id} carries update {header.update_id}", reason="chunk"
+            )
+        check_chunk(chunk, message.body, header.payload)
+        header_json = message.headers[HEADER_KEY]
+        signature = f"{hashlib.sha256(header_json.encode()).hexdigest()}:{chunk.chunk_bytes}:{chunk.count}"
+        state = self.store.put_chunk(
+            header.update_id,
+            chunk.index,
+            message.body,
+            count=chunk.count,
+            signature=signature,
+            client_id=header.client_id,
+            now=now,
+            expiry_s=self.expiry_s,
+        )
+        if state is ChunkResult.MISMATCH:
+            raise SchemaError(
+                f"chunk {chunk.index} of update {header.update_id} disagrees with its other chunks' header or chunking",
+                reason="chunk",
+            )
+        if state is ChunkResult.RECORDED:
+            return ChunkOutcome("counted")
+        if state is not ChunkResult.COMPLETE:
+            return ChunkOutcome("stored")
+        payload = self.store.transfer_payload(header.update_id, header.payload.size)
+        if payload is None:  # another aggregator recorded it meanwhile, or it expired
+            return self._record(header, now, max_staleness)
+        try:
+            valid = validate_payload(header, payload, self.store, self.pins)
+        except SchemaError:
+            self.store.drop_transfer(header.update_id)
+            raise
+        del payload  # the factors are views into it; this is only the last name of the buffer itself
+        outcome = self._record(header, now, max_staleness)
+        if outcome.state == "complete" and outcome.result in (RecordResult.STALE, RecordResult.FUTURE):
+            self.store.drop_transfer(header.update_id)
+        return ChunkOutcome(outcome.state, valid, outcome.result)
+
+    def _record(self, header: LoraUpdate, now: float, max_staleness: int | None) -> ChunkOutcome:
+        try:
+            result = self.store.record_transfer(header, now, max_staleness)
+        except TransferGone:
+            log.warning("update %s expired while its last chunk was being handled; not counted", header.update_id)
+            return ChunkOutcome("gone")
+        if result is RecordResult.DUPLICATE:
+            return ChunkOutcome("counted")
+        return ChunkOutcome("complete", result=result)
+
+    def expire(self, now: float) -> list[ExpiredTransfer]:
+        """Drop the transfers idle past their expiry (each reported by exactly one aggregator)."""
+        expired = self.store.expire_transfers(now)
+        for t in expired:
+            log.warning(
+                "update %s from %s expired incomplete: %d of %d chunks arrived; it is not counted",
+                t.update_id,
+                t.client_id or "?",
+                t.received,
+                t.count,
+            )
+        return expired
