@@ -11,6 +11,7 @@ from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_expo
 
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import AggregatorMetrics
+from aggregator.security import load_signing_keys
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores.redis import RedisRoundStore
@@ -40,6 +41,12 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         chunk_bytes=settings.chunk_bytes,
         max_update_bytes=settings.max_update_bytes,
         transfer_expiry_s=settings.transfer_expiry_s,
+        min_rank=settings.min_rank,
+        max_rank=settings.max_rank,
+        max_update_norm=settings.max_update_norm,
+        norm_outlier_factor=settings.norm_outlier_factor,
+        require_identity=settings.require_identity,
+        signing_keys=load_signing_keys(settings.signing_keys) if settings.signing_keys is not None else None,
     )
     # One set of metrics for the process's life: counters keep counting across reconnects.
     metrics = AggregatorMetrics(settings.federation)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aggregator.lowrank import SvdMode
 from aggregator.rounds import RoundPolicy
+from aggregator.security import Guard
 from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighting
+from aggregator.validation import Limits
+from broker.topology import Topology
 from schemas.chunks import DEFAULT_CHUNK_BYTES
 
 
@@ -45,9 +49,29 @@ class AggregatorConfig:
     max_update_bytes: int | None = 2 * 1024**3
     # A chunked update that gets no new chunk for this long is dropped and reported, never counted.
     transfer_expiry_s: float = 300.0
+    # Bounds an update must keep (refused "rank", "norm"); an update whose ‖ΔW‖ exceeds this factor times the
+    # median of the open round's (once it holds 3) is refused "norm-outlier".
+    min_rank: int = 1
+    max_rank: int | None = None
+    max_update_norm: float | None = None
+    norm_outlier_factor: float | None = None
+    # Senders must be the broker user provisioned for the client they name (see aggregator.security), and
+    # sign their headers when signing keys are given.
+    require_identity: bool = False
+    signing_keys: Mapping[str, bytes] | None = None
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
+
+
+def limits(config: AggregatorConfig) -> Limits:
+    return Limits(config.max_update_bytes, config.min_rank, config.max_rank, config.max_update_norm)
+
+
+def guard(config: AggregatorConfig) -> Guard | None:
+    if not config.require_identity and config.signing_keys is None:
+        return None
+    return Guard(Topology(config.federation), config.require_identity, config.signing_keys)
 
 
 def build_aggregation(config: AggregatorConfig) -> tuple[Strategy, Weighting]:

@@ -32,6 +32,9 @@ class Keys:
     def round_opened(self, round_id: int) -> str:  # float: when the round's first update arrived
         return self._k("round", round_id, "opened")
 
+    def round_norms(self, round_id: int) -> str:  # list of the ‖ΔW‖ of the round's accepted updates
+        return self._k("round", round_id, "norms")
+
     def update(self, update_id: str) -> str:  # hash: header (JSON), payload (the key below)
         return self._k("update", update_id)
 

@@ -25,6 +25,7 @@ class RecordResult(enum.Enum):
     DUPLICATE = "duplicate"  # a redelivery or a replay: already counted, ack it and move on
     STALE = "stale"  # trained from a version more than max_staleness behind the open round: refused
     FUTURE = "future"  # claims a base version that has not been released yet: refused
+    REPLAY = "replay"  # an update id counted already, now with another payload: refused
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ Payload = bytes | bytearray
 
 @dataclass(frozen=True)
 class RecordedUpdate:
+    """A counted update; a chunked one's payload stays in the store (a Blob) until someone reads it."""
+
     header: LoraUpdate
-    payload: Payload
+    payload: Payload | Blob
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,15 @@ class RoundStore(abc.ABC):
         """Store a payload chunk by chunk under `key` (expiring unless a commit adopts it)."""
 
     @abc.abstractmethod
+    def read_chunk(self, blob: Blob, index: int) -> bytes | None:
+        """One chunk of a stored payload (None past its end or if it is gone)."""
+
     def iter_blob(self, blob: Blob) -> Iterator[bytes]:
         """A stored payload's chunks in order, one at a time."""
+        index = 0
+        while (chunk := self.read_chunk(blob, index)) is not None:
+            yield chunk
+            index += 1
 
     def read_blob(self, blob: Blob) -> bytearray:
         """A stored payload assembled into one buffer."""
@@ -211,13 +221,21 @@ class RoundStore(abc.ABC):
             raise TransferGone(f"payload {blob.key} has {at} of its {blob.size} bytes")
         return out
 
-    def payload(self, release: StoredRelease) -> Payload:
-        """A release's payload, assembled if it is kept in chunks."""
-        return self.read_blob(release.payload) if isinstance(release.payload, Blob) else release.payload
+    def payload(self, item: StoredRelease | RecordedUpdate) -> Payload:
+        """A release's or an update's payload, assembled if it is kept in chunks."""
+        return self.read_blob(item.payload) if isinstance(item.payload, Blob) else item.payload
 
     @abc.abstractmethod
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         """The updates recorded in a round, in arrival order (none once the round is pruned)."""
+
+    @abc.abstractmethod
+    def note_norm(self, round_id: int, norm: float) -> None:
+        """Remember an accepted update's ‖ΔW‖ in a round (for the median-outlier check)."""
+
+    @abc.abstractmethod
+    def norms(self, round_id: int) -> list[float]:
+        """The ‖ΔW‖ of the updates noted in a round."""
 
     @abc.abstractmethod
     def round_update_ids(self, round_id: int) -> list[str]:

@@ -9,15 +9,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from aggregator.config import AggregatorConfig, build_aggregation
+from aggregator.blobs import LazyFactors
+from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
 from aggregator.flexlora import ClientAdapter, RankRequest
 from aggregator.joining import join_release
 from aggregator.metrics import AggregatorMetrics
 from aggregator.releasing import encode_release, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
+    Blob,
     Lease,
     Participant,
     RecordedUpdate,
@@ -28,12 +30,12 @@ from aggregator.rounds import (
 )
 from aggregator.strategies import ClientMeta
 from aggregator.transfers import ChunkIntake
-from aggregator.validation import validate_update
+from aggregator.validation import ValidUpdate, validate_update
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import SchemaError
-from schemas.lora import join_lora, split_lora
+from schemas.lora import LoraFactors, join_lora, split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, parse_join
 from schemas.tensors import decode_tensors
 
@@ -69,11 +71,13 @@ class AggregatorService:
         self.strategy, self.weighting = build_aggregation(config)
         self._last_step = self.clock()
         self._pins: dict[str, str] = {}
+        self.limits, self.guard = limits(config), guard(config)
         self.intake = ChunkIntake(
             store,
             config.federation,
             expiry_s=config.transfer_expiry_s,
-            max_bytes=config.max_update_bytes,
+            limits=self.limits,
+            guard=self.guard,
             pins=self._pins,
         )
         self._last_expiry_check = 0.0
@@ -170,7 +174,8 @@ class AggregatorService:
             return
         try:
             if ChunkIntake.is_chunk(delivery.message):
-                chunk = self.intake.take(delivery.message, self.clock(), self.config.max_staleness)
+                now = self.clock()
+                chunk = self.intake.take(delivery.message, now, self.config.max_staleness, self._check_outlier)
                 if chunk.valid is None or chunk.result is None:
                     delivery.ack()  # kept in the store (or counted already): the chunk's work is done
                     self.metrics.chunk(chunk.state)
@@ -178,14 +183,21 @@ class AggregatorService:
                 valid, result = chunk.valid, chunk.result
             else:
                 valid = validate_update(
-                    delivery.message, self.config.federation, self.store, self._pins, self.config.max_update_bytes
+                    delivery.message, self.config.federation, self.store, self._pins, self.limits, self.guard
                 )
+                self._check_outlier(valid)
                 result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+            if result is RecordResult.RECORDED and self.config.norm_outlier_factor is not None:
+                self.store.note_norm(self.store.status().round_id, valid.norm)
             if result is RecordResult.STALE:
                 raise SchemaError(
                     f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
                     "versions behind the open round",
                     reason="stale",
+                )
+            if result is RecordResult.REPLAY:
+                raise SchemaError(
+                    f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
                 )
             if result is RecordResult.FUTURE:
                 raise SchemaError(
@@ -222,12 +234,26 @@ class AggregatorService:
             valid.header.base_version,
         )
 
+    def _check_outlier(self, valid: ValidUpdate) -> None:
+        """Refuse ("norm-outlier") an update whose ‖ΔW‖ is far above the open round's median."""
+        factor = self.config.norm_outlier_factor
+        if factor is None:
+            return
+        norms = sorted(self.store.norms(self.store.status().round_id))
+        if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
+            raise SchemaError(
+                f"‖ΔW‖ = {valid.norm:.4g} is over {factor:g}× the round's median {norms[len(norms) // 2]:.4g}",
+                reason="norm-outlier",
+            )
+
     def handle_join(self, delivery: Delivery) -> None:
         """Send a joining client the newest global adapter at its rank (its mailbox keeps only the newest)."""
         try:
             request = parse_join(delivery.message.headers.get(HEADER_KEY))
             if request.federation != self.config.federation:
                 raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
+            if self.guard is not None:
+                self.guard.check(delivery.message, request.client_id)
             release = join_release(self.store, request)
         except SchemaError as exc:
             log.warning("dead-lettering join request (%s): %s", exc.reason, exc.detail)
@@ -275,8 +301,12 @@ class AggregatorService:
         for item in recorded:
             h = item.header
             # Checked in full (sha256, values) when it was accepted; the strategy checks values again.
-            tensors = decode_tensors(item.payload)
-            factors = split_lora(tensors, rank=h.rank, target_modules=h.target_modules, check_values=False)
+            factors: Mapping[str, LoraFactors]
+            if isinstance(item.payload, Blob):  # chunked: read from the store a module at a time
+                factors = LazyFactors(self.store, item.payload)
+            else:
+                tensors = decode_tensors(item.payload)
+                factors = split_lora(tensors, rank=h.rank, target_modules=h.target_modules, check_values=False)
             clients.append(ClientAdapter(factors, h.rank, h.lora_alpha))
         raw = self.weighting(
             [ClientMeta(i.header.num_samples, lease.round_id - i.header.base_version) for i in recorded]

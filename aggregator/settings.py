@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -31,6 +32,14 @@ class AggregatorSettings(FlexloraSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, description="larger payloads are chunked")
     max_update_bytes: int = Field(default=2 * 1024**3, ge=1, le=MAILBOX_MAX_BYTES // 2)
+    min_rank: int = Field(default=1, ge=1, description="refuse updates below this rank")
+    max_rank: int | None = Field(default=None, ge=1, description="refuse updates above this rank")
+    max_update_norm: float | None = Field(default=None, gt=0, description="refuse updates whose ‖ΔW‖ exceeds this")
+    norm_outlier_factor: float | None = Field(
+        default=None, gt=1, description="refuse updates whose ‖ΔW‖ exceeds this times the open round's median"
+    )
+    require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
+    signing_keys: Path | None = Field(default=None, description="JSON of client id -> hex HMAC key; signs required")
     transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")
 
     @model_validator(mode="after")

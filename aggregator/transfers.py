@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aggregator.rounds import ChunkResult, ExpiredTransfer, RecordResult, RoundStore, TransferGone
-from aggregator.validation import ValidUpdate, check_header, validate_payload
+from aggregator.security import Guard
+from aggregator.validation import Limits, ValidUpdate, check_header, validate_payload
 from broker.transport import Message
 from schemas.chunks import CHUNK_KEY, check_chunk, parse_chunk
 from schemas.errors import SchemaError
@@ -44,23 +46,31 @@ class ChunkIntake:
         federation: str,
         *,
         expiry_s: float,
-        max_bytes: int | None,
+        limits: Limits,
+        guard: Guard | None = None,
         pins: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.federation = federation
         self.expiry_s = expiry_s
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.guard = guard
         self.pins = pins
 
     @staticmethod
     def is_chunk(message: Message) -> bool:
         return CHUNK_KEY in message.headers
 
-    def take(self, message: Message, now: float, max_staleness: int | None) -> ChunkOutcome:
+    def take(
+        self,
+        message: Message,
+        now: float,
+        max_staleness: int | None,
+        admit: Callable[[ValidUpdate], None] | None = None,
+    ) -> ChunkOutcome:
         """Keep one chunk; on the last, validate and record the update. SchemaError refuses the chunk (and,
         when the reassembled update is what fails, drops the whole transfer)."""
-        header = check_header(message, self.federation, self.max_bytes)
+        header = check_header(message, self.federation, self.limits, self.guard)
         chunk = parse_chunk(message.headers.get(CHUNK_KEY))
         if chunk.transfer_id != header.update_id:
             raise SchemaError(
@@ -92,7 +102,9 @@ class ChunkIntake:
         if payload is None:  # another aggregator recorded it meanwhile, or it expired
             return self._record(header, now, max_staleness)
         try:
-            valid = validate_payload(header, payload, self.store, self.pins)
+            valid = validate_payload(header, payload, self.store, self.pins, self.limits)
+            if admit is not None:
+                admit(valid)  # the service's own checks (the round's norm median), before it counts
         except SchemaError:
             self.store.drop_transfer(header.update_id)
             raise

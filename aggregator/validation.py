@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from aggregator.rounds import Payload, RoundStore
+from aggregator.security import Guard
 from broker.transport import Message
 from schemas.errors import SchemaError
 from schemas.lora import LoraFactors, module_shapes, split_lora
@@ -20,6 +21,26 @@ PIN_MODULES = "module_shapes"
 class ValidUpdate:
     header: LoraUpdate
     factors: dict[str, LoraFactors]
+    norm: float  # ‖ΔW‖_F over every module, ΔW = (α/r)·B·A
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A federation's bounds on what an update may be; None means unbounded."""
+
+    max_bytes: int | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    max_norm: float | None = None
+
+
+def update_norm(factors: dict[str, LoraFactors], scale: float) -> float:
+    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module."""
+    total = 0.0
+    for a, b in factors.values():
+        a64, b64 = a.double(), b.double()
+        total += float(((b64.T @ b64) * (a64 @ a64.T)).sum().clamp(min=0))
+    return float(scale * total**0.5)
 
 
 def pinned(store: RoundStore, name: str, value: str, cache: dict[str, str] | None = None) -> str:
@@ -38,40 +59,56 @@ def validate_update(
     federation: str,
     store: RoundStore,
     pins: dict[str, str] | None = None,
-    max_bytes: int | None = None,
+    limits: Limits = Limits(),
+    guard: Guard | None = None,
 ) -> ValidUpdate:
-    """Header, integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes.
+    """Header, sender, limits, integrity, safetensors, LoRA layout, then the federation's pinned base model and
+    shapes.
 
     The first accepted update pins the base-model fingerprint and the module shapes; every later update
     must match them, so updates from a different base model can never be averaged together.
     """
-    header = check_header(message, federation, max_bytes)
-    return validate_payload(header, message.body, store, pins)
+    header = check_header(message, federation, limits, guard)
+    return validate_payload(header, message.body, store, pins, limits)
 
 
-def check_header(message: Message, federation: str, max_bytes: int | None) -> LoraUpdate:
-    """The checks that need only the header: schema, federation, and the size limit (before any decoding)."""
+def check_header(message: Message, federation: str, limits: Limits, guard: Guard | None = None) -> LoraUpdate:
+    """The checks that need only the header, before any of the payload is decoded: schema, federation, sender
+    (identity and signature), size and rank."""
     header = parse_update(message.headers.get(HEADER_KEY))
     if header.federation != federation:
         raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
-    if max_bytes is not None and max(header.payload.size, len(message.body)) > max_bytes:
+    if guard is not None:
+        guard.check(message, header.client_id)
+    size = max(header.payload.size, len(message.body))
+    if limits.max_bytes is not None and size > limits.max_bytes:
         raise SchemaError(
-            f"payload of {max(header.payload.size, len(message.body))} bytes exceeds the federation's limit of "
-            f"{max_bytes} bytes",
-            reason="too-large",
+            f"payload of {size} bytes exceeds the federation's limit of {limits.max_bytes} bytes", reason="too-large"
+        )
+    if header.rank < limits.min_rank or (limits.max_rank is not None and header.rank > limits.max_rank):
+        raise SchemaError(
+            f"rank {header.rank} is outside the federation's bounds [{limits.min_rank}, {limits.max_rank or '∞'}]",
+            reason="rank",
         )
     return header
 
 
 def validate_payload(
-    header: LoraUpdate, body: Payload, store: RoundStore, pins: dict[str, str] | None = None
+    header: LoraUpdate,
+    body: Payload,
+    store: RoundStore,
+    pins: dict[str, str] | None = None,
+    limits: Limits = Limits(),
 ) -> ValidUpdate:
-    """Integrity, safetensors, LoRA layout, then the federation's pinned base model and shapes."""
+    """Integrity, safetensors, LoRA layout, the norm bound, then the federation's pinned base model and shapes."""
     tensors = decode_tensors(body, header.payload)
     # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
     factors = split_lora(
         tensors, rank=header.rank, target_modules=header.target_modules, check_values=not all_finite(tensors)
     )
+    norm = update_norm(factors, header.lora_alpha / header.rank)
+    if limits.max_norm is not None and norm > limits.max_norm:
+        raise SchemaError(f"‖ΔW‖ = {norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason="norm")
     fingerprint = pinned(store, PIN_FINGERPRINT, header.base_model_fingerprint, pins)
     if fingerprint != header.base_model_fingerprint:
         raise SchemaError(
@@ -88,4 +125,4 @@ def validate_payload(
             f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",
             reason="modules",
         )
-    return ValidUpdate(header, factors)
+    return ValidUpdate(header, factors, norm)

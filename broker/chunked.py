@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from broker.transport import Transport
@@ -31,16 +31,17 @@ def publish_payload(
     *,
     message_id: str,
     chunk_bytes: int,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> int:
     """Publish a message header with its payload, as one message or as chunks; returns the messages sent.
     Chunk `i` gets the message id `<message_id>:<i>`, so a re-send is recognisably the same chunk."""
     if info.size <= chunk_bytes:
         body = payload if isinstance(payload, bytes) else b"".join(_pieces(payload))
-        transport.publish(exchange, routing_key, body, {HEADER_KEY: header_json}, message_id=message_id)
+        headers = {HEADER_KEY: header_json, **(extra_headers or {})}
+        transport.publish(exchange, routing_key, body, headers, message_id=message_id)
         return 1
-    return publish_chunks(
-        transport, exchange, routing_key, header_json, iter_chunks(_pieces(payload), chunk_bytes), info, message_id
-    )
+    chunks = iter_chunks(_pieces(payload), chunk_bytes)
+    return publish_chunks(transport, exchange, routing_key, header_json, chunks, info, message_id, extra_headers)
 
 
 def _pieces(payload: bytes | bytearray | Sequence[memoryview]) -> list[memoryview]:
@@ -55,6 +56,7 @@ def publish_chunks(
     chunks: Iterable[bytes],
     info: PayloadInfo,
     message_id: str,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> int:
     """Publish a payload already cut into chunks of one size (the first chunk's; the last may be shorter),
     one chunk in memory at a time; returns the chunks sent."""
@@ -72,7 +74,7 @@ def publish_chunks(
             chunk_bytes=chunk_bytes,
             sha256=hashlib.sha256(chunk).hexdigest(),
         )
-        headers = {HEADER_KEY: header_json, CHUNK_KEY: chunk_header.model_dump_json()}
+        headers = {HEADER_KEY: header_json, CHUNK_KEY: chunk_header.model_dump_json(), **(extra_headers or {})}
         transport.publish(exchange, routing_key, chunk, headers, message_id=f"{message_id}:{index}")
     return count
 

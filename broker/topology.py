@@ -70,6 +70,11 @@ class Topology:
     def adapter_queue(self, client_id: str) -> str:
         return self._name("adapters", client_id)
 
+    def client_user(self, client_id: str) -> str:
+        """The RabbitMQ user a provisioned client connects as, which the broker stamps as `user_id` on every
+        message it publishes ("~" appears in no federation or client id, so the name is unambiguous)."""
+        return "~".join((self.prefix, self.federation, client_id))
+
     def core(self) -> list[Spec]:
         """What the aggregators need: the updates path and the dead-letter path."""
         return [

@@ -67,6 +67,7 @@ def build_worker(
         base_model_fingerprint=base.fingerprint,
         adapter_timeout_s=settings.adapter_timeout_s,
         chunk_bytes=settings.chunk_bytes,
+        signing_key=bytes.fromhex(settings.signing_key) if settings.signing_key else None,
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
 

@@ -34,6 +34,9 @@ class ClientSettings(FlexloraSettings):
     rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
     heartbeat_s: int = Field(default=30, ge=1)
     adapter_timeout_s: float = Field(default=3600.0, gt=0)
+    signing_key: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="hex HMAC key, where the federation requires signatures"
+    )
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, description="larger updates are chunked")
     state_dir: Path | None = Field(default=None, description="checkpoint folder (default: the cache)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")

@@ -18,6 +18,7 @@ from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import SchemaError
 from schemas.lora import split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
+from schemas.signing import SIGNATURE_KEY, sign
 from schemas.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class EdgeConfig:
     join_wait_s: float = 3.0
     # Updates larger than this go to the broker in chunks (RabbitMQ 4 refuses messages over 16 MiB).
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Where the federation requires signatures: this client's HMAC key (see aggregator.security).
+    signing_key: bytes | None = None
 
 
 class AdapterTimeout(TimeoutError):
@@ -120,8 +123,12 @@ class EdgeWorker:
             base_model_fingerprint=c.base_model_fingerprint,
             have_version=self.version,
         )
+        header_json = request.model_dump_json()
         self.transport.publish(
-            self.topology.updates_exchange, JOIN_ROUTING_KEY, b"", {HEADER_KEY: request.model_dump_json()}
+            self.topology.updates_exchange,
+            JOIN_ROUTING_KEY,
+            b"",
+            {HEADER_KEY: header_json, **self._signed(header_json)},
         )
         return self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False)
 
@@ -195,16 +202,22 @@ class EdgeWorker:
         )
         return update, data
 
+    def _signed(self, header_json: str) -> dict[str, str]:
+        key = self.config.signing_key
+        return {} if key is None else {SIGNATURE_KEY: sign(key, header_json)}
+
     def send(self, update: LoraUpdate, data: bytes) -> None:
+        header_json = update.model_dump_json()
         publish_payload(
             self.transport,
             self.topology.updates_exchange,
             UPDATE_ROUTING_KEY,
-            update.model_dump_json(),
+            header_json,
             data,
             update.payload,
             message_id=update.update_id,
             chunk_bytes=self.config.chunk_bytes,
+            extra_headers=self._signed(header_json),
         )
         log.info(
             "%s published update %s (rank %d, base v%d, loss %s)",

@@ -36,6 +36,12 @@ def join_lora(factors: Mapping[str, LoraFactors]) -> dict[str, torch.Tensor]:
     return out
 
 
+def key_parts(key: str) -> tuple[str, str] | None:
+    """(module, "A" or "B") of a PEFT LoRA key, or None if the key is not one."""
+    match = _KEY.match(key)
+    return None if match is None else (match["module"], match["factor"])
+
+
 def split_lora(
     tensors: Mapping[str, torch.Tensor],
     *,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,47 +97,72 @@ def iter_chunks(pieces: list[memoryview], chunk_bytes: int) -> Iterator[bytes]:
         yield bytes(buffer)
 
 
-def view_tensors(buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse a safetensors payload into tensors that share `buffer`'s memory; as strict as the library:
-    known float dtypes only, offsets that tile the data exactly, sizes that match the shapes."""
-    view = memoryview(buffer).cast("B")
-    if len(view) < 8:
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a payload: where its bytes lie, counted from the start of the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def header_length(first: bytes | bytearray | memoryview, total: int) -> int:
+    """The header's length from the payload's first 8 bytes, checked against the payload's size."""
+    if len(first) < 8 or total < 8:
         raise TensorDecodeError("payload is not valid safetensors: shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", view[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(view):
-        raise TensorDecodeError(f"payload is not valid safetensors: header of {n} bytes in a {len(view)}-byte payload")
+    (n,) = struct.unpack("<Q", first[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > total:
+        raise TensorDecodeError(f"payload is not valid safetensors: header of {n} bytes in a {total}-byte payload")
+    return int(n)
+
+
+def parse_header(text: bytes | bytearray | memoryview, data_bytes: int) -> list[Entry]:
+    """The tensors a header describes, in data order; as strict as the library: known float dtypes only,
+    offsets that tile the `data_bytes` of data exactly, sizes that match the shapes."""
     try:
-        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
+        header = json.loads(bytes(text).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorDecodeError(f"payload is not valid safetensors: header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise TensorDecodeError("payload is not valid safetensors: header is not a JSON object")
     header.pop("__metadata__", None)
-    data = view[8 + n :]
-    entries = []
-    for name, entry in header.items():
-        entries.append((_offsets(name, entry), name, entry))
+    entries = sorted((_offsets(name, entry), name, entry) for name, entry in header.items())
     expected = 0
-    out = {}
-    for (begin, end), name, entry in sorted(entries, key=lambda e: e[0]):
+    out = []
+    for (begin, end), name, entry in entries:
+        if end > data_bytes:
+            raise TensorDecodeError(f"payload is not valid safetensors: tensor {name!r} runs past the payload's end")
         if begin != expected:
             raise TensorDecodeError(f"payload is not valid safetensors: tensor {name!r} does not follow the previous")
         dtype = DTYPES[entry["dtype"]]
-        shape = entry["shape"]
+        shape = tuple(entry["shape"])
         numel = 1
         for dim in shape:
             numel *= dim
         if end - begin != numel * dtype.itemsize:
             raise TensorDecodeError(f"payload is not valid safetensors: tensor {name!r} has {end - begin} bytes")
-        if numel == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        else:
-            flat = torch.frombuffer(data[begin:end], dtype=dtype)
-            out[name] = flat.view(shape)
+        out.append(Entry(name, dtype, shape, begin, end))
         expected = end
-    if expected != len(data):
-        raise TensorDecodeError(f"payload is not valid safetensors: {len(data) - expected} bytes after the tensors")
+    if expected != data_bytes:
+        raise TensorDecodeError(f"payload is not valid safetensors: {data_bytes - expected} bytes after the tensors")
     return out
+
+
+def tensor_from(entry: Entry, raw: bytearray | memoryview) -> torch.Tensor:
+    """The tensor of `entry` over `raw`, its bytes (shared, not copied)."""
+    if entry.end == entry.begin:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(raw, dtype=entry.dtype).view(entry.shape)
+
+
+def view_tensors(buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Parse a safetensors payload into tensors that share `buffer`'s memory (see parse_header)."""
+    view = memoryview(buffer).cast("B")
+    n = header_length(view, len(view))
+    data = view[8 + n :]
+    return {e.name: tensor_from(e, data[e.begin : e.end]) for e in parse_header(view[8 : 8 + n], len(data))}
 
 
 def _offsets(name: str, entry: object) -> tuple[int, int]:

@@ -41,6 +41,12 @@ KNOWN_NAMES = frozenset(
         "keep_versions",
         "max_update_bytes",
         "transfer_expiry_s",
+        "min_rank",
+        "max_rank",
+        "max_update_norm",
+        "norm_outlier_factor",
+        "require_identity",
+        "signing_keys",
         # edge client
         "client_id",
         "model",
@@ -58,6 +64,7 @@ KNOWN_NAMES = frozenset(
         "adapter_timeout_s",
         "state_dir",
         "eval_examples",
+        "signing_key",
         # read directly: the model cache, and the test suite's service addresses
         "cache",
         "test_amqp_url",

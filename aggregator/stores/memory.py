@@ -6,7 +6,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.rounds import (
@@ -54,6 +54,7 @@ class MemoryRoundStore(RoundStore):
         self._publish_claims: dict[int, float] = {}  # version -> claim expiry (monotonic)
         self._health: dict[str, tuple[str, float]] = {}  # owner -> (info, expiry)
         self._transfers: dict[str, _Transfer] = {}
+        self._norms: dict[int, list[float]] = {}
         self._blobs: dict[str, list[bytes]] = {}  # staged or adopted chunked payloads (no expiry in memory)
 
     def version(self) -> int:
@@ -70,6 +71,9 @@ class MemoryRoundStore(RoundStore):
     ) -> RecordResult:
         with self._lock:
             if header.update_id in self._seen:
+                had = self._updates.get(header.update_id)
+                if had is not None and had.header.payload.sha256 != header.payload.sha256:
+                    return RecordResult.REPLAY
                 return RecordResult.DUPLICATE
             if header.base_version > self._version:
                 return RecordResult.FUTURE
@@ -120,8 +124,8 @@ class MemoryRoundStore(RoundStore):
 
     def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
         with self._lock:
-            if header.update_id not in self._seen and header.update_id not in self._transfers:
-                raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
+            if header.update_id in self._seen:
+                return RecordResult.DUPLICATE
         payload = self.transfer_payload(header.update_id, header.payload.size)
         if payload is None:
             raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
@@ -149,14 +153,22 @@ class MemoryRoundStore(RoundStore):
             self._blobs[key] = stored
         return Blob(key, sum(map(len, stored)))
 
-    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
+    def read_chunk(self, blob: Blob, index: int) -> bytes | None:
         with self._lock:
-            chunks = list(self._blobs.get(blob.key, []))
-        yield from chunks
+            chunks = self._blobs.get(blob.key, [])
+            return chunks[index] if index < len(chunks) else None
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         with self._lock:
             return [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
+
+    def note_norm(self, round_id: int, norm: float) -> None:
+        with self._lock:
+            self._norms.setdefault(round_id, []).append(norm)
+
+    def norms(self, round_id: int) -> list[float]:
+        with self._lock:
+            return list(self._norms.get(round_id, []))
 
     def round_update_ids(self, round_id: int) -> list[str]:
         with self._lock:

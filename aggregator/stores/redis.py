@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 import redis
@@ -32,7 +32,11 @@ from schemas.messages import LoraUpdate, parse_release, parse_update
 # script's arguments costs three times a plain SET. A chunked payload (seven keys) is the transfer's hash
 # of chunks, renamed (not copied) to the update's payload key.
 _RECORD = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  local had = redis.call('HGET', KEYS[3], 'payload')
+  if had and had ~= (KEYS[5] or KEYS[4]) then return 4 end
+  return 0
+end
 local v = redis.call('GET', KEYS[2]) or '0'
 local base = tonumber(ARGV[6])
 if base > tonumber(v) then return 3 end
@@ -141,6 +145,7 @@ _RECORD_RESULTS = {
     1: RecordResult.RECORDED,
     2: RecordResult.STALE,
     3: RecordResult.FUTURE,
+    4: RecordResult.REPLAY,
 }
 
 
@@ -285,14 +290,8 @@ class RedisRoundStore(RoundStore):
             size += len(chunk)
         return Blob(key, size)
 
-    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
-        index = 0
-        while True:
-            chunk = cast(bytes | None, self.r.hget(blob.key, str(index)))
-            if chunk is None:
-                return
-            yield chunk
-            index += 1
+    def read_chunk(self, blob: Blob, index: int) -> bytes | None:
+        return cast(bytes | None, self.r.hget(blob.key, str(index)))
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
         ids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
@@ -307,11 +306,17 @@ class RedisRoundStore(RoundStore):
         plain = iter(pipe.execute())
         out = []
         for header, payload_key, chunked in rows:
-            blob = Blob(payload_key.decode(), header.payload.size) if chunked else None
-            payload: Payload | None = self.read_blob(blob) if blob is not None else next(plain)
+            # A chunked payload stays in Redis: the round reads it a module at a time (aggregator.blobs).
+            payload: Payload | Blob | None = Blob(payload_key.decode(), header.payload.size) if chunked else next(plain)
             if payload is not None:
                 out.append(RecordedUpdate(header, payload))
         return out
+
+    def note_norm(self, round_id: int, norm: float) -> None:
+        self.r.rpush(self.keys.round_norms(round_id), repr(float(norm)))
+
+    def norms(self, round_id: int) -> list[float]:
+        return [float(v) for v in cast(list[bytes], self.r.lrange(self.keys.round_norms(round_id), 0, -1))]
 
     def round_update_ids(self, round_id: int) -> list[str]:
         return [i.decode() for i in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
@@ -408,6 +413,7 @@ class RedisRoundStore(RoundStore):
                 pipe.hget(k.update(update_id.decode()), "payload")
             payload_keys = [key for key in pipe.execute() if key is not None]
             doomed = [*payload_keys, *(k.update(i.decode()) for i in ids), k.releases(version)]
+            doomed.append(k.round_norms(version - 1))
             doomed += list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
             self.r.delete(*doomed)
             dropped += len(payload_keys)

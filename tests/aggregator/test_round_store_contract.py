@@ -8,7 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from aggregator.rounds import RecordResult, RoundPolicy, RoundRecord, RoundStatus, RoundStore, StoredRelease
+from aggregator.rounds import (
+    Blob,
+    ChunkResult,
+    ExpiredTransfer,
+    RecordResult,
+    RoundPolicy,
+    RoundRecord,
+    RoundStatus,
+    RoundStore,
+    StoredRelease,
+    TransferGone,
+)
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
 from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
@@ -254,3 +265,110 @@ def test_prune_drops_old_payloads_and_releases_but_keeps_the_guard_and_history(s
     assert [h.version for h in store.history()] == [1, 2, 3, 4]
     assert store.record(_update("c0", "update-p0", base=4), b"payload", now=3.0) is RecordResult.DUPLICATE
     assert store.prune(before_version=3) == 0, "pruning again finds nothing"
+
+
+# --- chunked transfers ---------------------------------------------------------------------------------------
+
+
+def _chunked(update_id: str = "update-chunky", count: int = 3) -> tuple[LoraUpdate, list[bytes]]:
+    chunks = [bytes([i]) * 5 for i in range(count - 1)] + [b"end"]
+    whole = b"".join(chunks)
+    header = _update(update_id=update_id).model_copy(update={"payload": PayloadInfo(size=len(whole), sha256="2" * 64)})
+    return header, chunks
+
+
+def _put(store: RoundStore, header: LoraUpdate, index: int, body: bytes, *, now: float = 10.0, sig: str = "s"):
+    return store.put_chunk(
+        header.update_id,
+        index,
+        body,
+        count=3,
+        signature=sig,
+        client_id=header.client_id,
+        now=now,
+        expiry_s=30.0,
+    )
+
+
+def test_chunks_in_any_order_and_twice_complete_once_and_record_their_bytes(store: RoundStore) -> None:
+    header, chunks = _chunked()
+    assert _put(store, header, 2, chunks[2]) is ChunkResult.STORED
+    assert _put(store, header, 2, chunks[2]) is ChunkResult.DUPLICATE
+    assert _put(store, header, 0, chunks[0]) is ChunkResult.STORED
+    assert _put(store, header, 1, chunks[1]) is ChunkResult.COMPLETE
+    assert _put(store, header, 1, chunks[1]) is ChunkResult.COMPLETE, "a redelivered last chunk completes again"
+    assert store.transfer_payload(header.update_id, header.payload.size) == bytearray(b"".join(chunks))
+    assert store.record_transfer(header, now=11.0) is RecordResult.RECORDED
+    assert store.record_transfer(header, now=11.0) is RecordResult.DUPLICATE
+    [got] = store.round_updates(0)
+    assert got.header == header and bytes(store.payload(got)) == b"".join(chunks)
+    assert _put(store, header, 0, chunks[0]) is ChunkResult.RECORDED, "a late chunk of a counted update"
+    assert store.expire_transfers(now=1e9) == [], "nothing of a counted update is left to expire"
+
+
+def test_a_chunk_under_another_header_is_a_mismatch(store: RoundStore) -> None:
+    header, chunks = _chunked()
+    _put(store, header, 0, chunks[0], sig="first")
+    assert _put(store, header, 1, chunks[1], sig="forged") is ChunkResult.MISMATCH
+
+
+def test_an_idle_transfer_expires_once_and_cannot_be_recorded_after(store: RoundStore) -> None:
+    header, chunks = _chunked()
+    _put(store, header, 0, chunks[0], now=10.0)
+    _put(store, header, 2, chunks[2], now=20.0)  # each chunk pushes the expiry back
+    assert store.expire_transfers(now=45.0) == []
+    [expired] = store.expire_transfers(now=51.0)
+    assert expired == ExpiredTransfer(header.update_id, header.client_id, received=2, count=3)
+    assert store.expire_transfers(now=52.0) == [], "reported by exactly one caller"
+    assert store.transfer_payload(header.update_id, header.payload.size) is None
+    with pytest.raises(TransferGone):
+        store.record_transfer(header, now=53.0)
+    assert store.round_updates(0) == []
+
+
+def test_a_refused_transfer_is_dropped(store: RoundStore) -> None:
+    header, chunks = _chunked()
+    for i, c in enumerate(chunks):
+        _put(store, header, i, c)
+    store.drop_transfer(header.update_id)
+    assert store.transfer_payload(header.update_id, header.payload.size) is None
+    assert store.expire_transfers(now=1e9) == []
+
+
+def test_a_staged_blob_release_is_adopted_by_the_commit(store: RoundStore) -> None:
+    store.record(_update("c1", "update-aaaa"), b"x", now=1.0)
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    blob = store.put_blob("stage-1", iter([b"abc", b"def", b"g"]), ttl_s=60)
+    assert blob.size == 7 and b"".join(store.iter_blob(blob)) == b"abcdefg"
+    big = _release("c1", 1, payload=b"abcdefg")
+    assert store.commit(lease, 1, [StoredRelease(big.header, blob), _release("c2", 1, rank=8)], _record(1), 2.0)
+    stored = store.releases(1)
+    assert isinstance(stored["c1"].payload, Blob) and not isinstance(stored["c2"].payload, Blob)
+    assert store.payload(stored["c1"]) == bytearray(b"abcdefg")
+    assert [bytes(c) for c in store.iter_blob(stored["c1"].payload)] == [b"abc", b"def", b"g"]
+
+
+def test_a_chunked_payload_is_read_a_module_at_a_time_as_decoding_it_whole_would(store: RoundStore) -> None:
+    import torch
+
+    from aggregator.blobs import LazyFactors
+    from schemas.lora import LoraFactors, join_lora, split_lora
+    from schemas.safetensors_stream import iter_chunks
+    from schemas.tensors import decode_tensors, encode_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    factors = {
+        f"model.layers.{i}.self_attn.{p}": LoraFactors(
+            torch.randn(4, 24, generator=gen), torch.randn(40, 4, generator=gen)
+        )
+        for i in range(3)
+        for p in ("q_proj", "v_proj")
+    }
+    data, _ = encode_tensors(join_lora(factors))
+    blob = store.put_blob("lazy", iter_chunks([memoryview(data)], 100), ttl_s=60)  # tensors straddle chunks
+    lazy = LazyFactors(store, blob)
+    whole = split_lora(decode_tensors(data), rank=4)
+    assert list(lazy) == sorted(whole) and len(lazy) == 6
+    for module, (a, b) in whole.items():
+        assert torch.equal(lazy[module].A, a) and torch.equal(lazy[module].B, b)

@@ -253,3 +253,65 @@ def test_a_failing_round_does_not_stop_the_service(federation: str) -> None:
     sub.close()
     assert service.counters["round_errors"] == 2
     assert store.version() == 1, "the round went through once the store answered again"
+
+
+def _memory_service(federation: str, **config: object) -> Rig:
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    service = AggregatorService(
+        transport,
+        store,
+        AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=10), poll_s=0.01, **config),  # type: ignore[arg-type]
+    )
+    service.setup()
+    return Rig(transport, store, service, Topology(federation))
+
+
+def _take_all(rig: Rig) -> list[str]:
+    """Handle every queued update; returns the dead-letter reasons, in order."""
+    sub = rig.service.subscribe()
+    while (d := sub.get(0.05)) is not None:
+        rig.service.handle(d)
+    sub.close()
+    dead = rig.transport.subscribe(rig.topo.dead_letter_queue, prefetch=50, dead_letter_exchange="")
+    reasons = []
+    while (d := dead.get(0.05)) is not None:
+        reasons.append(d.message.headers.get(REASON_KEY, ""))
+        d.ack()
+    return reasons
+
+
+def test_an_update_far_above_the_rounds_median_norm_is_refused(federation: str) -> None:
+    rig = _memory_service(federation, norm_outlier_factor=10.0)
+    for seed in range(3):
+        _valid(rig, f"c{seed}", 4, seed=seed)
+    loud = {k: v * (1000.0 if ".lora_B." in k else 1.0) for k, v in _factors(4, 9).items()}
+    data, info = encode_tensors(loud)
+    _send(rig, data, {HEADER_KEY: _update(federation, "loud", 4, info).model_dump_json()})
+    _valid(rig, "c3", 4, seed=3)  # an ordinary one after it is still taken
+    assert _take_all(rig) == ["norm-outlier"]
+    assert rig.store.status().count == 4
+    assert len(rig.store.norms(0)) == 4
+
+
+def test_a_signing_client_is_accepted_and_a_replayed_id_with_other_bytes_is_refused(federation: str) -> None:
+    from edge_client.trainer import TrainResult
+    from edge_client.worker import EdgeConfig, EdgeWorker
+
+    key = b"k" * 32
+    rig = _memory_service(federation, signing_keys={"signer": key})
+
+    class Held:
+        def adapter(self) -> dict[str, torch.Tensor]:
+            return _factors(4, 5)
+
+    config = EdgeConfig(federation, "signer", 4, 8.0, ("q_proj",), FP, signing_key=key)
+    worker = EdgeWorker(rig.transport, Held(), config)  # type: ignore[arg-type]
+    header = worker.publish(TrainResult(0.5, 1, 10))
+    data, info = encode_tensors(_factors(4, 6))
+    replay = _update(federation, "signer", 4, info, update_id=header.update_id)
+    from schemas.signing import SIGNATURE_KEY, sign
+
+    _send(rig, data, {HEADER_KEY: replay.model_dump_json(), SIGNATURE_KEY: sign(key, replay.model_dump_json())})
+    assert _take_all(rig) == ["replay"]
+    assert [u.header.update_id for u in rig.store.round_updates(0)] == [header.update_id]

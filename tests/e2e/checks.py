@@ -25,7 +25,7 @@ def dense_update(store: RoundStore, version: int) -> dict[str, np.ndarray]:
     """ΔW of every module for the round that produced `version`, formed densely from what it recorded."""
     recorded = store.round_updates(version - 1)
     n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
-    per_client = [_factors(decode_tensors(u.payload)) for u in recorded]
+    per_client = [_factors(decode_tensors(store.payload(u))) for u in recorded]
     return {
         m.removeprefix("base_model.model."): sum(
             pk * (u.header.lora_alpha / u.header.rank) * (f[m]["B"] @ f[m]["A"])
@@ -42,7 +42,7 @@ def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float =
     assert recorded, f"round {version - 1} recorded no updates"
     n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
     p = n / n.sum()
-    per_client = [_factors(decode_tensors(u.payload)) for u in recorded]
+    per_client = [_factors(decode_tensors(store.payload(u))) for u in recorded]
     modules = sorted(per_client[0])
     dense = {
         m: sum(

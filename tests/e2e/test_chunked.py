@@ -158,7 +158,7 @@ def test_chunks_twice_out_of_order_and_across_two_processes_count_once(
     record = store.history()[0]
     assert sorted(p.update_id for p in record.participants) == sorted(h.update_id for h, _ in updates)
     # The recorded payloads are the clients' bytes, reassembled from chunks that reached two processes.
-    recorded = {u.header.update_id: bytes(u.payload) for u in store.round_updates(0)}
+    recorded = {u.header.update_id: bytes(store.payload(u)) for u in store.round_updates(0)}
     assert recorded == {h.update_id: d for h, d in updates}
     assert GLOBAL_RELEASE in store.releases(1)
 
