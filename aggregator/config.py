@@ -59,6 +59,8 @@ class AggregatorConfig:
     # sign their headers when signing keys are given.
     require_identity: bool = False
     signing_keys: Mapping[str, bytes] | None = None
+    # While the round store is unreachable an update is held and retried this long before being requeued.
+    store_retry_s: float = 60.0
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False

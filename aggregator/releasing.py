@@ -11,11 +11,13 @@ from collections.abc import Mapping
 
 import torch
 
+from aggregator.flexlora import RankRequest
 from aggregator.rounds import Blob, RoundStore, StoredRelease
 from broker.chunked import publish_chunks, publish_payload
 from broker.topology import Topology
 from broker.transport import Transport
-from schemas.messages import PayloadInfo
+from schemas.lora import LoraFactors, join_lora
+from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
 from schemas.safetensors_stream import describe, encode_pieces, iter_chunks
 
 
@@ -28,6 +30,42 @@ def encode_release(
     if size <= chunk_bytes:
         return b"".join(pieces), info
     return store.put_blob(uuid.uuid4().hex, iter_chunks(pieces, chunk_bytes), ttl_s), info
+
+
+def build_releases(
+    store: RoundStore,
+    wanted: Mapping[str, RankRequest],
+    cuts: dict[RankRequest, dict[str, LoraFactors]],
+    *,
+    version: int,
+    template: LoraUpdate,
+    num_updates: int,
+    strategy: str,
+    chunk_bytes: int,
+    ttl_s: float,
+) -> list[StoredRelease]:
+    """Every wanted client's release of `version`: one payload per distinct cut, shared by the clients that
+    asked for it. `cuts` is emptied as they are encoded, so a large release is held once, in the store."""
+    payloads = {}
+    for req in list(cuts):
+        payloads[req] = encode_release(store, join_lora(cuts.pop(req)), chunk_bytes=chunk_bytes, ttl_s=ttl_s)
+    releases = []
+    for client_id, req in sorted(wanted.items()):
+        data, info = payloads[req]
+        header = AdapterRelease(
+            federation=template.federation,
+            version=version,
+            client_id=client_id,
+            rank=req.rank,
+            lora_alpha=req.alpha,
+            target_modules=template.target_modules,
+            base_model_fingerprint=template.base_model_fingerprint,
+            num_updates=num_updates,
+            strategy=strategy,
+            payload=info,
+        )
+        releases.append(StoredRelease(header, data))
+    return releases
 
 
 def send_release(

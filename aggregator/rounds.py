@@ -145,6 +145,9 @@ class RoundPolicy:
 class RoundStore(abc.ABC):
     """One federation's rounds. Every mutation is atomic; commits are refused without the newest fence."""
 
+    # Errors that mean "unreachable for now, try again" (a restart, a network blip), not a bad message.
+    transient_errors: tuple[type[BaseException], ...] = ()
+
     @abc.abstractmethod
     def version(self) -> int:
         """The newest committed global version (0 before the first round)."""

@@ -9,20 +9,18 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import TypeVar
 
-from aggregator.blobs import LazyFactors
 from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
-from aggregator.flexlora import ClientAdapter, RankRequest
+from aggregator.flexlora import RankRequest
 from aggregator.joining import join_release
 from aggregator.metrics import AggregatorMetrics
-from aggregator.releasing import encode_release, send_release
+from aggregator.participants import client_adapters, participant_means, round_participants
+from aggregator.releasing import build_releases, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
-    Blob,
     Lease,
-    Participant,
-    RecordedUpdate,
     RecordResult,
     RoundRecord,
     RoundStore,
@@ -35,13 +33,12 @@ from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import SchemaError
-from schemas.lora import LoraFactors, join_lora, split_lora
-from schemas.messages import HEADER_KEY, AdapterRelease, parse_join
-from schemas.tensors import decode_tensors
+from schemas.messages import HEADER_KEY, parse_join
 
 log = logging.getLogger(__name__)
 
 
+_T = TypeVar("_T")
 OnCommit = Callable[[RoundRecord, dict[str, StoredRelease]], None]
 
 
@@ -173,36 +170,10 @@ class AggregatorService:
             self.handle_join(delivery)
             return
         try:
-            if ChunkIntake.is_chunk(delivery.message):
-                now = self.clock()
-                chunk = self.intake.take(delivery.message, now, self.config.max_staleness, self._check_outlier)
-                if chunk.valid is None or chunk.result is None:
-                    delivery.ack()  # kept in the store (or counted already): the chunk's work is done
-                    self.metrics.chunk(chunk.state)
-                    return
-                valid, result = chunk.valid, chunk.result
-            else:
-                valid = validate_update(
-                    delivery.message, self.config.federation, self.store, self._pins, self.limits, self.guard
-                )
-                self._check_outlier(valid)
-                result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
-            if result is RecordResult.RECORDED and self.config.norm_outlier_factor is not None:
-                self.store.note_norm(self.store.status().round_id, valid.norm)
-            if result is RecordResult.STALE:
-                raise SchemaError(
-                    f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
-                    "versions behind the open round",
-                    reason="stale",
-                )
-            if result is RecordResult.REPLAY:
-                raise SchemaError(
-                    f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
-                )
-            if result is RecordResult.FUTURE:
-                raise SchemaError(
-                    f"claims base version {valid.header.base_version}, which has not been released", reason="version"
-                )
+            taken = self._retrying(lambda: self._take(delivery))
+            if taken is None:
+                return
+            valid, result = taken
         except SchemaError as exc:
             log.warning("dead-lettering update (%s): %s", exc.reason, exc.detail)
             delivery.dead_letter(exc.reason, exc.detail)
@@ -233,6 +204,57 @@ class AggregatorService:
             valid.header.rank,
             valid.header.base_version,
         )
+
+    def _take(self, delivery: Delivery) -> tuple[ValidUpdate, RecordResult] | None:
+        """Validate and record one update (None: a chunk kept, nothing more to do); SchemaError refuses it."""
+        if ChunkIntake.is_chunk(delivery.message):
+            now = self.clock()
+            chunk = self.intake.take(delivery.message, now, self.config.max_staleness, self._check_outlier)
+            if chunk.valid is None or chunk.result is None:
+                delivery.ack()  # kept in the store (or counted already): the chunk's work is done
+                self.metrics.chunk(chunk.state)
+                return None
+            valid, result = chunk.valid, chunk.result
+        else:
+            valid = validate_update(
+                delivery.message, self.config.federation, self.store, self._pins, self.limits, self.guard
+            )
+            self._check_outlier(valid)
+            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+        if result is RecordResult.RECORDED and self.config.norm_outlier_factor is not None:
+            self.store.note_norm(self.store.status().round_id, valid.norm)
+        if result is RecordResult.STALE:
+            raise SchemaError(
+                f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
+                "versions behind the open round",
+                reason="stale",
+            )
+        if result is RecordResult.REPLAY:
+            raise SchemaError(
+                f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
+            )
+        if result is RecordResult.FUTURE:
+            raise SchemaError(
+                f"claims base version {valid.header.base_version}, which has not been released", reason="version"
+            )
+        return valid, result
+
+    def _retrying(self, work: Callable[[], _T]) -> _T:
+        """Run `work`, retrying while the store is unreachable (a Redis restart) for up to `store_retry_s`,
+        holding the message meanwhile: requeueing it would count towards the queue's delivery limit and
+        dead-letter sound updates during an outage of a few seconds."""
+        deadline = time.monotonic() + self.config.store_retry_s
+        wait = 0.1
+        while True:
+            try:
+                return work()
+            except self.store.transient_errors as exc:
+                if self.config.fail_fast or time.monotonic() + wait > deadline:
+                    raise
+                self.counters["store_retries"] += 1
+                log.warning("round store unreachable (%s); retrying in %.1fs", exc, wait)
+                time.sleep(wait)
+                wait = min(5.0, wait * 2)
 
     def _check_outlier(self, valid: ValidUpdate) -> None:
         """Refuse ("norm-outlier") an update whose ‖ΔW‖ is far above the open round's median."""
@@ -297,17 +319,7 @@ class AggregatorService:
         recorded = self.store.round_updates(lease.round_id)
         if not recorded:
             return None
-        clients, participants = [], []
-        for item in recorded:
-            h = item.header
-            # Checked in full (sha256, values) when it was accepted; the strategy checks values again.
-            factors: Mapping[str, LoraFactors]
-            if isinstance(item.payload, Blob):  # chunked: read from the store a module at a time
-                factors = LazyFactors(self.store, item.payload)
-            else:
-                tensors = decode_tensors(item.payload)
-                factors = split_lora(tensors, rank=h.rank, target_modules=h.target_modules, check_values=False)
-            clients.append(ClientAdapter(factors, h.rank, h.lora_alpha))
+        clients = client_adapters(self.store, recorded)
         raw = self.weighting(
             [ClientMeta(i.header.num_samples, lease.round_id - i.header.base_version) for i in recorded]
         )
@@ -320,46 +332,19 @@ class AggregatorService:
         svd_started = time.perf_counter()
         result = self.strategy.aggregate(clients, weights, list(wanted.values()))
         svd_seconds = time.perf_counter() - svd_started
-        cuts = result.adapters
         version = lease.round_id + 1
-        first = recorded[0].header
-        payloads = {
-            req: encode_release(
-                self.store, join_lora(cut), chunk_bytes=self.config.chunk_bytes, ttl_s=4 * self.config.lease_s
-            )
-            for req, cut in cuts.items()
-        }
-        cuts.clear()  # large releases now live in the store; only their keys are held
-        releases = []
-        for client_id, req in sorted(wanted.items()):
-            data, info = payloads[req]
-            header = AdapterRelease(
-                federation=self.config.federation,
-                version=version,
-                client_id=client_id,
-                rank=req.rank,
-                lora_alpha=req.alpha,
-                target_modules=first.target_modules,
-                base_model_fingerprint=first.base_model_fingerprint,
-                num_updates=len(recorded),
-                strategy=self.strategy.name,
-                payload=info,
-            )
-            releases.append(StoredRelease(header, data))
-        for item, weight in zip(recorded, weights, strict=True):
-            h = item.header
-            participants.append(
-                Participant(
-                    update_id=h.update_id,
-                    client_id=h.client_id,
-                    rank=h.rank,
-                    lora_alpha=h.lora_alpha,
-                    num_samples=h.num_samples,
-                    base_version=h.base_version,
-                    staleness=lease.round_id - h.base_version,
-                    weight=weight,
-                )
-            )
+        releases = build_releases(
+            self.store,
+            wanted,
+            result.adapters,
+            version=version,
+            template=recorded[0].header,
+            num_updates=len(recorded),
+            strategy=self.strategy.name,
+            chunk_bytes=self.config.chunk_bytes,
+            ttl_s=4 * self.config.lease_s,
+        )
+        participants = round_participants(recorded, weights, lease.round_id)
         status = self.store.status()
         now = self.clock()
         record = RoundRecord(
@@ -370,7 +355,7 @@ class AggregatorService:
             closed_at=now,
             aggregate_seconds=now - started,
             finalised_by=self.config.owner,
-            metrics={**result.info, **_participant_means(recorded, weights)},
+            metrics={**result.info, **participant_means(recorded, weights)},
         )
         if not self.store.commit(lease, len(recorded), releases, record, now):
             log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)
@@ -421,17 +406,3 @@ class AggregatorService:
                 self.publish_version(version)
             else:
                 self.store.mark_published(version)
-
-
-def _participant_means(recorded: list[RecordedUpdate], weights: list[float]) -> dict[str, float]:
-    """What the participants reported, averaged with the round's own weights: their local training loss and
-    their held-out ROUGE-L of the version they trained from (the scores `flexlora status` and the history
-    picture show). A figure no participant reported is left out."""
-    out = {}
-    for name in ("train_loss", "eval_score"):
-        known = [(w, getattr(u.header, name)) for u, w in zip(recorded, weights, strict=True)]
-        known = [(w, v) for w, v in known if v is not None]
-        total = sum(w for w, _ in known)
-        if known and total > 0:
-            out[name] = sum(w * v for w, v in known) / total
-    return out

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.chunked import ChunkAssembler, publish_payload
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConnectionLost
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
@@ -103,7 +103,14 @@ class EdgeWorker:
         self.transport = transport
 
     def setup(self) -> None:
-        self.transport.declare(self.topology.client(self.config.client_id))
+        try:
+            self.transport.declare(self.topology.client(self.config.client_id))
+        except ConnectionLost:
+            raise
+        except BrokerError as exc:
+            # A provisioned client may configure nothing (`flexlora provision` declared its mailbox); if the
+            # mailbox does not exist either, subscribing below says so.
+            log.info("%s cannot declare its mailbox (%s); using the provisioned one", self.config.client_id, exc)
         self._subscription = self.transport.subscribe(
             self.topology.adapter_queue(self.config.client_id),
             prefetch=1,
@@ -260,8 +267,13 @@ class EdgeWorker:
                 log.error("refusing an adapter (%s): %s", reason, exc)
                 try:
                     delivery.dead_letter(reason, str(exc))
-                except BrokerError:
-                    log.exception("could not dead-letter the refused adapter")
+                except ConnectionLost:
+                    raise
+                except BrokerError as refused:
+                    # A provisioned client may publish only updates; the refusal is logged above, so drop it
+                    # rather than leave it unacked in front of every later adapter.
+                    log.warning("could not dead-letter the refused adapter (%s); dropping it", refused)
+                    delivery.ack()
                 continue
             self.version = release.version
             delivery.ack()

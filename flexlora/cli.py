@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
+from flexlora.provision import provision
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
@@ -363,6 +365,10 @@ def history(
         console.print(f"[red]nothing to plot:[/] {exc}", highlight=False)
         raise typer.Exit(code=1) from exc
     typer.echo(f"{path}: {len(records)} rounds")
+
+
+# Registered here, written in its own module (which imports its work only when it runs).
+app.command()(provision)
 
 
 def main() -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import RecordedUpdate, RoundPolicy, RoundStore
+from aggregator.rounds import RecordedUpdate, RecordResult, RoundPolicy, RoundStore
 from aggregator.service import AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
@@ -315,3 +316,27 @@ def test_a_signing_client_is_accepted_and_a_replayed_id_with_other_bytes_is_refu
     _send(rig, data, {HEADER_KEY: replay.model_dump_json(), SIGNATURE_KEY: sign(key, replay.model_dump_json())})
     assert _take_all(rig) == ["replay"]
     assert [u.header.update_id for u in rig.store.round_updates(0)] == [header.update_id]
+
+
+def test_an_update_is_held_not_requeued_while_the_store_is_briefly_unreachable(federation: str) -> None:
+    # Requeueing counts towards the updates queue's delivery limit: a Redis restart of a few seconds would
+    # dead-letter sound updates after five tries.
+    class Restarting(MemoryRoundStore):
+        transient_errors = (ConnectionError,)
+        failures = 3
+
+        def record(self, *args: Any, **kwargs: Any) -> RecordResult:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("Redis is restarting")
+            return super().record(*args, **kwargs)
+
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = Restarting()
+    service = AggregatorService(transport, store, AggregatorConfig(federation=federation, poll_s=0.01))
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    assert _take_all(rig) == []
+    assert service.counters["requeued"] == 0 and service.counters["store_retries"] == 3
+    assert store.status().count == 1

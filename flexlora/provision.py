@@ -1,0 +1,119 @@
+"""`flexlora provision`: a least-privilege RabbitMQ user per client, its mailbox declared, its credentials written.
+
+Run by an operator with the broker's administrator credentials. Each client's credentials go to
+`<out>/<client_id>.env` (mode 0600: FLEXLORA_BROKER_URL, FLEXLORA_FEDERATION, FLEXLORA_CLIENT_ID, the
+settings `flexlora client` reads), or to standard output when no --out is given; never to the log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from broker.provision import ClientAccess
+
+console = Console(stderr=True)
+# As edge_client.settings.ClientSettings.client_id, without importing the client side here.
+CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+
+
+def env_text(access: ClientAccess, federation: str, client_broker_url: str) -> str:
+    """A client's credentials as FLEXLORA_* lines that `flexlora client` (or compose's env_file) reads."""
+    return (
+        f"# flexlora client {access.client_id} of federation {federation}: RabbitMQ user {access.username}. Secret.\n"
+        f"FLEXLORA_BROKER_URL={access.broker_url(client_broker_url)}\n"
+        f"FLEXLORA_FEDERATION={federation}\n"
+        f"FLEXLORA_CLIENT_ID={access.client_id}\n"
+    )
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` readable by its owner only, atomically (a crash leaves the old file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file of the same name
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+
+
+def provision(
+    client_id: Annotated[list[str], typer.Option(help="a client to provision; repeat for several")],
+    federation: Annotated[str | None, typer.Option(help="namespace of queues (default: FLEXLORA_FEDERATION)")] = None,
+    broker_url: Annotated[
+        str | None, typer.Option(help="the administrator's amqp://user:pass@host:port/vhost (or FLEXLORA_BROKER_URL)")
+    ] = None,
+    management_url: Annotated[
+        str | None,
+        typer.Option(help="RabbitMQ management API, e.g. https://admin:pass@broker:15671 (default: broker host:15672)"),
+    ] = None,
+    client_broker_url: Annotated[
+        str | None,
+        typer.Option(help="amqp(s)://host:port/vhost the clients connect to, no credentials (default: --broker-url's)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="write <client_id>.env files here (else print to stdout)")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="issue new passwords to users that exist")] = False,
+) -> None:
+    """Create a least-privilege RabbitMQ user per client (write: the updates exchange; read: its own mailbox;
+    configure: nothing), declare the federation's queues and each client's mailbox, and hand out credentials."""
+    from pydantic import ValidationError
+
+    from aggregator.settings import AggregatorSettings
+    from broker.connect import connect
+    from broker.errors import BrokerError
+    from broker.provision import (
+        ManagementAPI,
+        Outcome,
+        provision_clients,
+        vhost_of,
+        without_credentials,
+    )
+    from broker.topology import Topology
+
+    given: dict[str, Any] = {k: v for k, v in {"broker_url": broker_url, "federation": federation}.items() if v}
+    try:
+        settings = AggregatorSettings(**given)
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]invalid setting[/] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        raise typer.Exit(code=2) from exc
+    bad = [cid for cid in client_id if not CLIENT_ID.fullmatch(cid)]
+    if bad:  # the rule `flexlora client` applies to its own id
+        console.print(f"[red]invalid client ids[/] {bad}: use letters, digits, '_', '.', '-' (at most 128)")
+        raise typer.Exit(code=2)
+    vhost = vhost_of(settings.broker_url)
+    template = without_credentials(client_broker_url or settings.broker_url)
+    if vhost_of(template) != vhost:
+        console.print(f"[red]--client-broker-url names vhost {vhost_of(template)!r}, the broker URL {vhost!r}[/]")
+        raise typer.Exit(code=2)
+    api = ManagementAPI.from_urls(management_url, settings.broker_url)
+    try:
+        with connect(settings.broker_url, connection_name="flexlora-provision") as admin:
+            accesses = provision_clients(
+                api, admin, Topology(settings.federation), client_id, vhost=vhost, rotate=rotate
+            )
+    except BrokerError as exc:
+        console.print(f"[red]cannot provision:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from exc
+    for access in accesses:
+        where = out / f"{access.client_id}.env" if out is not None else None
+        if access.outcome is Outcome.KEPT:
+            note = "" if where is None or where.exists() else f"; {where} is missing: --rotate issues a new password"
+            console.print(f"{access.client_id}: user {access.username} kept, permissions re-applied{note}")
+            continue
+        text = env_text(access, settings.federation, template)
+        if where is None:
+            typer.echo(text)
+        else:
+            write_secret(where, text)
+        console.print(f"{access.client_id}: user {access.username} {access.outcome.value} → {where or 'stdout'}")

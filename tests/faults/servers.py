@@ -1,0 +1,288 @@
+"""Private RabbitMQ and Redis servers for tests that restart, kill or reconfigure them: never the shared ones.
+
+A test gets its own node on free ports (its own node name, Erlang distribution port, data and log folders,
+config and enabled-plugins files), so stopping or killing it cannot disturb the shared RabbitMQ on 5672 or
+Redis on 6379 that other tests use. Debian's `rabbitmq-server` wrapper runs the node as the `rabbitmq` user
+when started by root, so its folder lives outside pytest's root-only tmp folder and belongs to that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import redis
+
+RABBITMQ_SERVER = "rabbitmq-server"
+RABBITMQCTL = "rabbitmqctl"
+REDIS_SERVER = "redis-server"
+
+
+class ServerUnavailable(RuntimeError):
+    """This machine cannot run a private server (not installed, or not allowed); tests skip on it."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
+    """Poll until `condition` holds; the seconds it took. Raises TimeoutError naming `what`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+    return time.monotonic() - started
+
+
+class OwnRabbitMQ:
+    """A RabbitMQ node of the test's own. `started_in` is the last start-up time in seconds (measured to the
+    first successful AMQP connection, and the management API answering when it is enabled)."""
+
+    def __init__(self, *, management: bool = False, start_timeout: float = 120.0) -> None:
+        if shutil.which(RABBITMQ_SERVER) is None or shutil.which(RABBITMQCTL) is None:
+            raise ServerUnavailable("rabbitmq-server is not installed")
+        if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != "rabbitmq":
+            raise ServerUnavailable("Debian's rabbitmq-server wrapper runs only as root or rabbitmq")
+        self.management = management
+        self.start_timeout = start_timeout
+        self.node = f"flexlora-{uuid.uuid4().hex[:10]}@localhost"
+        self.port, self.dist_port = free_port(), free_port()
+        self.management_port = free_port() if management else None
+        self.directory = Path(tempfile.mkdtemp(prefix="flexlora-rabbitmq-"))
+        self.started_in = 0.0
+        self.starts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._write_files()
+
+    @property
+    def url(self) -> str:
+        """AMQP URL of the node's default (loopback-only) administrator."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def management_url(self) -> str:
+        assert self.management_port is not None, "started without the management plugin"
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def _write_files(self) -> None:
+        d = self.directory
+        (d / "mnesia").mkdir()
+        (d / "log").mkdir()
+        lines = [f"listeners.tcp.1 = 127.0.0.1:{self.port}", "log.console = false"]
+        if self.management_port is not None:
+            lines += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
+        (d / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+        (d / "plugins").write_text("[rabbitmq_management].\n" if self.management else "[].\n")
+        if os.geteuid() == 0:
+            shutil.chown(d, "rabbitmq", "rabbitmq")
+            for path in d.rglob("*"):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def _env(self) -> dict[str, str]:
+        d = self.directory
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_PID_FILE": str(d / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "plugins"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
+        }
+
+    def _answers(self) -> bool:
+        try:  # a bare TCP probe first: pika logs every refused attempt at ERROR
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        try:
+            pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=2")).close()
+        except pika.exceptions.AMQPError:
+            return False
+        if self.management_port is None:
+            return True
+        import requests
+
+        try:
+            return requests.get(self.management_url + "/api/overview", auth=("guest", "guest"), timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def start(self) -> float:
+        """Start the node (with the data it had, after a stop or kill) and wait until it serves."""
+        assert self._proc is None or self._proc.poll() is not None, "already running"
+        started = time.monotonic()
+        out = (self.directory / f"server-{self.starts}.out").open("wb")
+        self._proc = subprocess.Popen(
+            [RABBITMQ_SERVER], env=self._env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.starts += 1
+        try:
+            _wait(self._running_or_failed, self.start_timeout, f"RabbitMQ node {self.node}", every=0.2)
+        except TimeoutError:
+            self.kill()
+            raise
+        if self._proc.poll() is not None:
+            raise ServerUnavailable(f"RabbitMQ node {self.node} exited: {self.log_tail()}")
+        self.started_in = time.monotonic() - started
+        return self.started_in
+
+    def _running_or_failed(self) -> bool:
+        return (self._proc is not None and self._proc.poll() is not None) or self._answers()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        texts = [p.read_text(errors="replace") for p in sorted(self.directory.glob("server-*.out"))]
+        texts += [p.read_text(errors="replace") for p in sorted((self.directory / "log").glob("*.log"))]
+        return "\n".join(texts)[-chars:]
+
+    def _beam_pid(self) -> int | None:
+        try:
+            return int((self.directory / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        """A clean shutdown (`rabbitmqctl stop`): queues and persistent messages are on disk."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        subprocess.run([RABBITMQCTL, "-n", self.node, "stop"], capture_output=True, timeout=120, check=False)
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the Erlang VM: what a crash or an OOM kill does."""
+        if self._proc is None:
+            return
+        pid = self._beam_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=60)
+        (self.directory / "pid").unlink(missing_ok=True)
+
+    def restart(self, *, kill: bool = False) -> float:
+        self.kill() if kill else self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the node and remove its folder."""
+        try:
+            self.stop()
+        finally:
+            if self._proc is not None and self._proc.poll() is None:
+                self.kill()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class OwnRedis:
+    """A Redis of the test's own, optionally with an append-only file; restart() keeps its data folder."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec") -> None:
+        if shutil.which(REDIS_SERVER) is None:
+            raise ServerUnavailable("redis-server is not installed")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.started_in = 0.0
+        self.starts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> float:
+        started = time.monotonic()
+        cmd = [
+            REDIS_SERVER,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
+            *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
+            *("--appendfsync", self.appendfsync, "--logfile", str(self.directory / "redis.log")),
+        ]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.starts += 1
+        _wait(lambda: self._answers() or self._proc is None or self._proc.poll() is not None, 60, "Redis")
+        if self._proc.poll() is not None:
+            raise ServerUnavailable(f"redis-server exited: {self.log_tail()}")
+        self.started_in = time.monotonic() - started
+        return self.started_in
+
+    def log_tail(self, chars: int = 2000) -> str:
+        path = self.directory / "redis.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes and fsyncs its append-only file before it exits."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once; what it had not yet written to the file is gone."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=60)
+
+    def restart(self, *, kill: bool = False) -> float:
+        self.kill() if kill else self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+
+
+@contextmanager
+def own_rabbitmq(*, management: bool = False) -> Iterator[OwnRabbitMQ]:
+    """A started private RabbitMQ node, stopped and removed afterwards."""
+    node = OwnRabbitMQ(management=management)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+@contextmanager
+def own_redis(directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec") -> Iterator[OwnRedis]:
+    """A started private Redis keeping its files in `directory`, stopped afterwards."""
+    server = OwnRedis(directory, appendonly=appendonly, appendfsync=appendfsync)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -1,0 +1,111 @@
+"""Aggregator processes SIGKILLed while ingesting or aggregating, or SIGSTOPped past their lease: every
+update that reached the broker is counted once, in some committed round, by the survivors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.stores.redis import RedisRoundStore
+from broker.connect import connect
+from broker.topology import Topology
+from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
+from tests.conftest import AMQP_URL, REDIS_URL
+from tests.e2e.procs import wait_for
+from tests.faults.federation import (
+    SyntheticClient,
+    aggregator_group,
+    process_of,
+    run_clients,
+    safe_version,
+    signal_process,
+    start_serving,
+)
+from tests.faults.ledger import UpdateTap, ledger, settle
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+# Heavy enough that aggregating a round takes well over the polling interval, so a signal lands inside it.
+HEAVY = SyntheticShape(layers=20, projections=(("self_attn.q_proj", 512, 512), ("self_attn.v_proj", 128, 512)))
+
+
+def _duplicates_seen(store: RedisRoundStore) -> int:
+    return sum(json.loads(info)["counters"].get("duplicate", 0) for info in store.health().values())
+
+
+def test_sigkill_an_aggregator_while_it_ingests(
+    federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
+    tap = UpdateTap(AMQP_URL, federation)
+    amqp_cleanup.append(tap.queue)
+    amqp_cleanup.extend(Topology(federation).adapter_queue(f"c{i}") for i in range(4))
+    # A short lease: the kill may land while the victim finalises a round, which then waits out its lease.
+    args = ("--max-updates", "6", "--round-deadline-s", "1", "--prefetch", "16", "--lease-s", "5", "--quiet")
+    try:
+        with aggregator_group(federation, tmp_path, AMQP_URL, REDIS_URL, *args) as group:
+            start_serving(group, store, 2)
+            clients = [
+                SyntheticClient(AMQP_URL, federation, f"c{i}", updates=15, version=safe_version(store), pace_s=0.05)
+                for i in range(4)
+            ]
+            for client in clients:
+                client.start()
+            wait_for(lambda: len(store.r.smembers(store.keys.seen)) >= 12, 90, "a dozen updates recorded")
+            group.procs[0].send_signal(signal.SIGKILL)  # with deliveries prefetched and unacked
+            killed_at = store.version()
+            start_serving(group, store, 1)
+            run_clients(clients)
+            settle(tap, store, timeout=90)
+            time.sleep(1.0)  # anything counted twice would have been committed by now
+            duplicates = _duplicates_seen(store)
+        result = ledger("aggregator SIGKILLed while ingesting", tap, store, killed_at_version=killed_at)
+    finally:
+        tap.close()
+    result.notes.update(rounds=store.version(), redelivered_duplicates=duplicates)
+    result.assert_clean()
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_finaliser_killed_or_paused_past_its_lease_mid_aggregation(
+    fault: str, federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
+    clients = [f"c{i}" for i in range(6)]
+    tap = UpdateTap(AMQP_URL, federation)
+    amqp_cleanup.append(tap.queue)
+    amqp_cleanup.extend(Topology(federation).adapter_queue(c) for c in clients)
+    lease_s = 4.0
+    args = ("--max-updates", str(len(clients)), "--lease-s", str(lease_s), "--round-deadline-s", "2")
+    try:
+        with aggregator_group(federation, tmp_path, AMQP_URL, REDIS_URL, *args) as group:
+            start_serving(group, store, 2)
+            with connect(AMQP_URL) as transport:
+                for i, client in enumerate(clients):
+                    header, payload = synthetic_update(federation, client, 16, 0, shape=HEAVY, seed=i)
+                    publish_update(transport, Topology(federation), header, payload)
+            lease_key = store.keys.lease(0)
+            wait_for(lambda: store.r.get(lease_key) is not None, 60, "a finaliser's lease", every=0.005)
+            holder = store.r.get(lease_key)
+            assert isinstance(holder, bytes)
+            pid = int(holder.decode().rsplit("|", 1)[0].split(":")[1])  # host:pid:nonce|token
+            signal_process(pid, signal.Signals[fault])
+            assert store.version() == 0, "the round must still be open when the finaliser is hit"
+            wait_for(lambda: store.version() == 1, lease_s + 60, "another aggregator's commit")
+            if fault == "SIGSTOP":
+                signal_process(pid, signal.SIGCONT)
+                paused = process_of(group, pid)
+                wait_for(lambda: "lease lost" in group.log(paused), 60, "the paused finaliser's commit refused")
+            # A second round over the survivors, so the ledger also covers ingesting after the fault.
+            with connect(AMQP_URL) as transport:
+                for i, client in enumerate(clients[:2]):
+                    header, payload = synthetic_update(federation, client, 4, 1, shape=HEAVY, seed=100 + i)
+                    publish_update(transport, Topology(federation), header, payload)
+            settle(tap, store, timeout=90)
+            time.sleep(1.0)
+        result = ledger(f"finaliser {fault} mid-aggregation", tap, store, rounds=store.version())
+    finally:
+        tap.close()
+    assert [h.version for h in store.history()] == [1, 2], "each round committed exactly once"
+    result.assert_clean()
