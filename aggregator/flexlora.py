@@ -183,7 +183,7 @@ def flexlora(
 
     Modules of one shape are batched together (up to `batch_bytes` of stacked factors at a time), and
     only the top max-rank triplets are ever used, so ΔW is never formed unless R ≥ min(d_out, d_in).
-    By default a batch holds 512 MiB of stacked factors, or an eighth of all of them if that is less: the
+    By default a batch holds 512 MiB of stacked factors, or a sixteenth of all of them if that is less: the
     working memory of a batch is several times its size, and must stay small next to a large update's
     factors (bench/large_update.py).
     """
@@ -199,7 +199,7 @@ def flexlora(
         groups.setdefault((int(ref.B.shape[0]), int(ref.A.shape[1])), []).append(module)
     if batch_bytes is None:
         stacked = sum(8 * total_rank * sum(shape) * len(names) for shape, names in groups.items())
-        batch_bytes = min(512 * 2**20, max(32 * 2**20, stacked // 8))
+        batch_bytes = min(512 * 2**20, max(32 * 2**20, stacked // 16))
     for (d_out, d_in), names in groups.items():
         per_batch = min(len(names), max(1, batch_bytes // (8 * total_rank * (d_out + d_in))))
         # Fast mode stacks in float32 (the clients' own precision) so its big products run at float32 speed.

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints
 
-from schemas.errors import HeaderError, PayloadIntegrityError, SchemaError
-from schemas.messages import PayloadInfo, Sha256, _Strict
+from schemas.errors import PayloadIntegrityError, SchemaError
+from schemas.messages import PayloadInfo, Sha256, _parse, _Strict
 
 CHUNK_KEY = "x-flexlora-chunk"
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
@@ -40,13 +40,7 @@ def chunk_count(size: int, chunk_bytes: int) -> int:
 
 
 def parse_chunk(raw: str | bytes | None) -> ChunkInfo:
-    if raw is None:
-        raise HeaderError(f"message has no {CHUNK_KEY} header")
-    try:
-        return ChunkInfo.model_validate_json(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise HeaderError(f"invalid chunk header: {problems}") from exc
+    return _parse(ChunkInfo, raw, CHUNK_KEY)
 
 
 def check_chunk(chunk: ChunkInfo, body: bytes, payload: PayloadInfo) -> None:

@@ -110,9 +110,9 @@ def parse_release(raw: str | bytes | None) -> AdapterRelease:
     return _parse(AdapterRelease, raw)
 
 
-def _parse(model: type[_M], raw: str | bytes | None) -> _M:
+def _parse(model: type[_M], raw: str | bytes | None, key: str = HEADER_KEY) -> _M:
     if raw is None:
-        raise HeaderError(f"message has no {HEADER_KEY} header")
+        raise HeaderError(f"message has no {key} header")
     try:
         # Strict models still accept ISO datetimes and arrays-as-tuples from JSON: that is JSON mode.
         return model.model_validate_json(raw)

@@ -241,7 +241,9 @@ class MemoryRoundStore(RoundStore):
                     for update_id in ids:
                         dropped += self._updates.pop(update_id, None) is not None
             for version in [v for v in self._releases if v < before_version]:
-                del self._releases[version]
+                for release in self._releases.pop(version).values():
+                    if isinstance(release.payload, Blob):
+                        self._blobs.pop(release.payload.key, None)
             return dropped
 
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
