@@ -23,14 +23,29 @@ console = Console(stderr=True)
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
-def env_text(access: ClientAccess, federation: str, client_broker_url: str) -> str:
+def env_text(access: ClientAccess, federation: str, client_broker_url: str, signing_key: str | None = None) -> str:
     """A client's credentials as FLEXLORA_* lines that `flexlora client` (or compose's env_file) reads."""
     return (
         f"# flexlora client {access.client_id} of federation {federation}: RabbitMQ user {access.username}. Secret.\n"
         f"FLEXLORA_BROKER_URL={access.broker_url(client_broker_url)}\n"
         f"FLEXLORA_FEDERATION={federation}\n"
         f"FLEXLORA_CLIENT_ID={access.client_id}\n"
+        + (f"FLEXLORA_SIGNING_KEY={signing_key}\n" if signing_key is not None else "")
     )
+
+
+def signing_keys_for(path: Path, accesses: list[ClientAccess]) -> dict[str, str]:
+    """The federation's signing keys (client id -> hex), kept in `path` for the aggregators
+    (FLEXLORA_SIGNING_KEYS): a new key for every client given new credentials, the others' kept."""
+    import json
+    import secrets
+
+    keys: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    for access in accesses:
+        if access.password is not None:  # created or rotated; a kept user's env file is not rewritten
+            keys[access.client_id] = secrets.token_hex(32)
+    write_secret(path, json.dumps(keys, indent=2, sort_keys=True) + "\n")
+    return keys
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -63,6 +78,10 @@ def provision(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="write <client_id>.env files here (else print to stdout)")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help="issue new passwords to users that exist")] = False,
+    signing_keys: Annotated[
+        Path | None,
+        typer.Option(help="also give each new client an HMAC key; the aggregators' keys file (FLEXLORA_SIGNING_KEYS)"),
+    ] = None,
 ) -> None:
     """Create a least-privilege RabbitMQ user per client (write: the updates exchange; read: its own mailbox;
     configure: nothing), declare the federation's queues and each client's mailbox, and hand out credentials."""
@@ -105,13 +124,14 @@ def provision(
     except BrokerError as exc:
         console.print(f"[red]cannot provision:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from exc
+    keys = signing_keys_for(signing_keys, accesses) if signing_keys is not None else {}
     for access in accesses:
         where = out / f"{access.client_id}.env" if out is not None else None
         if access.outcome is Outcome.KEPT:
             note = "" if where is None or where.exists() else f"; {where} is missing: --rotate issues a new password"
             console.print(f"{access.client_id}: user {access.username} kept, permissions re-applied{note}")
             continue
-        text = env_text(access, settings.federation, template)
+        text = env_text(access, settings.federation, template, keys.get(access.client_id))
         if where is None:
             typer.echo(text)
         else:

@@ -201,6 +201,7 @@ def test_the_command_writes_private_env_files_a_client_can_use(
 
     args = ["provision", "--federation", topology.federation, "--broker-url", node.url]
     args += ["--management-url", node.management_url, "--out", str(tmp_path), "--client-id", "phone-1"]
+    args += ["--signing-keys", str(tmp_path / "keys.json")]
     result = CliRunner().invoke(app, [*args, "--client-id", "laptop-1"])
     assert result.exit_code == 0, result.output
     env_file = tmp_path / "phone-1.env"
@@ -208,6 +209,11 @@ def test_the_command_writes_private_env_files_a_client_can_use(
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#"))
     check_environment(env)  # every FLEXLORA_* name is a known setting
     assert env["FLEXLORA_FEDERATION"] == topology.federation and env["FLEXLORA_CLIENT_ID"] == "phone-1"
+    from aggregator.security import load_signing_keys
+
+    keys = load_signing_keys(tmp_path / "keys.json")  # what the aggregators read
+    assert set(keys) == {"phone-1", "laptop-1"} and keys["phone-1"].hex() == env["FLEXLORA_SIGNING_KEY"]
+    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
     password = pika.URLParameters(env["FLEXLORA_BROKER_URL"]).credentials.password
     assert password not in result.output
     with RabbitMQTransport(env["FLEXLORA_BROKER_URL"]) as transport:
@@ -215,6 +221,7 @@ def test_the_command_writes_private_env_files_a_client_can_use(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "kept" in again.output
     assert env_file.read_text().count(password) == 1, "a re-run leaves the credentials in place"
+    assert load_signing_keys(tmp_path / "keys.json") == keys, "and the signing keys"
     assert with_credentials(node.url, "a", "b").startswith("amqp://a:b@127.0.0.1:")
 
 
