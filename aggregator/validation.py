@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from threadpoolctl import threadpool_limits
 
 from aggregator.rounds import Payload, RoundStore
 from aggregator.security import Guard
@@ -21,7 +26,11 @@ PIN_MODULES = "module_shapes"
 class ValidUpdate:
     header: LoraUpdate
     factors: dict[str, LoraFactors]
-    norm: float  # ‖ΔW‖_F over every module, ΔW = (α/r)·B·A
+
+    @cached_property
+    def norm(self) -> float:
+        """‖ΔW‖_F over every module, ΔW = (α/r)·B·A; computed only where a norm check asks for it."""
+        return update_norm(self.factors, self.header.lora_alpha / self.header.rank)
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,16 @@ class Limits:
 
 
 def update_norm(factors: dict[str, LoraFactors], scale: float) -> float:
-    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module."""
+    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module.
+    numpy on one BLAS thread: torch's or OpenBLAS's idle threads spin and starve the other aggregator
+    processes on a small machine (see schemas.tensors.all_finite)."""
     total = 0.0
-    for a, b in factors.values():
-        a64, b64 = a.double(), b.double()
-        total += float(((b64.T @ b64) * (a64 @ a64.T)).sum().clamp(min=0))
-    return float(scale * total**0.5)
+    with threadpool_limits(limits={"openblas": 1}):
+        for a, b in factors.values():
+            a64 = a.detach().cpu().to(torch.float64).numpy()
+            b64 = b.detach().cpu().to(torch.float64).numpy()
+            total += max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
+    return scale * math.sqrt(total)
 
 
 def pinned(store: RoundStore, name: str, value: str, cache: dict[str, str] | None = None) -> str:
@@ -106,9 +119,11 @@ def validate_payload(
     factors = split_lora(
         tensors, rank=header.rank, target_modules=header.target_modules, check_values=not all_finite(tensors)
     )
-    norm = update_norm(factors, header.lora_alpha / header.rank)
-    if limits.max_norm is not None and norm > limits.max_norm:
-        raise SchemaError(f"‖ΔW‖ = {norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason="norm")
+    valid = ValidUpdate(header, factors)
+    if limits.max_norm is not None and valid.norm > limits.max_norm:
+        raise SchemaError(
+            f"‖ΔW‖ = {valid.norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason="norm"
+        )
     fingerprint = pinned(store, PIN_FINGERPRINT, header.base_model_fingerprint, pins)
     if fingerprint != header.base_model_fingerprint:
         raise SchemaError(
@@ -125,4 +140,4 @@ def validate_payload(
             f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",
             reason="modules",
         )
-    return ValidUpdate(header, factors, norm)
+    return valid
