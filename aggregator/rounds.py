@@ -63,6 +63,7 @@ class ChunkResult(enum.Enum):
     DUPLICATE = "duplicate"  # this chunk was kept already (a redelivery); chunks are still missing
     COMPLETE = "complete"  # every chunk is in: assemble, validate and record the update
     RECORDED = "recorded"  # the update was counted already: the chunk is a late duplicate
+    REPLAY = "replay"  # the update id was counted already with another payload: refused
     MISMATCH = "mismatch"  # the transfer id was seen with another header or chunking: refused
 
 
@@ -174,12 +175,14 @@ class RoundStore(abc.ABC):
         count: int,
         signature: str,
         client_id: str,
+        sha256: str,
         now: float,
         expiry_s: float,
     ) -> ChunkResult:
-        """Keep chunk `index` of `count` of an update's payload. `signature` names the header and chunking; a
-        chunk with another signature for the same update is a MISMATCH. An update that gets no new chunk for
-        `expiry_s` seconds is incomplete: `expire_transfers` drops and reports it."""
+        """Keep chunk `index` of `count` of an update's payload (whose sha256 is `sha256`). `signature` names
+        the header and chunking; a chunk with another signature for the same update is a MISMATCH, one of an
+        update counted with another payload a REPLAY. An update that gets no new chunk for `expiry_s` seconds
+        is incomplete: `expire_transfers` drops and reports it."""
 
     @abc.abstractmethod
     def transfer_payload(self, update_id: str, size: int) -> bytearray | None:

@@ -86,6 +86,7 @@ class ChunkIntake:
             count=chunk.count,
             signature=signature,
             client_id=header.client_id,
+            sha256=header.payload.sha256,
             now=now,
             expiry_s=self.expiry_s,
         )
@@ -94,6 +95,8 @@ class ChunkIntake:
                 f"chunk {chunk.index} of update {header.update_id} disagrees with its other chunks' header or chunking",
                 reason="chunk",
             )
+        if state is ChunkResult.REPLAY:
+            raise SchemaError(f"update id {header.update_id} was counted already with another payload", reason="replay")
         if state is ChunkResult.RECORDED:
             return ChunkOutcome("counted")
         if state is not ChunkResult.COMPLETE:
@@ -110,8 +113,8 @@ class ChunkIntake:
             raise
         del payload  # the factors are views into it; this is only the last name of the buffer itself
         outcome = self._record(header, now, max_staleness)
-        if outcome.state == "complete" and outcome.result in (RecordResult.STALE, RecordResult.FUTURE):
-            self.store.drop_transfer(header.update_id)
+        if outcome.state == "complete" and outcome.result is not RecordResult.RECORDED:
+            self.store.drop_transfer(header.update_id)  # refused (stale, future, replay): its chunks go too
         return ChunkOutcome(outcome.state, valid, outcome.result)
 
     def _record(self, header: LoraUpdate, now: float, max_staleness: int | None) -> ChunkOutcome:

@@ -96,12 +96,15 @@ class MemoryRoundStore(RoundStore):
         count: int,
         signature: str,
         client_id: str,
+        sha256: str,
         now: float,
         expiry_s: float,
     ) -> ChunkResult:
         with self._lock:
             if update_id in self._seen:
-                return ChunkResult.RECORDED
+                had = self._updates.get(update_id)
+                replay = had is not None and had.header.payload.sha256 != sha256
+                return ChunkResult.REPLAY if replay else ChunkResult.RECORDED
             transfer = self._transfers.setdefault(update_id, _Transfer(signature, client_id, count, now + expiry_s))
             if transfer.signature != signature:
                 return ChunkResult.MISMATCH

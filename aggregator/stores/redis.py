@@ -109,6 +109,7 @@ class RedisRoundStore(RoundStore):
         count: int,
         signature: str,
         client_id: str,
+        sha256: str,
         now: float,
         expiry_s: float,
     ) -> ChunkResult:
@@ -117,7 +118,14 @@ class RedisRoundStore(RoundStore):
         ttl_ms = int((expiry_s + _TRANSFER_GRACE_S) * 1000)
         state = int(
             self._open_transfer(
-                keys=[k.seen, k.transfer_meta(update_id), k.transfers_open, k.transfer(update_id)],
+                keys=[
+                    k.seen,
+                    k.transfer_meta(update_id),
+                    k.transfers_open,
+                    k.transfer(update_id),
+                    k.update(update_id),
+                    k.update_payload(update_id, sha256),
+                ],
                 args=[update_id, signature, client_id, count, repr(now + expiry_s), ttl_ms],
             )
         )
@@ -125,6 +133,8 @@ class RedisRoundStore(RoundStore):
             return ChunkResult.RECORDED
         if state == -1:
             return ChunkResult.MISMATCH
+        if state == -2:
+            return ChunkResult.REPLAY
         pipe = self.r.pipeline(transaction=True)
         pipe.hsetnx(k.transfer(update_id), str(index), body)
         pipe.pexpire(k.transfer(update_id), ttl_ms)

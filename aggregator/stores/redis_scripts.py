@@ -34,11 +34,16 @@ redis.call('SET', ARGV[5] .. 'round:' .. v .. ':opened', ARGV[4], 'NX')
 return 1
 """
 
-# A chunk's bookkeeping, before its bytes are written. KEYS: seen, transfer meta, open transfers, transfer.
-# ARGV: update id, signature, client, count, deadline, ttl (ms). Returns 1 (go on), 0 (already counted),
-# -1 (another header or chunking under this id).
+# A chunk's bookkeeping, before its bytes are written. KEYS: seen, transfer meta, open transfers, transfer,
+# update hash, the payload key this update's bytes would have. ARGV: update id, signature, client, count,
+# deadline, ttl (ms). Returns 1 (go on), 0 (already counted), -1 (another header or chunking under this
+# id), -2 (already counted with another payload: a replay).
 OPEN_TRANSFER = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  local had = redis.call('HGET', KEYS[5], 'payload')
+  if had and had ~= KEYS[6] then return -2 end
+  return 0
+end
 local sig = redis.call('HGET', KEYS[2], 'signature')
 if not sig then
   redis.call('HSET', KEYS[2], 'signature', ARGV[2], 'client', ARGV[3], 'count', ARGV[4])

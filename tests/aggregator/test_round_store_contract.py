@@ -285,6 +285,7 @@ def _put(store: RoundStore, header: LoraUpdate, index: int, body: bytes, *, now:
         count=3,
         signature=sig,
         client_id=header.client_id,
+        sha256=header.payload.sha256,
         now=now,
         expiry_s=30.0,
     )
@@ -303,6 +304,8 @@ def test_chunks_in_any_order_and_twice_complete_once_and_record_their_bytes(stor
     [got] = store.round_updates(0)
     assert got.header == header and bytes(store.payload(got)) == b"".join(chunks)
     assert _put(store, header, 0, chunks[0]) is ChunkResult.RECORDED, "a late chunk of a counted update"
+    replayed = header.model_copy(update={"payload": header.payload.model_copy(update={"sha256": "3" * 64})})
+    assert _put(store, replayed, 0, chunks[0]) is ChunkResult.REPLAY, "its id with other bytes"
     assert store.expire_transfers(now=1e9) == [], "nothing of a counted update is left to expire"
 
 

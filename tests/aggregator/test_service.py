@@ -340,3 +340,31 @@ def test_an_update_is_held_not_requeued_while_the_store_is_briefly_unreachable(f
     assert _take_all(rig) == []
     assert service.counters["requeued"] == 0 and service.counters["store_retries"] == 3
     assert store.status().count == 1
+
+
+def test_a_chunked_replay_is_refused_and_leaves_nothing_behind_to_expire(federation: str) -> None:
+    from broker.chunked import publish_payload
+
+    rig = _memory_service(federation)
+
+    def send_chunked(header: LoraUpdate, data: bytes) -> None:
+        publish_payload(
+            rig.transport,
+            rig.topo.updates_exchange,
+            UPDATE_ROUTING_KEY,
+            header.model_dump_json(),
+            data,
+            header.payload,
+            message_id=header.update_id,
+            chunk_bytes=64 * 1024,
+        )
+
+    data, info = encode_tensors(_factors(8, 1, d=2048))
+    first = _update(federation, "c1", 8, info)
+    send_chunked(first, data)
+    other, other_info = encode_tensors(_factors(8, 2, d=2048))
+    send_chunked(_update(federation, "c1", 8, other_info, update_id=first.update_id), other)
+    reasons = _take_all(rig)
+    assert set(reasons) == {"replay"} and len(reasons) == len(other) // (64 * 1024) + 1, "every chunk refused"
+    assert rig.store.status().count == 1
+    assert rig.store.expire_transfers(now=1e12) == [], "the refused transfer's chunks were dropped with it"
