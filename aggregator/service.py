@@ -269,7 +269,7 @@ class AggregatorService:
             )
 
     def handle_join(self, delivery: Delivery) -> None:
-        """Send a joining client the newest global adapter at its rank (its mailbox keeps only the newest)."""
+        """Send a joining client the newest global adapter at its rank, at once."""
         try:
             request = parse_join(delivery.message.headers.get(HEADER_KEY))
             if request.federation != self.config.federation:

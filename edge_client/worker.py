@@ -137,7 +137,12 @@ class EdgeWorker:
             b"",
             {HEADER_KEY: header_json, **self._signed(header_json)},
         )
-        return self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False)
+        release = self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False)
+        # The mailbox may hold an older answer ahead of the join's (a round this client took part in before
+        # it went away): take whatever newer adapters are queued behind it, so training starts from the newest.
+        while release is not None and (newer := self.wait_for_adapter(stop, timeout_s=0.5, required=False)):
+            release = newer
+        return release
 
     def close(self) -> None:
         if self._subscription is not None:

@@ -21,7 +21,7 @@ CHUNK_KEY = "x-flexlora-chunk"
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024  # so a header cannot announce a billion one-byte chunks
 
-TransferId = Annotated[str, StringConstraints(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+TransferId = Annotated[str, StringConstraints(min_length=1, max_length=300, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 
 class ChunkInfo(_Strict):

@@ -76,7 +76,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
 
 class AdapterTap:
     """A queue of the test's own bound to the adapters exchange for some clients: counts every adapter
-    the aggregators publish (the clients' mailboxes keep only the newest, so they cannot)."""
+    the aggregators publish (the clients' mailboxes drop their oldest when full, and the clients consume)."""
 
     def __init__(self, federation: str, clients: list[str]) -> None:
         self.topology = Topology(federation)
