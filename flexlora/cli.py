@@ -371,6 +371,11 @@ def history(
 app.command()(provision)
 
 
+from flexlora.sim import app as sim_app  # noqa: E402 - registered last, next to the commands above
+
+app.add_typer(sim_app, name="sim")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,1 @@
+"""Experiments: FlexLoRA against its peers on a synthetic linear benchmark, a real LM, and load at scale."""

@@ -1,0 +1,269 @@
+"""Where an experiment's rounds are aggregated: the real aggregator service (embedded, or over RabbitMQ and
+Redis; the same code) or, for FLoRA and quick math-only runs, the strategy called directly."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aggregator.config import AggregatorConfig
+from aggregator.flexlora import ClientAdapter, RankRequest, recut
+from aggregator.lowrank import SvdMode
+from aggregator.rounds import RoundPolicy, RoundRecord, RoundStore, StoredRelease
+from aggregator.service import AggregatorService
+from aggregator.strategies import ClientMeta, get_strategy, get_weighting
+from broker.connect import connect
+from broker.topology import QueueSpec, Topology
+from broker.transports.memory import MemoryBroker
+from edge_client.synthetic import publish_update
+from schemas.lora import LoraFactors, split_lora
+from schemas.messages import HEADER_KEY, LoraUpdate, parse_release
+from schemas.tensors import decode_tensors
+
+Factors = dict[str, LoraFactors]
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    """A committed round: the largest-rank adapter released (every smaller release is its exact cut, for
+    FlexLoRA by nested SVD truncation, for HetLoRA by truncation, for FedIT there is one rank)."""
+
+    version: int
+    top: RankRequest
+    factors: Factors
+    merge_into_base: bool = False  # FLoRA: merge `factors` into the base and start a fresh LoRA
+    aggregate_seconds: float = 0.0
+    participants: int = 0
+    record: RoundRecord | None = None
+
+    def cut(self, rank: int, alpha: float) -> Factors:
+        """The global adapter at a client's rank and alpha (zero-padded above the released rank)."""
+        return recut(self.factors, self.top, RankRequest(rank, alpha))
+
+
+class Federation(Protocol):
+    """Takes a round's updates (as a client sends them) and returns the committed round."""
+
+    name: str
+
+    def submit(self, header: LoraUpdate, payload: bytes) -> None: ...
+
+    def close_round(self, timeout_s: float = 600.0) -> RoundOutput: ...
+
+    def close(self) -> None: ...
+
+
+def _decode(header: LoraUpdate, payload: bytes) -> Factors:
+    return split_lora(decode_tensors(payload, header.payload), rank=header.rank, target_modules=header.target_modules)
+
+
+@dataclass
+class DirectFederation:
+    """The strategy called in-process on the round's updates, weighted by data size as the service does."""
+
+    strategy: str
+    global_rank: int
+    name: str = field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:8]}")
+    version: int = 0
+    _pending: list[tuple[LoraUpdate, Factors]] = field(default_factory=list)
+
+    def submit(self, header: LoraUpdate, payload: bytes) -> None:
+        self._pending.append((header, _decode(header, payload)))
+
+    def close_round(self, timeout_s: float = 600.0) -> RoundOutput:
+        if not self._pending:
+            raise RuntimeError("close_round with no updates submitted")
+        started = time.perf_counter()
+        clients = [ClientAdapter(f, h.rank, h.lora_alpha) for h, f in self._pending]
+        weights = get_weighting("data_size")([ClientMeta(h.num_samples) for h, _ in self._pending])
+        requests = {RankRequest(c.rank, c.alpha) for c in clients}
+        if self.strategy == "flexlora":  # as the service does: the global adapter, cut at the largest rank
+            top = max(self.global_rank, *(c.rank for c in clients))
+            requests.add(RankRequest(top, 2.0 * top))
+        result = get_strategy(self.strategy).aggregate(clients, weights, sorted(requests))
+        best = max(result.adapters, key=lambda r: r.rank)
+        self.version += 1
+        participants = len(self._pending)
+        self._pending = []
+        return RoundOutput(
+            self.version,
+            best,
+            result.adapters[best],
+            result.merge_into_base,
+            time.perf_counter() - started,
+            participants,
+        )
+
+    def close(self) -> None:
+        self._pending = []
+
+
+def _store(url: str, federation: str) -> RoundStore:
+    if url.startswith("memory://"):
+        from aggregator.stores.memory import MemoryRoundStore
+
+        return MemoryRoundStore()
+    from aggregator.stores.redis import RedisRoundStore
+
+    return RedisRoundStore.from_url(url, federation)
+
+
+class ServiceFederation:
+    """An AggregatorService on its own thread, over the embedded broker and store (memory://) or over
+    RabbitMQ and Redis (amqp://, redis://). Updates go in through the updates exchange like any client's;
+    the committed round comes back from the service's commit hook. Everything it declared or stored is
+    deleted on close, so runs on the shared services leave nothing behind."""
+
+    def __init__(
+        self,
+        strategy: str,
+        per_round: int,
+        global_rank: int,
+        *,
+        broker_url: str = "memory://",
+        redis_url: str = "memory://",
+        svd_mode: SvdMode = "exact",
+        keep_versions: int = 2,
+        prefix: str = "sim",
+        name: str | None = None,
+    ) -> None:
+        self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.embedded = broker_url.startswith("memory://")
+        self.memory = MemoryBroker() if self.embedded else None
+        self.broker_url = broker_url
+        self.topology = Topology(self.name)
+        self.store = _store(redis_url, self.name)
+        self.transport = connect(broker_url, memory=self.memory, connection_name=f"{self.name}-clients")
+        self._committed: queue.Queue[tuple[RoundRecord, dict[str, StoredRelease]]] = queue.Queue()
+        config = AggregatorConfig(
+            federation=self.name,
+            policy=RoundPolicy(max_updates=per_round),
+            strategy=strategy,
+            svd_mode=svd_mode,
+            global_rank=global_rank,
+            keep_versions=keep_versions,
+            poll_s=0.05,
+            fail_fast=self.embedded,
+        )
+        self.service = AggregatorService(
+            connect(broker_url, memory=self.memory, connection_name=f"{self.name}-aggregator"),
+            self.store,
+            config,
+            on_commit=lambda record, releases: self._committed.put((record, releases)),
+        )
+        self.service.setup()
+        self._clients: set[str] = set()
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, name=f"{self.name}-aggregator", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            subscription = self.service.subscribe()
+            try:
+                while not self._stop.is_set():
+                    self.service.step(subscription)
+            finally:
+                subscription.close()
+        except BaseException as exc:
+            self._errors.append(exc)
+
+    def _check(self) -> None:
+        if self._errors:
+            raise RuntimeError(f"the aggregator failed: {self._errors[0]!r}") from self._errors[0]
+
+    def submit(self, header: LoraUpdate, payload: bytes) -> None:
+        self._check()
+        self._clients.add(header.client_id)
+        publish_update(self.transport, self.topology, header, payload)
+
+    def wait_commit(self, timeout_s: float = 600.0) -> tuple[RoundRecord, dict[str, StoredRelease]]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check()
+            try:
+                return self._committed.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        raise TimeoutError(f"no round committed within {timeout_s:.0f} s")
+
+    def close_round(self, timeout_s: float = 600.0) -> RoundOutput:
+        record, releases = self.wait_commit(timeout_s)
+        best = max(releases.values(), key=lambda r: r.header.rank)
+        h = best.header
+        return RoundOutput(
+            record.version,
+            RankRequest(h.rank, h.lora_alpha),
+            split_lora(
+                decode_tensors(self.store.payload(best), h.payload), rank=h.rank, target_modules=h.target_modules
+            ),
+            aggregate_seconds=record.aggregate_seconds,
+            participants=len(record.participants),
+            record=record,
+        )
+
+    def receive(self, client_ids: Iterable[str], version: int, timeout_s: float = 600.0) -> None:
+        """Take each client's adapter of `version` from its mailbox, as the device would (ack, check the
+        header); raises TimeoutError if one does not arrive."""
+        for client_id in client_ids:
+            sub = self.transport.subscribe(
+                self.topology.adapter_queue(client_id),
+                prefetch=1,
+                dead_letter_exchange=self.topology.dead_letter_exchange,
+            )
+            try:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    self._check()
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{client_id} got no adapter of version {version} in {timeout_s:.0f} s")
+                    delivery = sub.get(0.2)
+                    if delivery is None:
+                        continue
+                    release = parse_release(delivery.message.headers.get(HEADER_KEY))
+                    delivery.ack()
+                    if release.version >= version and release.client_id == client_id:
+                        break
+            finally:
+                sub.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        try:
+            if not self.embedded:
+                mailboxes = [
+                    s for c in sorted(self._clients) for s in self.topology.client(c) if isinstance(s, QueueSpec)
+                ]
+                self.transport.delete([*self.topology.core(), *mailboxes])
+                wipe = getattr(self.store, "wipe", None)
+                if wipe is not None:
+                    wipe()
+        finally:
+            self.service.transport.close()
+            self.transport.close()
+        self._check()
+
+
+def make_federation(
+    strategy: str,
+    per_round: int,
+    global_rank: int,
+    *,
+    broker_url: str = "memory://",
+    redis_url: str = "memory://",
+    svd_mode: SvdMode = "exact",
+) -> Federation:
+    """`direct://` as the broker URL calls the strategy in-process. FLoRA always does: the service refuses it
+    (its clients merge each release into the base, which its pinned base-model check does not model yet)."""
+    if broker_url.startswith("direct://") or strategy == "flora":
+        return DirectFederation(strategy, global_rank)
+    return ServiceFederation(
+        strategy, per_round, global_rank, broker_url=broker_url, redis_url=redis_url, svd_mode=svd_mode
+    )

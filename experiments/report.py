@@ -1,0 +1,114 @@
+"""Experiment results as JSON, a markdown table (final and best score per strategy and distribution, mean over
+seeds) and a PNG of the score per round, one line per strategy and one panel per distribution."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.runner import RunResult
+
+COLOURS = {"flexlora": "tab:red", "fedit": "tab:blue", "hetlora": "tab:green", "flora": "tab:purple"}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _groups(results: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    out: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        out.setdefault((r.distribution, r.strategy), []).append(r)
+    return out
+
+
+def markdown_table(results: Sequence[RunResult], metrics: Sequence[str], higher_is_better: bool) -> str:
+    """One row per (distribution, strategy): clients per rank, the base model's score, the final and best
+    score per metric (mean over seeds); the winner of each distribution's final first metric in bold."""
+    pick = max if higher_is_better else min
+    first = metrics[0]
+    header = ["distribution", "strategy", "ranks (clients)", f"base {first}"]
+    for m in metrics:
+        header += [f"final {m}", f"best {m}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = _groups(results)
+    distributions = list(dict.fromkeys(r.distribution for r in results))
+    for distribution in distributions:
+        rows = [(s, runs) for (d, s), runs in groups.items() if d == distribution]
+        finals = {s: _mean([r.scores[-1][first] for r in runs]) for s, runs in rows}
+        winner = pick(finals, key=lambda s: finals[s])
+        for strategy, runs in rows:
+            ranks = ", ".join(f"{k}×{v}" for k, v in sorted(runs[0].ranks.items()))
+            cells = [distribution, strategy, ranks, f"{_mean([r.scores[0][first] for r in runs]):.3f}"]
+            for m in metrics:
+                final = _mean([r.scores[-1][m] for r in runs])
+                best = _mean([pick(s[m] for s in r.scores[1:]) for r in runs])
+                text = f"{final:.3f}"
+                cells += [f"**{text}**" if m == first and strategy == winner else text, f"{best:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[RunResult], metrics: Sequence[str], out: Path, title: str) -> Path:
+    """Score per round (mean over seeds): the first metric solid, the second dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distributions = list(dict.fromkeys(r.distribution for r in results))
+    fig, axes = plt.subplots(1, len(distributions), figsize=(4.2 * len(distributions), 3.6), squeeze=False)
+    groups = _groups(results)
+    for ax, distribution in zip(axes[0], distributions, strict=True):
+        for (d, strategy), runs in groups.items():
+            if d != distribution:
+                continue
+            rounds = range(len(runs[0].scores))
+            for m, style in zip(metrics, ("-", "--"), strict=False):
+                values = [_mean([r.scores[t][m] for r in runs]) for t in rounds]
+                label = f"{strategy} ({m})"
+                ax.plot(list(rounds), values, style, color=COLOURS.get(strategy), label=label, marker=".")
+        ax.set_title(distribution)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(" / ".join(metrics))
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_results(
+    results: Sequence[RunResult],
+    out_dir: Path,
+    stem: str,
+    *,
+    metrics: Sequence[str],
+    higher_is_better: bool,
+    settings: dict[str, Any],
+    command: str,
+    title: str,
+) -> tuple[Path, Path, Path]:
+    """`<stem>.json`, `<stem>.md` and `<stem>.png` under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, metrics, higher_is_better)
+    document = {
+        "command": command,
+        "settings": settings,
+        "metrics": list(metrics),
+        "higher_is_better": higher_is_better,
+        "table": table,
+        "runs": [r.to_json() for r in results],
+    }
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(f"{title}\n\n```\n{command}\n```\n\n{table}\n")
+    png_path = plot(results, metrics, out_dir / f"{stem}.png", title)
+    return json_path, md_path, png_path

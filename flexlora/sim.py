@@ -1,0 +1,238 @@
+"""`flexlora sim`: experiments that compare FlexLoRA with its peers (linear benchmark, real LM) and load runs at
+the paper's scale; each writes JSON, a markdown table and a PNG. Heavy imports wait until a command runs."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+out_console = Console()
+
+Distributions = Annotated[
+    list[str] | None,
+    typer.Option("--distribution", help="uniform, heavy-tail-light, heavy-tail-strong or normal; repeatable"),
+]
+Strategies = Annotated[
+    list[str] | None, typer.Option("--strategy", help="flexlora, fedit (at the lowest tier), hetlora, flora")
+]
+Seeds = Annotated[list[int] | None, typer.Option("--seed", help="repeat for several seeds")]
+Ranks = Annotated[str | None, typer.Option(help="the three tiers' ranks, e.g. 2,8,56 (default: scaled to the model)")]
+BrokerUrl = Annotated[
+    str, typer.Option(help="memory:// (embedded), amqp://… (RabbitMQ), or direct:// (strategies called in-process)")
+]
+RedisUrl = Annotated[str, typer.Option(help="memory:// (embedded) or redis://…")]
+OutDir = Annotated[Path, typer.Option(help="folder for <name>.json, <name>.md and <name>.png")]
+
+ALL_STRATEGIES = ["flexlora", "fedit", "hetlora", "flora"]
+DEFAULT_DISTRIBUTIONS = ["uniform", "heavy-tail-light", "heavy-tail-strong"]
+
+
+def _command() -> str:
+    return "flexlora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _tiers(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if text is None:
+        return default
+    try:
+        tiers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(f"--ranks must be comma-separated integers, got {text!r}") from exc
+    if len(tiers) != 3 or min(tiers) < 1:
+        raise typer.BadParameter(f"--ranks needs three positive ranks (low, middle, high tier), got {text!r}")
+    return tiers
+
+
+def _run_matrix(
+    workload: Any,
+    *,
+    name: str,
+    title: str,
+    out: Path,
+    strategies: list[str],
+    distributions: list[str],
+    seeds: list[int],
+    settings: dict[str, Any],
+    **run: Any,
+) -> None:
+    from experiments.report import write_results
+    from experiments.runner import RunConfig, plan, run_all
+
+    try:
+        runs = plan(strategies, distributions, seeds, RunConfig(strategy="", distribution="", **run))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    done: list[Any] = []
+
+    def write(result: Any = None) -> tuple[Path, Path, Path]:
+        # Rewritten after every run, so a long experiment that is stopped early keeps what it measured.
+        if result is not None:
+            done.append(result)
+        return write_results(
+            done,
+            out,
+            name,
+            metrics=workload.metrics,
+            higher_is_better=workload.higher_is_better,
+            settings={**settings, **{k: v for k, v in run.items() if k != "broker_url"}, "seeds": seeds},
+            command=_command(),
+            title=title,
+        )
+
+    def record(result: Any) -> None:
+        write(result)
+
+    run_all(workload, runs, on_result=record)
+    paths = write()
+    out_console.print(paths[1].read_text())
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def linear(
+    distribution: Distributions = None,
+    strategy: Strategies = None,
+    seed: Seeds = None,
+    ranks: Ranks = None,
+    clients: Annotated[int, typer.Option(min=1, help="clients, one task each")] = 40,
+    per_round: Annotated[int, typer.Option(min=1)] = 10,
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    broker_url: BrokerUrl = "direct://",
+    redis_url: RedisUrl = "memory://",
+    out: OutDir = Path("docs/experiments"),
+    name: Annotated[str, typer.Option(help="file name stem of the results")] = "linear",
+) -> None:
+    """Synthetic linear benchmark (seconds): relative error of the global update on unseen tasks, lower is better."""
+    from experiments.linear import LinearConfig, LinearWorkload
+
+    workload = LinearWorkload(LinearConfig(seen_tasks=clients))
+    tiers = _tiers(ranks, (2, 8, 24))
+    _run_matrix(
+        workload,
+        name=name,
+        title=f"Linear benchmark: relative error of the global update ({clients} clients, {per_round} per round)",
+        out=out,
+        strategies=strategy or ALL_STRATEGIES,
+        distributions=distribution or DEFAULT_DISTRIBUTIONS,
+        seeds=seed or [0],
+        settings={"workload": "linear", **vars(workload.config)},
+        tiers=tiers,
+        clients=clients,
+        per_round=per_round,
+        rounds=rounds,
+        broker_url=broker_url,
+        redis_url=redis_url,
+    )
+
+
+@app.command()
+def lm(
+    distribution: Distributions = None,
+    strategy: Strategies = None,
+    seed: Seeds = None,
+    ranks: Ranks = None,
+    model: Annotated[str, typer.Option(help="smollm2 (bundled) or tiny")] = "smollm2",
+    clients: Annotated[int, typer.Option(min=1, help="clients, one procedural task each")] = 20,
+    unseen_tasks: Annotated[int, typer.Option(min=1, help="built-in tasks no client holds")] = 7,
+    tasks_per_client: Annotated[int, typer.Option(min=1, help="seen tasks each client holds (non-IID)")] = 1,
+    per_round: Annotated[int, typer.Option(min=1)] = 4,
+    rounds: Annotated[int, typer.Option(min=1)] = 4,
+    local_steps: Annotated[int, typer.Option(min=1)] = 8,
+    samples_per_task: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 3e-3,
+    eval_unseen: Annotated[int, typer.Option(min=1, help="held-out examples per unseen task")] = 4,
+    eval_seen: Annotated[int, typer.Option(min=1, help="held-out examples per seen task")] = 2,
+    broker_url: BrokerUrl = "memory://",
+    redis_url: RedisUrl = "memory://",
+    out: OutDir = Path("docs/experiments"),
+    name: Annotated[str, typer.Option(help="file name stem of the results")] = "smollm2",
+) -> None:
+    """Real LM: clients fine-tune LoRA on one procedural task each; global ROUGE-L on unseen and seen tasks."""
+    from edge_client.model import load_base_model
+    from experiments.lm import LmConfig, LmWorkload
+    from experiments.ranks import scaled_ranks
+
+    with Console(stderr=True).status(f"loading {model}…"):
+        base = load_base_model(model)
+    tiers = _tiers(ranks, scaled_ranks(int(base.model.config.hidden_size)))
+    config = LmConfig(
+        clients=clients,
+        unseen_tasks=unseen_tasks,
+        tasks_per_client=tasks_per_client,
+        samples_per_task=samples_per_task,
+        local_steps=local_steps,
+        learning_rate=learning_rate,
+        eval_unseen_per_task=eval_unseen,
+        eval_seen_per_task=eval_seen,
+    )
+    seen, unseen = config.split()
+    workload = LmWorkload(base, config, tiers)
+    _run_matrix(
+        workload,
+        name=name,
+        title=f"{base.name}: global ROUGE-L ({clients} clients, {per_round} per round, ranks {list(tiers)})",
+        out=out,
+        strategies=strategy or ALL_STRATEGIES,
+        distributions=distribution or DEFAULT_DISTRIBUTIONS,
+        seeds=seed or [0],
+        settings={"workload": "lm", "model": base.name, **vars(config), "seen": seen, "unseen": unseen},
+        tiers=tiers,
+        clients=clients,
+        per_round=per_round,
+        rounds=rounds,
+        broker_url=broker_url,
+        redis_url=redis_url,
+    )
+
+
+@app.command()
+def load(
+    clients: Annotated[int, typer.Option(min=1)] = 1613,
+    per_round: Annotated[int, typer.Option(min=1)] = 80,
+    rounds: Annotated[int, typer.Option(min=1)] = 50,
+    distribution: Annotated[str, typer.Option(help="rank distribution of the clients")] = "heavy-tail-strong",
+    ranks: Ranks = None,
+    layers: Annotated[int, typer.Option(min=1, help="layers of SmolLM2-135M q/v shapes per update")] = 30,
+    svd_mode: Annotated[str, typer.Option(help="exact or fast")] = "exact",
+    broker_url: Annotated[str, typer.Option(help="memory:// (embedded) or amqp://…")] = "memory://",
+    redis_url: RedisUrl = "memory://",
+    out: OutDir = Path("docs/experiments"),
+    name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
+) -> None:
+    """Synthetic-update clients (real shapes, no training) through the aggregator; per-round turnaround."""
+    import json
+
+    from experiments.load import LoadConfig, markdown, run_load
+    from experiments.ranks import DISTRIBUTIONS
+
+    if distribution not in DISTRIBUTIONS:
+        raise typer.BadParameter(f"unknown distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+    if svd_mode not in ("exact", "fast"):
+        raise typer.BadParameter("--svd-mode is exact or fast")
+    if per_round > clients:
+        raise typer.BadParameter("--per-round cannot exceed --clients")
+    config = LoadConfig(
+        clients=clients,
+        per_round=per_round,
+        rounds=rounds,
+        distribution=distribution,
+        tiers=_tiers(ranks, LoadConfig().tiers),
+        layers=layers,
+        svd_mode="fast" if svd_mode == "fast" else "exact",
+        broker_url=broker_url,
+        redis_url=redis_url,
+    )
+    report = run_load(config)
+    table = markdown(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"command": _command(), **report.to_json()}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"```\n{_command()}\n```\n\n{table}\n")
+    out_console.print(table)
+    typer.echo(str(out / f"{name}.json"))
