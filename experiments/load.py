@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from aggregator.lowrank import SvdMode
 from edge_client.synthetic import SyntheticShape, synthetic_update
 from experiments.federation import ServiceFederation
 from experiments.ranks import assign_ranks, sample_clients, scaled_ranks
+from experiments.runner import progress_bar
 
 SMOLLM2_HIDDEN = 576
 
@@ -96,14 +96,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
         name=config.federation,
     )
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
+        with progress_bar(console) as progress:
             bar = progress.add_task("rounds", total=config.rounds)
             for t in range(config.rounds):
                 chosen = sample_clients(config.clients, config.per_round, t, config.seed)

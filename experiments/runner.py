@@ -190,14 +190,7 @@ def run_all(
     console = console or Console(stderr=True)
     total = sum(c.rounds * c.per_round for c, _ in runs)
     results: list[RunResult] = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task("local trainings", total=total)
 
         def tick(description: str) -> None:
@@ -215,3 +208,15 @@ def run_all(
                 if on_result is not None:
                     on_result(copy)
     return results
+
+
+def progress_bar(console: Console) -> Progress:
+    """The experiments' progress display: what, a bar, done of total, elapsed and remaining time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
