@@ -45,6 +45,9 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         max_rank=settings.max_rank,
         max_update_norm=settings.max_update_norm,
         norm_outlier_factor=settings.norm_outlier_factor,
+        max_weight_share=settings.max_weight_share,
+        max_transfers_per_client=settings.max_transfers_per_client,
+        max_transfers=settings.max_transfers,
         require_identity=settings.require_identity,
         signing_keys=load_signing_keys(settings.signing_keys) if settings.signing_keys is not None else None,
     )

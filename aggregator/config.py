@@ -55,6 +55,13 @@ class AggregatorConfig:
     max_rank: int | None = None
     max_update_norm: float | None = None
     norm_outlier_factor: float | None = None
+    # No client's share of a round's weight exceeds this (the excess is spread over the others), however many
+    # samples it claims; None: shares follow the weighting alone.
+    max_weight_share: float | None = None
+    # Chunked updates under way at once, per client and in the whole federation; a first chunk past either
+    # is refused ("transfers").
+    max_transfers_per_client: int = 4
+    max_transfers: int = 256
     # Senders must be the broker user provisioned for the client they name (see aggregator.security), and
     # sign their headers when signing keys are given.
     require_identity: bool = False

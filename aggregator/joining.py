@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from aggregator.flexlora import RankRequest, recut
 from aggregator.rounds import GLOBAL_RELEASE, RoundStore, StoredRelease
-from aggregator.validation import PIN_FINGERPRINT
+from aggregator.validation import PIN_FINGERPRINT, Limits
 from schemas.errors import SchemaError
 from schemas.lora import join_lora, split_lora
 from schemas.messages import AdapterRelease, JoinRequest
 from schemas.tensors import decode_tensors, encode_tensors
 
 
-def join_release(store: RoundStore, request: JoinRequest) -> StoredRelease | None:
-    """None when there is nothing newer than what the client holds (or no global adapter yet)."""
-    pinned = store.pin(PIN_FINGERPRINT, request.base_model_fingerprint)
-    if pinned != request.base_model_fingerprint:
+def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None = None) -> StoredRelease | None:
+    """None when there is nothing newer than what the client holds (or no global adapter yet). A join never
+    pins anything (only accepted updates do), and asks for no rank outside the federation's bounds or above
+    the stored global cut's: a 277-byte request must not make the aggregator build a huge adapter."""
+    limits = limits or Limits()
+    if request.rank < limits.min_rank or (limits.max_rank is not None and request.rank > limits.max_rank):
+        raise SchemaError(
+            f"join at rank {request.rank} is outside the federation's bounds [{limits.min_rank}, "
+            f"{limits.max_rank or '∞'}]",
+            reason="rank",
+        )
+    pinned = store.pinned(PIN_FINGERPRINT)
+    if pinned is not None and pinned != request.base_model_fingerprint:
         raise SchemaError("join request for another base model than the federation's", reason="base-model")
     version = store.version()
     if version < 1 or version <= request.have_version:
@@ -35,7 +44,11 @@ def join_release(store: RoundStore, request: JoinRequest) -> StoredRelease | Non
         if source is None:
             return None
     h = source.header
-    if tuple(h.target_modules) != tuple(request.target_modules):
+    if request.rank > h.rank:
+        raise SchemaError(
+            f"join at rank {request.rank} is above the federation's global adapter's rank {h.rank}", reason="rank"
+        )
+    if set(h.target_modules) != set(request.target_modules):
         raise SchemaError(
             f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason="modules"
         )

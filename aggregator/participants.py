@@ -3,6 +3,7 @@ weight; pure bookkeeping between the round store and the aggregation math."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from aggregator.blobs import LazyFactors
@@ -53,6 +54,7 @@ def participant_means(recorded: list[RecordedUpdate], weights: list[float]) -> d
         known = [(w, getattr(u.header, name)) for u, w in zip(recorded, weights, strict=True)]
         known = [(w, v) for w, v in known if v is not None]
         total = sum(w for w, _ in known)
-        if known and total > 0:
-            out[name] = sum(w * v for w, v in known) / total
+        mean = math.fsum(w * v for w, v in known) / total if known and total > 0 else math.nan
+        if math.isfinite(mean):  # a stored inf would break `flexlora status` and `history` for good
+            out[name] = mean
     return out

@@ -13,6 +13,7 @@ import torch
 
 from aggregator.flexlora import RankRequest
 from aggregator.rounds import Blob, RoundStore, StoredRelease
+from aggregator.validation import PIN_FINGERPRINT
 from broker.chunked import publish_chunks, publish_payload
 from broker.topology import Topology
 from broker.transport import Transport
@@ -30,6 +31,15 @@ def encode_release(
     if size <= chunk_bytes:
         return b"".join(pieces), info
     return store.put_blob(uuid.uuid4().hex, iter_chunks(pieces, chunk_bytes), ttl_s), info
+
+
+def release_template(store: RoundStore, accepted: LoraUpdate) -> LoraUpdate:
+    """What every release of a round names: the federation's pinned base model, and the target modules of an
+    accepted update (their set is the pinned modules', checked on acceptance), never a refused message's."""
+    fingerprint = store.pinned(PIN_FINGERPRINT)
+    if fingerprint is None or fingerprint == accepted.base_model_fingerprint:
+        return accepted
+    return accepted.model_copy(update={"base_model_fingerprint": fingerprint})
 
 
 def build_releases(

@@ -65,6 +65,7 @@ class ChunkResult(enum.Enum):
     RECORDED = "recorded"  # the update was counted already: the chunk is a late duplicate
     REPLAY = "replay"  # the update id was counted already with another payload: refused
     MISMATCH = "mismatch"  # the transfer id was seen with another header or chunking: refused
+    BUSY = "busy"  # a new transfer while its client (or the federation) has as many open as allowed: refused
 
 
 @dataclass(frozen=True)
@@ -178,11 +179,13 @@ class RoundStore(abc.ABC):
         sha256: str,
         now: float,
         expiry_s: float,
+        max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
         """Keep chunk `index` of `count` of an update's payload (whose sha256 is `sha256`). `signature` names
         the header and chunking; a chunk with another signature for the same update is a MISMATCH, one of an
         update counted with another payload a REPLAY. An update that gets no new chunk for `expiry_s` seconds
-        is incomplete: `expire_transfers` drops and reports it."""
+        is incomplete: `expire_transfers` drops and reports it. With `max_open` (per client, in all), a chunk
+        that would open a transfer past either bound is BUSY and nothing is kept."""
 
     @abc.abstractmethod
     def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
@@ -312,3 +315,12 @@ class RoundStore(abc.ABC):
     @abc.abstractmethod
     def pin(self, name: str, value: str) -> str:
         """Set a federation fact if unset; returns the value in force (the first one set)."""
+
+    @abc.abstractmethod
+    def pinned(self, name: str) -> str | None:
+        """A federation fact, or None while unset (reading never sets it)."""
+
+    @abc.abstractmethod
+    def drop_update(self, round_id: int, update_id: str) -> bool:
+        """Take an update out of a still-open round (it cannot be aggregated); its id stays counted as seen, so
+        a redelivery is not counted again. False when the round or the update is no longer there."""

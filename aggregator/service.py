@@ -10,35 +10,30 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
+from aggregator.culprits import REASON as REFUSED_AGGREGATION
+from aggregator.culprits import drop_culprits
 from aggregator.flexlora import RankRequest
-from aggregator.joining import join_release
+from aggregator.ingest import Ingest
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
-from aggregator.releasing import build_releases, send_release
+from aggregator.releasing import build_releases, release_template, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
     Lease,
-    RecordResult,
     RoundRecord,
     RoundStore,
     StoredRelease,
 )
-from aggregator.strategies import ClientMeta
+from aggregator.strategies import ClientMeta, shares
 from aggregator.transfers import ChunkIntake
-from aggregator.validation import ValidUpdate, validate_update
 from broker.errors import BrokerError
-from broker.topology import JOIN_ROUTING_KEY, Topology
+from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
-from schemas.errors import SchemaError
-from schemas.messages import HEADER_KEY, parse_join
 
 log = logging.getLogger(__name__)
 
-
-_T = TypeVar("_T")
 OnCommit = Callable[[RoundRecord, dict[str, StoredRelease]], None]
 
 
@@ -76,8 +71,21 @@ class AggregatorService:
             limits=self.limits,
             guard=self.guard,
             pins=self._pins,
+            max_open=(config.max_transfers_per_client, config.max_transfers),
         )
         self._last_expiry_check = 0.0
+        self.ingest = Ingest(
+            store,
+            config,
+            limits=self.limits,
+            guard=self.guard,
+            intake=self.intake,
+            pins=self._pins,
+            counters=self.counters,
+            metrics=self.metrics,
+            clock=clock,
+            send_adapter=self.send_adapter,
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -166,139 +174,10 @@ class AggregatorService:
     # --- ingest ---------------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
         """Validate, record (idempotently), then ack; refusals go to the dead-letter queue with a reason."""
-        if delivery.message.routing_key == JOIN_ROUTING_KEY:
-            self.handle_join(delivery)
-            return
-        try:
-            taken = self._retrying(lambda: self._take(delivery))
-            if taken is None:
-                return
-            valid, result = taken
-        except SchemaError as exc:
-            log.warning("dead-lettering update (%s): %s", exc.reason, exc.detail)
-            delivery.dead_letter(exc.reason, exc.detail)
-            self._refused(exc.reason)
-            return
-        except Exception:
-            # Not the message's fault (e.g. Redis is away): give it back for a later try. A message that
-            # crashes every consumer reaches the queue's delivery limit and is dead-lettered by the broker.
-            self.counters["requeued"] += 1
-            self.metrics.update("requeued")
-            log.exception("could not record an update; requeueing it")
-            delivery.requeue()
-            if self.config.fail_fast:
-                raise
-            time.sleep(min(1.0, self.config.poll_s * 5))
-            return
-        delivery.ack()
-        outcome = "accepted" if result is RecordResult.RECORDED else "duplicate"
-        self.counters[outcome] += 1
-        self.metrics.update(outcome)
-        if result is RecordResult.RECORDED:
-            self.metrics.queue_lag(self.clock() - valid.header.created_at.timestamp())
-        log.info(
-            "%s update %s from %s (rank %d, base v%d)",
-            result.value,
-            valid.header.update_id[:8],
-            valid.header.client_id,
-            valid.header.rank,
-            valid.header.base_version,
-        )
-
-    def _take(self, delivery: Delivery) -> tuple[ValidUpdate, RecordResult] | None:
-        """Validate and record one update (None: a chunk kept, nothing more to do); SchemaError refuses it."""
-        if ChunkIntake.is_chunk(delivery.message):
-            now = self.clock()
-            chunk = self.intake.take(delivery.message, now, self.config.max_staleness, self._check_outlier)
-            if chunk.valid is None or chunk.result is None:
-                delivery.ack()  # kept in the store (or counted already): the chunk's work is done
-                self.metrics.chunk(chunk.state)
-                return None
-            valid, result = chunk.valid, chunk.result
-        else:
-            valid = validate_update(
-                delivery.message, self.config.federation, self.store, self._pins, self.limits, self.guard
-            )
-            self._check_outlier(valid)
-            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
-        if result is RecordResult.RECORDED and self.config.norm_outlier_factor is not None:
-            self.store.note_norm(self.store.status().round_id, valid.norm)
-        if result is RecordResult.STALE:
-            raise SchemaError(
-                f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
-                "versions behind the open round",
-                reason="stale",
-            )
-        if result is RecordResult.REPLAY:
-            raise SchemaError(
-                f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
-            )
-        if result is RecordResult.FUTURE:
-            raise SchemaError(
-                f"claims base version {valid.header.base_version}, which has not been released", reason="version"
-            )
-        return valid, result
-
-    def _retrying(self, work: Callable[[], _T]) -> _T:
-        """Run `work`, retrying while the store is unreachable (a Redis restart) for up to `store_retry_s`,
-        holding the message meanwhile: requeueing it would count towards the queue's delivery limit and
-        dead-letter sound updates during an outage of a few seconds."""
-        deadline = time.monotonic() + self.config.store_retry_s
-        wait = 0.1
-        while True:
-            try:
-                return work()
-            except self.store.transient_errors as exc:
-                if self.config.fail_fast or time.monotonic() + wait > deadline:
-                    raise
-                self.counters["store_retries"] += 1
-                log.warning("round store unreachable (%s); retrying in %.1fs", exc, wait)
-                time.sleep(wait)
-                wait = min(5.0, wait * 2)
-
-    def _check_outlier(self, valid: ValidUpdate) -> None:
-        """Refuse ("norm-outlier") an update whose ‖ΔW‖ is far above the open round's median."""
-        factor = self.config.norm_outlier_factor
-        if factor is None:
-            return
-        norms = sorted(self.store.norms(self.store.status().round_id))
-        if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
-            raise SchemaError(
-                f"‖ΔW‖ = {valid.norm:.4g} is over {factor:g}× the round's median {norms[len(norms) // 2]:.4g}",
-                reason="norm-outlier",
-            )
-
-    def handle_join(self, delivery: Delivery) -> None:
-        """Send a joining client the newest global adapter at its rank, at once."""
-        try:
-            request = parse_join(delivery.message.headers.get(HEADER_KEY))
-            if request.federation != self.config.federation:
-                raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
-            if self.guard is not None:
-                self.guard.check(delivery.message, request.client_id)
-            release = join_release(self.store, request)
-        except SchemaError as exc:
-            log.warning("dead-lettering join request (%s): %s", exc.reason, exc.detail)
-            delivery.dead_letter(exc.reason, exc.detail)
-            self._refused(exc.reason)
-            return
-        if release is not None:
-            self.send_adapter(release)
-            log.info(
-                "sent %s version %d at rank %d on joining", request.client_id, release.header.version, request.rank
-            )
-        delivery.ack()
-        self.counters["joins"] += 1
-        self.metrics.joined()
+        self.ingest.handle(delivery)
 
     def _refused(self, reason: str) -> None:
-        """Count a dead-lettered message here and, for `flexlora status`, in the store."""
-        self.counters[f"refused:{reason}"] += 1
-        self.metrics.refused(reason)
-        try:
-            self.store.count_refusal(reason)
-        except Exception:  # the message is dead-lettered already; a missed count must not stop the service
-            log.warning("could not count a refusal in the store", exc_info=True)
+        self.ingest.refused(reason)
 
     # --- rounds ---------------------------------------------------------------------------------
     def maybe_finalise(self) -> RoundRecord | None:
@@ -309,8 +188,21 @@ class AggregatorService:
         lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
         if lease is None:
             return None  # another aggregator is finalising it
+        not_the_round: tuple[type[BaseException], ...] = (BrokerError, OSError, *self.store.transient_errors)
         try:
             return self.finalise(lease)
+        except not_the_round:
+            raise
+        except Exception:
+            # Not Redis, not the broker: an update the round cannot aggregate. Drop it (refused, "aggregation")
+            # rather than fail the round every few seconds forever; with none to blame, retry as before.
+            dropped = drop_culprits(self.store, self.transport, self.topology, self.strategy, lease.round_id)
+            for _ in dropped:
+                self._refused(REFUSED_AGGREGATION)
+            if not dropped:
+                raise
+            log.exception("round %d failed; dropped %d update(s) it cannot aggregate", lease.round_id, len(dropped))
+            return None
         finally:
             self.store.release_lease(lease)
 
@@ -323,7 +215,7 @@ class AggregatorService:
         raw = self.weighting(
             [ClientMeta(i.header.num_samples, lease.round_id - i.header.base_version) for i in recorded]
         )
-        weights = [w / sum(raw) for w in raw]
+        weights = shares(raw, self.config.max_weight_share)
         # A client that sent twice in one round gets its adapter at the rank of its newest update.
         wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
         if self.strategy.name == "flexlora":
@@ -338,7 +230,7 @@ class AggregatorService:
             wanted,
             result.adapters,
             version=version,
-            template=recorded[0].header,
+            template=release_template(self.store, recorded[0].header),
             num_updates=len(recorded),
             strategy=self.strategy.name,
             chunk_bytes=self.config.chunk_bytes,

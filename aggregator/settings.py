@@ -38,6 +38,11 @@ class AggregatorSettings(FlexloraSettings):
     norm_outlier_factor: float | None = Field(
         default=None, gt=1, description="refuse updates whose ‖ΔW‖ exceeds this times the open round's median"
     )
+    max_weight_share: float | None = Field(
+        default=None, gt=0, le=1, description="cap on one client's share of a round's weight"
+    )
+    max_transfers_per_client: int = Field(default=4, ge=1, description="chunked updates under way per client")
+    max_transfers: int = Field(default=256, ge=1, description="chunked updates under way in the federation")
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
     signing_keys: Path | None = Field(default=None, description="JSON of client id -> hex HMAC key; signs required")
     transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")

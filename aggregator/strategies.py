@@ -114,6 +114,33 @@ class StalenessDiscount:
         )
 
 
+def shares(weights: Sequence[float], cap: float | None = None) -> list[float]:
+    """Weights normalised to sum to 1 without overflow (scaled by the largest first), each then capped at
+    `cap` with the excess spread over the others in proportion (water-filling), so no client's claimed data
+    size can take over a round. A cap below 1/n cannot hold for n clients: they then share equally."""
+    top = max(weights)
+    if not math.isfinite(top) or top <= 0:
+        raise ValueError(f"weights {list(weights)[:4]}… cannot be normalised")
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    out = [w / total for w in scaled]
+    if cap is None or cap >= 1.0:
+        return out
+    if cap * len(out) <= 1.0:
+        return [1.0 / len(out)] * len(out)
+    capped: set[int] = set()
+    while True:
+        free = [k for k in range(len(out)) if k not in capped]
+        room = 1.0 - cap * len(capped)
+        mass = math.fsum(out[k] for k in free)
+        if mass <= 0:  # only zero weights left uncapped: they share what the cap leaves equally
+            return [cap if k in capped else room / len(free) for k in range(len(out))]
+        over = {k for k in free if out[k] / mass * room > cap}
+        if not over:
+            return [cap if k in capped else out[k] / mass * room for k in range(len(out))]
+        capped |= over
+
+
 WEIGHTINGS: Mapping[str, Callable[..., Weighting]] = {
     "data_size": DataSize,
     "uniform": Uniform,

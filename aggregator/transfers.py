@@ -49,7 +49,9 @@ class ChunkIntake:
         limits: Limits,
         guard: Guard | None = None,
         pins: dict[str, str] | None = None,
+        max_open: tuple[int, int] | None = None,
     ) -> None:
+        self.max_open = max_open
         self.store = store
         self.federation = federation
         self.expiry_s = expiry_s
@@ -89,11 +91,18 @@ class ChunkIntake:
             sha256=header.payload.sha256,
             now=now,
             expiry_s=self.expiry_s,
+            max_open=self.max_open,
         )
         if state is ChunkResult.MISMATCH:
             raise SchemaError(
                 f"chunk {chunk.index} of update {header.update_id} disagrees with its other chunks' header or chunking",
                 reason="chunk",
+            )
+        if state is ChunkResult.BUSY:
+            raise SchemaError(
+                f"client {header.client_id!r} (or the federation) has as many chunked updates under way as allowed "
+                f"{self.max_open}",
+                reason="transfers",
             )
         if state is ChunkResult.REPLAY:
             raise SchemaError(f"update id {header.update_id} was counted already with another payload", reason="replay")

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from aggregator.rounds import Payload, RoundStore
 from aggregator.security import Guard
 from broker.transport import Message
-from schemas.errors import SchemaError
+from schemas.errors import LoraLayoutError, SchemaError
 from schemas.lora import LoraFactors, module_shapes, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
 from schemas.tensors import all_finite, decode_tensors
@@ -31,6 +31,11 @@ class ValidUpdate:
     def norm(self) -> float:
         """‖ΔW‖_F over every module, ΔW = (α/r)·B·A; computed only where a norm check asks for it."""
         return update_norm(self.factors, self.header.lora_alpha / self.header.rank)
+
+    @cached_property
+    def shapes(self) -> str:
+        """The module shapes as the federation pins them (JSON, sorted)."""
+        return json.dumps({m: list(s) for m, s in module_shapes(self.factors).items()}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,26 @@ def update_norm(factors: dict[str, LoraFactors], scale: float) -> float:
     return scale * math.sqrt(total)
 
 
-def pinned(store: RoundStore, name: str, value: str, cache: dict[str, str] | None = None) -> str:
-    """The federation's value of a pin (set to `value` if unset). Pins never change once set, so a
-    process may remember them and skip the Redis round trip on every later update."""
+def pinned(store: RoundStore, name: str, cache: dict[str, str] | None = None) -> str | None:
+    """The federation's value of a pin, or None while unset. Pins never change once set, so a process may
+    remember them and skip the Redis round trip on every later update."""
     if cache is not None and name in cache:
         return cache[name]
-    result = store.pin(name, value)
-    if cache is not None:
+    result = store.pinned(name)
+    if cache is not None and result is not None:
         cache[name] = result
     return result
+
+
+def pin_accepted(store: RoundStore, valid: ValidUpdate, cache: dict[str, str] | None = None) -> None:
+    """Pin the base model and module shapes of an update just counted: only an accepted update sets them, so a
+    join, or an update refused for any reason, can never lock honest clients out of a fresh federation."""
+    for name, value in ((PIN_FINGERPRINT, valid.header.base_model_fingerprint), (PIN_MODULES, valid.shapes)):
+        if cache is not None and name in cache:
+            continue
+        result = store.pin(name, value)
+        if cache is not None:
+            cache[name] = result
 
 
 def validate_update(
@@ -78,8 +94,9 @@ def validate_update(
     """Header, sender, limits, integrity, safetensors, LoRA layout, then the federation's pinned base model and
     shapes.
 
-    The first accepted update pins the base-model fingerprint and the module shapes; every later update
-    must match them, so updates from a different base model can never be averaged together.
+    The first accepted update pins the base-model fingerprint and the module shapes (`pin_accepted`, once it
+    is counted); every later update must match them, so updates from a different base model can never be
+    averaged together.
     """
     header = check_header(message, federation, limits, guard)
     return validate_payload(header, message.body, store, pins, limits)
@@ -124,17 +141,20 @@ def validate_payload(
         raise SchemaError(
             f"‖ΔW‖ = {valid.norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason="norm"
         )
-    fingerprint = pinned(store, PIN_FINGERPRINT, header.base_model_fingerprint, pins)
-    if fingerprint != header.base_model_fingerprint:
+    held = {m.rsplit(".", 1)[-1] for m in factors}
+    if held != set(header.target_modules):
+        missing = sorted(set(header.target_modules) - held)
+        raise LoraLayoutError(f"target_modules lists {missing}, which no tensor of the payload holds")
+    fingerprint = pinned(store, PIN_FINGERPRINT, pins)
+    if fingerprint is not None and fingerprint != header.base_model_fingerprint:
         raise SchemaError(
             f"base model {header.base_model_fingerprint[:12]}… differs from the federation's {fingerprint[:12]}…",
             reason="base-model",
         )
-    shapes = json.dumps({m: list(s) for m, s in module_shapes(factors).items()}, sort_keys=True)
-    pinned_shapes = pinned(store, PIN_MODULES, shapes, pins)
-    if pinned_shapes != shapes:
+    pinned_shapes = pinned(store, PIN_MODULES, pins)
+    if pinned_shapes is not None and pinned_shapes != valid.shapes:
         theirs = json.loads(pinned_shapes)
-        ours = json.loads(shapes)
+        ours = json.loads(valid.shapes)
         differing = sorted(m for m in set(theirs) | set(ours) if theirs.get(m) != ours.get(m))
         raise SchemaError(
             f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",

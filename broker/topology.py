@@ -43,6 +43,11 @@ class Topology:
     prefix: str = "flexlora"
     # A message that makes consumers die this many times is dead-lettered instead of looping forever.
     delivery_limit: int = 5
+    # The dead-letter queue keeps at most this many messages and bytes, dropping the oldest first, so a flood of
+    # refused messages cannot fill the broker's disk (RabbitMQ refuses to redeclare a queue with other
+    # arguments: an older federation's dead-letter queue must be deleted once, see the README).
+    dead_letter_max_length: int = 100_000
+    dead_letter_max_bytes: int = 8 * 1024**3
 
     def _name(self, *parts: str) -> str:
         return ".".join((self.prefix, self.federation, *parts))
@@ -89,7 +94,15 @@ class Topology:
                     "x-dead-letter-exchange": self.dead_letter_exchange,
                 },
             ),
-            QueueSpec(self.dead_letter_queue, {"x-queue-type": "quorum"}),
+            QueueSpec(
+                self.dead_letter_queue,
+                {
+                    "x-queue-type": "quorum",
+                    "x-max-length": self.dead_letter_max_length,
+                    "x-max-length-bytes": self.dead_letter_max_bytes,
+                    "x-overflow": "drop-head",
+                },
+            ),
             BindingSpec(self.updates_queue, self.updates_exchange, UPDATE_ROUTING_KEY),
             BindingSpec(self.updates_queue, self.updates_exchange, JOIN_ROUTING_KEY),
             BindingSpec(self.dead_letter_queue, self.dead_letter_exchange, ""),

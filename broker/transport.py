@@ -8,6 +8,35 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from broker.topology import Spec
+from schemas.messages import DETAIL_KEY, DROPPED_KEY, MAX_HEADERS_BYTES, REASON_KEY
+
+# What a refusal adds to a message's headers is bounded, so a dead-lettered copy never outgrows the broker's
+# frame limit (RabbitMQ's default frame_max is 128 KiB and the whole header table must fit in one frame).
+MAX_DETAIL_BYTES = 500
+
+
+def headers_size(headers: Mapping[str, str]) -> int:
+    """Roughly the AMQP field-table size of string headers: key, type, length and value bytes."""
+    return sum(len(k.encode()) + len(v.encode()) + 6 for k, v in headers.items())
+
+
+def dead_letter_headers(headers: Mapping[str, str], reason: str, detail: str) -> dict[str, str]:
+    """The headers of a message's dead-lettered copy: its own plus the reason and a bounded detail. When that
+    would exceed MAX_HEADERS_BYTES, its largest headers are dropped (named under DROPPED_KEY) until it fits:
+    the copy must be publishable whatever the original carried, or the refusal itself would fail."""
+    added = {REASON_KEY: reason[:64], DETAIL_KEY: detail.encode()[:MAX_DETAIL_BYTES].decode("utf-8", "ignore")}
+    kept = {k: v for k, v in headers.items() if k not in added and k != DROPPED_KEY}
+    dropped: list[str] = []
+    budget = MAX_HEADERS_BYTES - headers_size(added) - 1024  # room for the DROPPED_KEY list itself
+    for key in sorted(kept, key=lambda k: len(k.encode()) + len(kept[k].encode()), reverse=True):
+        if headers_size(kept) <= budget:
+            break
+        del kept[key]
+        dropped.append(key[:64])
+    out = {**kept, **added}
+    if dropped:
+        out[DROPPED_KEY] = ",".join(dropped)[:900]
+    return out
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ class ChunkInfo(_Strict):
 
     schema_version: Literal[1] = 1
     transfer_id: TransferId
-    index: int = Field(ge=0)
-    count: int = Field(ge=2)
-    chunk_bytes: int = Field(ge=MIN_CHUNK_BYTES)
+    index: int = Field(ge=0, le=2**32)
+    count: int = Field(ge=2, le=2**32)
+    chunk_bytes: int = Field(ge=MIN_CHUNK_BYTES, le=2**31)
     sha256: Sha256
 
 

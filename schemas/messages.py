@@ -15,10 +15,27 @@ SCHEMA_VERSION: Literal[1] = 1
 HEADER_KEY = "x-flexlora-header"
 REASON_KEY = "x-flexlora-reason"
 DETAIL_KEY = "x-flexlora-detail"
+# Headers a dead-lettered copy lost because the whole table would not have fitted (see MAX_HEADERS_BYTES).
+DROPPED_KEY = "x-flexlora-dropped-headers"
+# A message whose string headers take more than this is refused ("header-size") before anything is parsed;
+# an honest update's headers take about 2 KiB, and RabbitMQ's frame limit (128 KiB) bounds them anyway.
+MAX_HEADERS_BYTES = 64 * 1024
 
 _M = TypeVar("_M", bound=BaseModel)
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+# A client id a client may claim: ids that begin with "_" (the global release, "_global") or "." / "-" are
+# reserved for the federation's own bookkeeping.
+ClientId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+# Bounds on the numbers a client declares, so no finite but extreme value reaches the arithmetic: α and the
+# LoRA scale α/r (1e200 would overflow a round; 5e-324 divides a release cut by zero), the sample count a
+# client's weight comes from (exact in a float, and far beyond any real data set), and reported figures.
+MIN_ALPHA, MAX_ALPHA = 1e-3, 1e4
+MIN_SCALE, MAX_SCALE = 1e-4, 1e3
+MAX_SAMPLES = 10**12
+MAX_VERSION = 2**53
+MAX_LOSS = 1e6
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.]+$")]
 
@@ -30,7 +47,7 @@ class _Strict(BaseModel):
 class PayloadInfo(_Strict):
     """Integrity fields of the safetensors body that travels beside a header."""
 
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**50)
     sha256: Sha256
 
 
@@ -43,15 +60,15 @@ class LoraUpdate(_Strict):
         default_factory=lambda: str(uuid.uuid4())
     )
     federation: Identifier
-    client_id: Identifier
-    base_version: int = Field(ge=0)
+    client_id: ClientId
+    base_version: int = Field(ge=0, le=MAX_VERSION)
     rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
-    num_samples: int = Field(ge=1)
+    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
+    num_samples: int = Field(ge=1, le=MAX_SAMPLES)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
     payload: PayloadInfo
-    train_loss: float | None = Field(default=None, allow_inf_nan=False)
+    train_loss: float | None = Field(default=None, ge=-MAX_LOSS, le=MAX_LOSS, allow_inf_nan=False)
     # ROUGE-L of global version `base_version` on the client's own held-out examples (None: not measured).
     eval_score: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -60,7 +77,13 @@ class LoraUpdate(_Strict):
     def _unique_modules(self) -> LoraUpdate:
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules has duplicates")
+        _check_scale(self.lora_alpha, self.rank)
         return self
+
+
+def _check_scale(alpha: float, rank: int) -> None:
+    if not MIN_SCALE <= alpha / rank <= MAX_SCALE:
+        raise ValueError(f"lora_alpha / rank = {alpha / rank:.4g} is outside [{MIN_SCALE:g}, {MAX_SCALE:g}]")
 
 
 class AdapterRelease(_Strict):
@@ -69,10 +92,10 @@ class AdapterRelease(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["adapter"] = "adapter"
     federation: Identifier
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     client_id: Identifier
     rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
+    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
     strategy: Identifier = "flexlora"
@@ -87,12 +110,17 @@ class JoinRequest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["join"] = "join"
     federation: Identifier
-    client_id: Identifier
+    client_id: ClientId
     rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(gt=0, allow_inf_nan=False)
+    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
-    have_version: int = Field(ge=0)
+    have_version: int = Field(ge=0, le=MAX_VERSION)
+
+    @model_validator(mode="after")
+    def _scale_in_bounds(self) -> JoinRequest:
+        _check_scale(self.lora_alpha, self.rank)
+        return self
 
 
 def parse_join(raw: str | bytes | None) -> JoinRequest:

@@ -45,6 +45,9 @@ KNOWN_NAMES = frozenset(
         "max_rank",
         "max_update_norm",
         "norm_outlier_factor",
+        "max_weight_share",
+        "max_transfers_per_client",
+        "max_transfers",
         "require_identity",
         "signing_keys",
         # edge client

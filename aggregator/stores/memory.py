@@ -99,12 +99,17 @@ class MemoryRoundStore(RoundStore):
         sha256: str,
         now: float,
         expiry_s: float,
+        max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
         with self._lock:
             if update_id in self._seen:
                 had = self._updates.get(update_id)
                 replay = had is not None and had.header.payload.sha256 != sha256
                 return ChunkResult.REPLAY if replay else ChunkResult.RECORDED
+            if update_id not in self._transfers and max_open is not None:
+                mine = sum(t.client_id == client_id for t in self._transfers.values())
+                if len(self._transfers) >= max_open[1] or mine >= max_open[0]:
+                    return ChunkResult.BUSY
             transfer = self._transfers.setdefault(update_id, _Transfer(signature, client_id, count, now + expiry_s))
             if transfer.signature != signature:
                 return ChunkResult.MISMATCH
@@ -273,3 +278,16 @@ class MemoryRoundStore(RoundStore):
     def pin(self, name: str, value: str) -> str:
         with self._lock:
             return self._pins.setdefault(name, value)
+
+    def pinned(self, name: str) -> str | None:
+        with self._lock:
+            return self._pins.get(name)
+
+    def drop_update(self, round_id: int, update_id: str) -> bool:
+        with self._lock:
+            ids = self._rounds.get(round_id, [])
+            if round_id != self._version or update_id not in ids:
+                return False
+            ids.remove(update_id)
+            self._updates.pop(update_id, None)
+            return True

@@ -22,7 +22,15 @@ from aggregator.rounds import (
     StoredRelease,
     TransferGone,
 )
-from aggregator.stores.redis_scripts import ACQUIRE, COMMIT, EXPIRE_TRANSFER, OPEN_TRANSFER, RECORD, RELEASE
+from aggregator.stores.redis_scripts import (
+    ACQUIRE,
+    COMMIT,
+    DROP_UPDATE,
+    EXPIRE_TRANSFER,
+    OPEN_TRANSFER,
+    RECORD,
+    RELEASE,
+)
 from schemas.messages import LoraUpdate, parse_release, parse_update
 
 _ORPHAN_PAYLOAD_TTL_S = 24 * 3600
@@ -48,6 +56,7 @@ class RedisRoundStore(RoundStore):
         self._commit = client.register_script(COMMIT)
         self._open_transfer = client.register_script(OPEN_TRANSFER)
         self._expire_transfer = client.register_script(EXPIRE_TRANSFER)
+        self._drop_update = client.register_script(DROP_UPDATE)
 
     @classmethod
     def from_url(cls, url: str, federation: str, *, prefix: str = "flexlora") -> RedisRoundStore:
@@ -112,8 +121,11 @@ class RedisRoundStore(RoundStore):
         sha256: str,
         now: float,
         expiry_s: float,
+        max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
         k = self.keys
+        meta_prefix, meta_suffix = k.transfer_meta("\0").split("\0")
+        per_client, total = max_open or (0, 0)
         # The chunks outlive the deadline a little, so the reaper (not Redis) is what drops and reports them.
         ttl_ms = int((expiry_s + _TRANSFER_GRACE_S) * 1000)
         state = int(
@@ -126,7 +138,18 @@ class RedisRoundStore(RoundStore):
                     k.update(update_id),
                     k.update_payload(update_id, sha256),
                 ],
-                args=[update_id, signature, client_id, count, repr(now + expiry_s), ttl_ms],
+                args=[
+                    update_id,
+                    signature,
+                    client_id,
+                    count,
+                    repr(now + expiry_s),
+                    ttl_ms,
+                    per_client,
+                    total,
+                    meta_prefix,
+                    meta_suffix,
+                ],
             )
         )
         if state == 0:
@@ -135,6 +158,8 @@ class RedisRoundStore(RoundStore):
             return ChunkResult.MISMATCH
         if state == -2:
             return ChunkResult.REPLAY
+        if state == -3:
+            return ChunkResult.BUSY
         pipe = self.r.pipeline(transaction=True)
         pipe.hsetnx(k.transfer(update_id), str(index), body)
         pipe.pexpire(k.transfer(update_id), ttl_ms)
@@ -341,6 +366,15 @@ class RedisRoundStore(RoundStore):
     def pin(self, name: str, value: str) -> str:
         self.r.hsetnx(self.keys.pins, name, value)
         return cast(bytes, self.r.hget(self.keys.pins, name)).decode()
+
+    def pinned(self, name: str) -> str | None:
+        value = cast(bytes | None, self.r.hget(self.keys.pins, name))
+        return None if value is None else value.decode()
+
+    def drop_update(self, round_id: int, update_id: str) -> bool:
+        k = self.keys
+        keys = [k.version, k.round_updates(round_id), k.update(update_id)]
+        return int(self._drop_update(keys=keys, args=[str(round_id), update_id])) == 1
 
     def wipe(self) -> int:
         """Delete every key of this federation (tests and `reset`); returns how many went."""

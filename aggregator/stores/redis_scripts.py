@@ -36,8 +36,9 @@ return 1
 
 # A chunk's bookkeeping, before its bytes are written. KEYS: seen, transfer meta, open transfers, transfer,
 # update hash, the payload key this update's bytes would have. ARGV: update id, signature, client, count,
-# deadline, ttl (ms). Returns 1 (go on), 0 (already counted), -1 (another header or chunking under this
-# id), -2 (already counted with another payload: a replay).
+# deadline, ttl (ms), most open transfers per client, in all (0: no limit), transfer meta key prefix, suffix.
+# Returns 1 (go on), 0 (already counted), -1 (another header or chunking under this id), -2 (already
+# counted with another payload: a replay), -3 (a new transfer past a bound on open transfers).
 OPEN_TRANSFER = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   local had = redis.call('HGET', KEYS[5], 'payload')
@@ -45,6 +46,15 @@ if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
 local sig = redis.call('HGET', KEYS[2], 'signature')
+if not sig and tonumber(ARGV[8]) > 0 then
+  local open = redis.call('ZRANGE', KEYS[3], 0, -1)
+  if #open >= tonumber(ARGV[8]) then return -3 end
+  local mine = 0
+  for _, id in ipairs(open) do
+    if redis.call('HGET', ARGV[9] .. id .. ARGV[10], 'client') == ARGV[3] then mine = mine + 1 end
+  end
+  if mine >= tonumber(ARGV[7]) then return -3 end
+end
 if not sig then
   redis.call('HSET', KEYS[2], 'signature', ARGV[2], 'client', ARGV[3], 'count', ARGV[4])
 elseif sig ~= ARGV[2] then return -1 end
@@ -61,6 +71,17 @@ local got = redis.call('HLEN', KEYS[2])
 local meta = redis.call('HMGET', KEYS[3], 'client', 'count')
 redis.call('DEL', KEYS[2], KEYS[3])
 return {got, meta[1] or '', meta[2] or '0'}
+"""
+
+# Take one update out of the open round (it could not be aggregated); its id stays in `seen`.
+# KEYS: version, the round's update list, update hash. ARGV: round, update id.
+DROP_UPDATE = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+if redis.call('LREM', KEYS[2], 1, ARGV[2]) == 0 then return 0 end
+local payload = redis.call('HGET', KEYS[3], 'payload')
+if payload then redis.call('DEL', payload) end
+redis.call('DEL', KEYS[3])
+return 1
 """
 
 ACQUIRE = """

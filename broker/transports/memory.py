@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from broker.errors import BrokerError, DeliveryGone, PublishRefused
 from broker.topology import BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, Spec
-from broker.transport import Delivery, Message, Subscription, Transport
-from schemas.messages import DETAIL_KEY, REASON_KEY
+from broker.transport import Delivery, Message, Subscription, Transport, dead_letter_headers
+from schemas.messages import REASON_KEY
 
 
 @dataclass
@@ -126,7 +126,7 @@ class _MemoryDelivery(Delivery):
         self._sub.settle(self._tag)
 
     def dead_letter(self, reason: str, detail: str = "") -> None:
-        headers = {**self.message.headers, REASON_KEY: reason, DETAIL_KEY: detail[:1000]}
+        headers = dead_letter_headers(self.message.headers, reason, detail)
         self._sub.broker.route(self._sub.dead_letter_exchange, replace(self.message, headers=headers))
         self._sub.settle(self._tag)
 

@@ -18,8 +18,8 @@ from pika.spec import Basic, BasicProperties
 
 from broker.errors import BrokerError, ConnectionLost, DeliveryGone, PublishRefused
 from broker.topology import BindingSpec, ExchangeSpec, QueueSpec, Spec
-from broker.transport import Delivery, Message, Subscription, Transport
-from schemas.messages import DETAIL_KEY, REASON_KEY
+from broker.transport import Delivery, Message, Subscription, Transport, dead_letter_headers
+from schemas.messages import REASON_KEY
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -250,7 +250,7 @@ class _RabbitDelivery(Delivery):
 
     def dead_letter(self, reason: str, detail: str = "") -> None:
         transport = self._sub.transport
-        headers = {**self.message.headers, REASON_KEY: reason, DETAIL_KEY: detail[:1000]}
+        headers = dead_letter_headers(self.message.headers, reason, detail)
         properties = transport._properties(headers, self.message.message_id)
 
         def run() -> None:

@@ -1,0 +1,67 @@
+"""A round that cannot be aggregated because of one update drops that update instead of failing forever.
+
+When finalising raises (and not because Redis or the broker is away), each update of the round is tried
+alone against today's bounds, the federation's pins and the strategy itself; the ones that fail are taken
+out of the round, counted as refused ("aggregation"), and a record of each (its header, an empty body and
+the reason) goes to the dead-letter queue. Their ids stay seen, so a redelivery is never counted later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aggregator.flexlora import RankRequest
+from aggregator.participants import client_adapters
+from aggregator.rounds import RecordedUpdate, RoundStore
+from aggregator.strategies import Strategy
+from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
+from broker.topology import UPDATE_ROUTING_KEY, Topology
+from broker.transport import Transport
+from schemas.lora import module_shapes
+from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, LoraUpdate
+
+log = logging.getLogger(__name__)
+REASON = "aggregation"
+
+
+def find_culprits(store: RoundStore, strategy: Strategy, recorded: list[RecordedUpdate]) -> dict[str, str]:
+    """update id -> why it cannot be aggregated, for each update of a round that fails on its own."""
+    fingerprint, shapes = store.pinned(PIN_FINGERPRINT), store.pinned(PIN_MODULES)
+    out = {}
+    for item in recorded:
+        h = item.header
+        try:
+            LoraUpdate.model_validate_json(h.model_dump_json())  # an update stored before today's bounds
+            if fingerprint is not None and h.base_model_fingerprint != fingerprint:
+                raise ValueError("its base model is not the federation's")
+            (client,) = client_adapters(store, [item])
+            own = json.dumps({m: list(s) for m, s in module_shapes(client.factors).items()}, sort_keys=True)
+            if shapes is not None and own != shapes:
+                raise ValueError("its module shapes are not the federation's")
+            strategy.aggregate([client], [1.0], [RankRequest(h.rank, h.lora_alpha)])
+        except store.transient_errors:
+            raise
+        except Exception as exc:
+            out[h.update_id] = f"{type(exc).__name__}: {exc}"[:400]
+    return out
+
+
+def drop_culprits(
+    store: RoundStore, transport: Transport, topology: Topology, strategy: Strategy, round_id: int
+) -> list[str]:
+    """Take the updates that cannot be aggregated out of the open round; returns the ids dropped."""
+    recorded = store.round_updates(round_id)
+    dropped = []
+    for update_id, detail in find_culprits(store, strategy, recorded).items():
+        header = next(i.header for i in recorded if i.header.update_id == update_id)
+        if not store.drop_update(round_id, update_id):
+            continue  # the round moved on meanwhile
+        log.error("round %d: dropping update %s from %s: %s", round_id, update_id, header.client_id, detail)
+        headers = {HEADER_KEY: header.model_dump_json(), REASON_KEY: REASON, DETAIL_KEY: detail}
+        try:
+            transport.publish(topology.dead_letter_exchange, UPDATE_ROUTING_KEY, b"", headers, message_id=update_id)
+        except Exception:  # the count in the store is the record that matters; the copy is for inspection
+            log.warning("could not put a record of dropped update %s in the dead-letter queue", update_id)
+        dropped.append(update_id)
+    return dropped

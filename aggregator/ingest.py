@@ -1,0 +1,211 @@
+"""Every consumed message (an update, a chunk of one, a join request) is handled inside one guard: whatever
+goes wrong with one message is that message's failure, never the process's.
+
+A refusal (SchemaError) dead-letters the message with its reason; a bug anywhere below becomes reason
+`internal`, with the traceback logged, so a poison message is settled on its first delivery instead of being
+redelivered into one aggregator after another. Only an unreachable round store gives a message back (after
+holding it for `store_retry_s`), and only broker errors leave the guard, for the caller to reconnect.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from aggregator.config import AggregatorConfig
+from aggregator.joining import join_release
+from aggregator.metrics import AggregatorMetrics
+from aggregator.rounds import RecordResult, RoundStore, StoredRelease
+from aggregator.security import Guard
+from aggregator.transfers import ChunkIntake
+from aggregator.validation import Limits, ValidUpdate, pin_accepted, validate_update
+from broker.errors import BrokerError
+from broker.topology import JOIN_ROUTING_KEY
+from broker.transport import Delivery, headers_size
+from schemas.errors import SchemaError
+from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, parse_join
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class Ingest:
+    """Validates and records what the updates queue delivers; `counters` is the service's own."""
+
+    def __init__(
+        self,
+        store: RoundStore,
+        config: AggregatorConfig,
+        *,
+        limits: Limits,
+        guard: Guard | None,
+        intake: ChunkIntake,
+        pins: dict[str, str],
+        counters: collections.Counter[str],
+        metrics: AggregatorMetrics,
+        clock: Callable[[], float],
+        send_adapter: Callable[[StoredRelease], None],
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.limits = limits
+        self.guard = guard
+        self.intake = intake
+        self.pins = pins
+        self.counters = counters
+        self.metrics = metrics
+        self.clock = clock
+        self.send_adapter = send_adapter
+
+    def handle(self, delivery: Delivery) -> None:
+        """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
+        being unreachable) give it back. Never raises but for broker errors (and, with fail_fast, bugs)."""
+        kind = "join request" if delivery.message.routing_key == JOIN_ROUTING_KEY else "update"
+        try:
+            size = headers_size(delivery.message.headers)
+            if size > MAX_HEADERS_BYTES:
+                raise SchemaError(
+                    f"headers take {size} bytes, over the limit of {MAX_HEADERS_BYTES}", reason="header-size"
+                )
+            if kind == "update":
+                self._update(delivery)
+            else:
+                self._join(delivery)
+        except BrokerError:
+            raise  # the caller reconnects; an unsettled delivery comes back to some consumer
+        except SchemaError as exc:
+            log.warning("dead-lettering %s (%s): %s", kind, exc.reason, exc.detail)
+            self._dead_letter(delivery, exc.reason, exc.detail)
+        except self.store.transient_errors:
+            # Not the message's fault and held for store_retry_s already: give it back for a later try.
+            self.counters["requeued"] += 1
+            self.metrics.update("requeued")
+            log.exception("could not record a %s; requeueing it", kind)
+            delivery.requeue()
+            if self.config.fail_fast:
+                raise
+            time.sleep(min(1.0, self.config.poll_s * 5))
+        except Exception as exc:
+            log.exception("handling a %s failed; dead-lettering it as internal", kind)
+            self._dead_letter(delivery, "internal", f"{type(exc).__name__}: {exc}")
+            if self.config.fail_fast:
+                raise
+
+    def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+        delivery.dead_letter(reason, detail)
+        self.refused(reason)
+
+    def refused(self, reason: str) -> None:
+        """Count a dead-lettered message here and, for `flexlora status`, in the store."""
+        self.counters[f"refused:{reason}"] += 1
+        self.metrics.refused(reason)
+        try:
+            self.store.count_refusal(reason)
+        except Exception:  # the message is dead-lettered already; a missed count must not stop the service
+            log.warning("could not count a refusal in the store", exc_info=True)
+
+    # --- updates --------------------------------------------------------------------------------------------
+    def _update(self, delivery: Delivery) -> None:
+        taken = self._retrying(lambda: self._take(delivery))
+        if taken is None:
+            return
+        valid, result = taken
+        delivery.ack()
+        outcome = "accepted" if result is RecordResult.RECORDED else "duplicate"
+        self.counters[outcome] += 1
+        self.metrics.update(outcome)
+        if result is RecordResult.RECORDED:
+            self.metrics.queue_lag(self.clock() - valid.header.created_at.timestamp())
+        log.info(
+            "%s update %s from %s (rank %d, base v%d)",
+            result.value,
+            valid.header.update_id[:8],
+            valid.header.client_id,
+            valid.header.rank,
+            valid.header.base_version,
+        )
+
+    def _take(self, delivery: Delivery) -> tuple[ValidUpdate, RecordResult] | None:
+        """Validate and record one update (None: a chunk kept, nothing more to do); SchemaError refuses it."""
+        if ChunkIntake.is_chunk(delivery.message):
+            chunk = self.intake.take(delivery.message, self.clock(), self.config.max_staleness, self.check_outlier)
+            if chunk.valid is None or chunk.result is None:
+                delivery.ack()  # kept in the store (or counted already): the chunk's work is done
+                self.metrics.chunk(chunk.state)
+                return None
+            valid, result = chunk.valid, chunk.result
+        else:
+            valid = validate_update(
+                delivery.message, self.config.federation, self.store, self.pins, self.limits, self.guard
+            )
+            self.check_outlier(valid)
+            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+        if result is RecordResult.RECORDED:
+            pin_accepted(self.store, valid, self.pins)
+            if self.config.norm_outlier_factor is not None:
+                self.store.note_norm(self.store.status().round_id, valid.norm)
+        if result is RecordResult.STALE:
+            raise SchemaError(
+                f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
+                "versions behind the open round",
+                reason="stale",
+            )
+        if result is RecordResult.REPLAY:
+            raise SchemaError(
+                f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
+            )
+        if result is RecordResult.FUTURE:
+            raise SchemaError(
+                f"claims base version {valid.header.base_version}, which has not been released", reason="version"
+            )
+        return valid, result
+
+    def _retrying(self, work: Callable[[], _T]) -> _T:
+        """Run `work`, retrying while the store is unreachable (a Redis restart) for up to `store_retry_s`,
+        holding the message meanwhile: requeueing it would count towards the queue's delivery limit and
+        dead-letter sound updates during an outage of a few seconds."""
+        deadline = time.monotonic() + self.config.store_retry_s
+        wait = 0.1
+        while True:
+            try:
+                return work()
+            except self.store.transient_errors as exc:
+                if self.config.fail_fast or time.monotonic() + wait > deadline:
+                    raise
+                self.counters["store_retries"] += 1
+                log.warning("round store unreachable (%s); retrying in %.1fs", exc, wait)
+                time.sleep(wait)
+                wait = min(5.0, wait * 2)
+
+    def check_outlier(self, valid: ValidUpdate) -> None:
+        """Refuse ("norm-outlier") an update whose ‖ΔW‖ is far above the open round's median."""
+        factor = self.config.norm_outlier_factor
+        if factor is None:
+            return
+        norms = sorted(self.store.norms(self.store.status().round_id))
+        if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
+            raise SchemaError(
+                f"‖ΔW‖ = {valid.norm:.4g} is over {factor:g}× the round's median {norms[len(norms) // 2]:.4g}",
+                reason="norm-outlier",
+            )
+
+    # --- joins ----------------------------------------------------------------------------------------------
+    def _join(self, delivery: Delivery) -> None:
+        """Send a joining client the newest global adapter at its rank, at once."""
+        request = parse_join(delivery.message.headers.get(HEADER_KEY))
+        if request.federation != self.config.federation:
+            raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
+        if self.guard is not None:
+            self.guard.check(delivery.message, request.client_id)
+        release = self._retrying(lambda: join_release(self.store, request, self.limits))
+        if release is not None:
+            self.send_adapter(release)
+            log.info(
+                "sent %s version %d at rank %d on joining", request.client_id, release.header.version, request.rank
+            )
+        delivery.ack()
+        self.counters["joins"] += 1
+        self.metrics.joined()
