@@ -161,7 +161,7 @@ def test_extreme_numbers_in_an_update_never_reach_a_round(start: Callable[..., F
     fed = start()
     header, data = honest(fed.name, "mallory", seed=9)
     good = json.loads(header.model_dump_json())
-    attacks = {
+    attacks: dict[str, dict[str, Any]] = {
         "alpha 1e200": {"lora_alpha": 1e200},
         "alpha/rank tiny": {"lora_alpha": 1e-3, "rank": 16},
         "samples past float range": {"num_samples": 10**400},
