@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from edge_client.data import Encoded, batches, encode, format_prompt
+from edge_client.data import IGNORE, Encoded, batches, collate, encode, format_prompt
 from edge_client.model import TextTokenizer, adapter_state, load_adapter_state
+from edge_client.recipe import Schedule, lr_multiplier
 from edge_client.tasks import Example, rouge_l
 
 
@@ -22,10 +23,13 @@ class TrainConfig:
     learning_rate: float = 3e-3
     max_length: int = 128
     seed: int = 0
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ValueError(f"invalid training config {self}")
+        lr_multiplier(self.schedule, self.local_steps, self.warmup_steps)  # validates the schedule
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class LocalTrainer:
         start_score = score(self.model, self.tokenizer, self.held_out) if self.held_out else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=0.0)
+        c = self.config
+        multiplier = lr_multiplier(c.schedule, c.local_steps, c.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, multiplier)
         self.model.train()
         losses: list[float] = []
         for step in range(self.config.local_steps):
@@ -82,6 +89,7 @@ class LocalTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
+            schedule.step()
             losses.append(float(loss.item()))
             if self.on_step is not None:
                 self.on_step(step, losses[-1])
@@ -130,3 +138,33 @@ def score(model: torch.nn.Module, tokenizer: TextTokenizer, examples: Sequence[E
     answers = generate_answers(model, tokenizer, examples)
     value = rouge_l(answers, [ex.output for ex in examples])
     return 0.0 if math.isnan(value) else value
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """Cheap scores from one forward pass: mean negative log-likelihood of the answer tokens (lower is better)
+    and the share of examples whose every answer token is the model's top prediction (exact match)."""
+
+    nll: float
+    exact: float
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module, tokenizer: TextTokenizer, examples: Sequence[Example], batch_size: int = 32
+) -> TeacherForced:
+    model.eval()
+    encoded = [encode(tokenizer, ex) for ex in examples]
+    total_nll, tokens, exact = 0.0, 0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        total_nll -= float(picked[mask].sum())
+        tokens += int(mask.sum())
+        right = (logits.argmax(-1) == labels) | ~mask
+        exact += int(right.all(dim=-1).sum())
+    return TeacherForced(total_nll / max(tokens, 1), exact / max(len(encoded), 1))

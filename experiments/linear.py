@@ -82,6 +82,10 @@ class LinearWorkload:
     def reset(self) -> None:
         self.base = torch.zeros(self.config.d_out, self.config.d_in)
 
+    def alpha(self, rank: int) -> float:
+        # Plain gradient descent at a fixed step is stable at a scale of 2 at every rank.
+        return 2.0 * rank
+
     def fresh(self, rank: int) -> Factors:
         """PEFT's initial LoRA: A uniform like Kaiming, B zero; the same for every client of a rank."""
         gen = _generator("init", self.config.seed, rank)

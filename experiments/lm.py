@@ -13,8 +13,9 @@ from peft import PeftModel
 
 from edge_client.data import task_examples
 from edge_client.model import BaseModel, adapter_state, load_adapter_state, wrap_lora
+from edge_client.recipe import Recipe
 from edge_client.tasks import Example, task_names
-from edge_client.trainer import LocalTrainer, TrainConfig, score
+from edge_client.trainer import LocalTrainer, TrainConfig, score, teacher_forced
 from experiments.federation import Factors
 from experiments.runner import Trained
 from schemas.lora import join_lora, split_lora
@@ -28,11 +29,12 @@ class LmConfig:
     samples_per_task: int = 32
     local_steps: int = 10
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    recipe: Recipe = field(default_factory=Recipe)
     eval_unseen_per_task: int = 4
     eval_seen_per_task: int = 2
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     split_seed: int = 0  # which tasks are unseen
+    generate: bool = True  # ROUGE-L of generated answers; off: only the teacher-forced scores (quick runs)
 
     def split(self) -> tuple[list[str], list[str]]:
         """(seen, unseen) task names: a fixed shuffle of the built-in tasks."""
@@ -57,13 +59,15 @@ class LmWorkload:
     config: LmConfig
     tiers: tuple[int, ...]
     seed: int = 0
-    metrics: tuple[str, ...] = ("unseen", "seen")
+    metrics: tuple[str, ...] = field(init=False)
     higher_is_better: bool = True
     target_modules: tuple[str, ...] = field(init=False)
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.target_modules = self.config.target_modules
+        forced = ("unseen_exact", "unseen_nll")
+        self.metrics = ("unseen", "seen", *forced) if self.config.generate else forced
         self.fingerprint = self.base.fingerprint
         _, unseen = self.config.split()
         clients_tasks = sorted({t for c in range(self.config.clients) for t in self.config.client_tasks(c)})
@@ -80,11 +84,14 @@ class LmWorkload:
     def _model(self, rank: int) -> PeftModel:
         if rank not in self.models:
             model = wrap_lora(
-                copy.deepcopy(self.base.model), rank, 2.0 * rank, list(self.target_modules), seed=self.seed + rank
+                copy.deepcopy(self.base.model), rank, self.alpha(rank), list(self.target_modules), seed=self.seed + rank
             )
             self.models[rank] = model
             self.initial[rank] = adapter_state(model)
         return self.models[rank]
+
+    def alpha(self, rank: int) -> float:
+        return self.config.recipe.alpha(rank)
 
     def examples(self, client: int) -> list[Example]:
         return task_examples(self.config.client_tasks(client), self.config.samples_per_task, seed=self.seed + client)
@@ -92,13 +99,16 @@ class LmWorkload:
     def _trainer(self, client: int, rank: int) -> LocalTrainer:
         key = (client, rank)
         if key not in self.trainers:
-            c = self.config
-            self.trainers[key] = LocalTrainer(
-                self._model(rank),
-                self.base.tokenizer,
-                self.examples(client),
-                TrainConfig(c.local_steps, c.batch_size, c.learning_rate, seed=self.seed * 10_000 + client),
+            c, recipe = self.config, self.config.recipe
+            train = TrainConfig(
+                c.local_steps,
+                c.batch_size,
+                recipe.learning_rate,
+                seed=self.seed * 10_000 + client,
+                schedule=recipe.schedule,
+                warmup_steps=min(recipe.warmup_steps, c.local_steps - 1),
             )
+            self.trainers[key] = LocalTrainer(self._model(rank), self.base.tokenizer, self.examples(client), train)
         return self.trainers[key]
 
     def reset(self) -> None:
@@ -146,10 +156,12 @@ class LmWorkload:
         load_adapter_state(model, self.initial[rank] if factors is None else join_lora(factors))
         # With no global adapter the initial one (B = 0) leaves the model exactly its (possibly merged) base.
         tokenizer = self.base.tokenizer
-        return {
-            "unseen": score(model, tokenizer, self.unseen_examples),
-            "seen": score(model, tokenizer, self.seen_examples),
-        }
+        forced = teacher_forced(model, tokenizer, self.unseen_examples)
+        scores = {"unseen_exact": forced.exact, "unseen_nll": forced.nll}
+        if self.config.generate:
+            scores["unseen"] = score(model, tokenizer, self.unseen_examples)
+            scores["seen"] = score(model, tokenizer, self.seen_examples)
+        return scores
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

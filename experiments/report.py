@@ -11,7 +11,13 @@ from typing import Any
 
 from experiments.runner import RunResult
 
-COLOURS = {"flexlora": "tab:red", "fedit": "tab:blue", "hetlora": "tab:green", "flora": "tab:purple"}
+COLOURS = {
+    "flexlora": "tab:red",
+    "fedit": "tab:blue",
+    "fedit-top": "tab:cyan",
+    "hetlora": "tab:green",
+    "flora": "tab:purple",
+}
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -11,13 +11,18 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from experiments.diagnostics import ClientStep, change_norm, module_norms, total
 from experiments.federation import Factors, Federation, RoundOutput, make_federation
 from experiments.ranks import assign_ranks, sample_clients
 from schemas.lora import join_lora
 from schemas.messages import LoraUpdate
 from schemas.tensors import encode_tensors
 
-STRATEGIES = ("flexlora", "fedit", "hetlora", "flora")
+# What an experiment can compare, and the aggregation strategy each runs: fedit-top is FedIT with every client
+# at the top tier, the upper bound a federation of only strong devices would reach.
+STRATEGIES = {"flexlora": "flexlora", "fedit": "fedit", "fedit-top": "fedit", "hetlora": "hetlora", "flora": "flora"}
+# Those whose clients all train at one rank whatever the distribution: one run per seed stands for all.
+SINGLE_RANK = {"fedit": min, "fedit-top": max}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class Workload(Protocol):
 
     def reset(self) -> None:
         """Back to the pristine base model and no client state: called before every run."""
+
+    def alpha(self, rank: int) -> float:
+        """The LoRA alpha a client of `rank` trains with (the workload's scaling convention)."""
 
     def train(self, client: int, rank: int, alpha: float, start: Factors | None) -> Trained:
         """Local training of `client` from `start` (None: a fresh LoRA at `rank`, the same for every client)."""
@@ -68,9 +76,10 @@ class RunConfig:
         return max(self.tiers)
 
     def client_ranks(self) -> list[int]:
-        # FedIT averages factors entrywise, so every client trains at one rank: the weakest client's.
-        if self.strategy == "fedit":
-            return [min(self.tiers)] * self.clients
+        # FedIT averages factors entrywise, so every client trains at one rank: the weakest client's (or, as
+        # an upper bound, the strongest's).
+        if self.strategy in SINGLE_RANK:
+            return [SINGLE_RANK[self.strategy](self.tiers)] * self.clients
         return assign_ranks(self.clients, self.distribution, self.tiers, self.seed)
 
 
@@ -85,6 +94,10 @@ class RunResult:
     wall_seconds: float = 0.0
     backend: str = ""
     shared_with: list[str] = field(default_factory=list)  # distributions this run stands for (FedIT)
+    # Per round: ‖ΔW_global‖_F in all and per module, and every participant's local run (ClientStep).
+    global_norm: list[float] = field(default_factory=list)
+    module_norms: list[dict[str, float]] = field(default_factory=list)
+    clients: list[list[dict[str, Any]]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -103,13 +116,14 @@ def run_one(
     workload.reset()
     ranks = config.client_ranks()
     fed = federation or make_federation(
-        config.strategy,
+        STRATEGIES[config.strategy],
         config.per_round,
         config.eval_rank,
         broker_url=config.broker_url,
         redis_url=config.redis_url,
     )
-    top, top_alpha = config.eval_rank, 2.0 * config.eval_rank
+    top = config.eval_rank
+    top_alpha = workload.alpha(top)
     result = RunResult(
         config.strategy,
         config.distribution,
@@ -122,11 +136,15 @@ def run_one(
     try:
         for round_index in range(config.rounds):
             version = 0 if current is None else current.version
+            steps: list[ClientStep] = []
             for client in sample_clients(config.clients, config.per_round, round_index, config.seed):
                 rank = ranks[client]
-                alpha = 2.0 * rank
+                alpha = workload.alpha(rank)
                 start = current.cut(rank, alpha) if current is not None and not current.merge_into_base else None
                 trained = workload.train(client, rank, alpha, start)
+                scale = alpha / rank
+                sent = total(module_norms(trained.factors, scale))
+                steps.append(ClientStep(rank, sent, change_norm(trained.factors, scale, start, scale), trained.loss))
                 data, info = encode_tensors(join_lora(trained.factors))
                 header = LoraUpdate(
                     federation=fed.name,
@@ -145,6 +163,10 @@ def run_one(
                     tick(f"{config.strategy} · {config.distribution} · round {round_index + 1}")
             out = fed.close_round()
             result.aggregate_seconds.append(out.aggregate_seconds)
+            norms = module_norms(out.factors, out.top.alpha / out.top.rank)
+            result.global_norm.append(total(norms))
+            result.module_norms.append(norms)
+            result.clients.append([asdict(step) for step in steps])
             if out.merge_into_base:
                 workload.merge(out.factors, out.top.alpha / out.top.rank)
                 result.scores.append(workload.evaluate(None, top, top_alpha))
@@ -172,7 +194,7 @@ def plan(
     for seed in seeds:
         for strategy in strategies:
             targets = list(distributions)
-            groups = [targets] if strategy == "fedit" else [[d] for d in targets]
+            groups = [targets] if strategy in SINGLE_RANK else [[d] for d in targets]
             for group in groups:
                 config = RunConfig(**{**asdict(base), "strategy": strategy, "distribution": group[0], "seed": seed})
                 runs.append((config, group))

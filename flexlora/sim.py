@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from edge_client.recipe import SCALINGS, SCHEDULES, Recipe
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 out_console = Console()
 
@@ -19,7 +21,12 @@ Distributions = Annotated[
     typer.Option("--distribution", help="uniform, heavy-tail-light, heavy-tail-strong or normal; repeatable"),
 ]
 Strategies = Annotated[
-    list[str] | None, typer.Option("--strategy", help="flexlora, fedit (at the lowest tier), hetlora, flora")
+    list[str] | None,
+    typer.Option(
+        "--strategy",
+        help="flexlora, fedit (every client at the lowest tier), fedit-top (every client at the top tier: the "
+        "upper bound of every device being strong), hetlora, flora",
+    ),
 ]
 Seeds = Annotated[list[int] | None, typer.Option("--seed", help="repeat for several seeds")]
 Ranks = Annotated[str | None, typer.Option(help="the three tiers' ranks, e.g. 2,8,56 (default: scaled to the model)")]
@@ -146,19 +153,34 @@ def lm(
     rounds: Annotated[int, typer.Option(min=1)] = 4,
     local_steps: Annotated[int, typer.Option(min=1)] = 8,
     samples_per_task: Annotated[int, typer.Option(min=1)] = 32,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 3e-3,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = Recipe.learning_rate,
+    scaling: Annotated[str, typer.Option(help=f"LoRA scaling convention: {', '.join(SCALINGS)}")] = Recipe.scaling,
+    alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent")] = None,
+    schedule: Annotated[str, typer.Option(help=f"local learning-rate schedule: {', '.join(SCHEDULES)}")] = (
+        Recipe.schedule
+    ),
+    warmup_steps: Annotated[int, typer.Option(min=0)] = Recipe.warmup_steps,
     eval_unseen: Annotated[int, typer.Option(min=1, help="held-out examples per unseen task")] = 4,
     eval_seen: Annotated[int, typer.Option(min=1, help="held-out examples per seen task")] = 2,
+    generate: Annotated[
+        bool, typer.Option(help="score generated answers (ROUGE-L); --no-generate: teacher-forced scores only")
+    ] = True,
     broker_url: BrokerUrl = "memory://",
     redis_url: RedisUrl = "memory://",
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "smollm2",
 ) -> None:
     """Real LM: clients fine-tune LoRA on one procedural task each; global ROUGE-L on unseen and seen tasks."""
+    from dataclasses import asdict
+
     from edge_client.model import load_base_model
     from experiments.lm import LmConfig, LmWorkload
     from experiments.ranks import scaled_ranks
 
+    try:
+        recipe = Recipe(scaling, alpha_factor, learning_rate, schedule, warmup_steps)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with Console(stderr=True).status(f"loading {model}…"):
         base = load_base_model(model)
     tiers = _tiers(ranks, scaled_ranks(int(base.model.config.hidden_size)))
@@ -168,9 +190,10 @@ def lm(
         tasks_per_client=tasks_per_client,
         samples_per_task=samples_per_task,
         local_steps=local_steps,
-        learning_rate=learning_rate,
+        recipe=recipe,
         eval_unseen_per_task=eval_unseen,
         eval_seen_per_task=eval_seen,
+        generate=generate,
     )
     seen, unseen = config.split()
     workload = LmWorkload(base, config, tiers)
@@ -182,7 +205,7 @@ def lm(
         strategies=strategy or ALL_STRATEGIES,
         distributions=distribution or DEFAULT_DISTRIBUTIONS,
         seeds=seed or [0],
-        settings={"workload": "lm", "model": base.name, **vars(config), "seen": seen, "unseen": unseen},
+        settings={"workload": "lm", "model": base.name, **asdict(config), "seen": seen, "unseen": unseen},
         tiers=tiers,
         clients=clients,
         per_round=per_round,
