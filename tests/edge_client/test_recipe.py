@@ -48,7 +48,7 @@ def test_the_local_run_applies_the_schedule_to_the_optimiser(monkeypatch: pytest
 
     def record(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
         seen.append(float(self.param_groups[0]["lr"]))
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
     _trainer("linear").train()
