@@ -4,17 +4,14 @@ transfers, pins and dropped updates, on both round stores."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 
 from aggregator.rounds import ChunkResult, RecordResult, RoundStore
 from aggregator.stores.memory import MemoryRoundStore
-from aggregator.stores.redis import RedisRoundStore
 from aggregator.strategies import shares
 from broker.transport import dead_letter_headers, headers_size
 from schemas.messages import DROPPED_KEY, MAX_HEADERS_BYTES, REASON_KEY, LoraUpdate, PayloadInfo
-from tests.conftest import REDIS_URL
 
 
 def test_shares_sum_to_one_without_overflow_and_respect_the_cap() -> None:
@@ -33,16 +30,6 @@ def test_a_dead_lettered_copy_never_outgrows_the_header_bound() -> None:
     assert out[REASON_KEY] == "schema" and out[DROPPED_KEY] == "x-pad" and out["x-test"] == "kind"
     small = dead_letter_headers({"x-flexlora-header": "{}"}, "rank", "why")
     assert DROPPED_KEY not in small and small["x-flexlora-header"] == "{}"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, federation: str) -> Iterator[RoundStore]:
-    if request.param == "memory":
-        yield MemoryRoundStore()
-        return
-    s = RedisRoundStore.from_url(REDIS_URL, federation)
-    yield s
-    s.wipe()
 
 
 def _update(client: str, update_id: str) -> LoraUpdate:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,22 +19,11 @@ from aggregator.rounds import (
     StoredRelease,
     TransferGone,
 )
-from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
 from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
 from tests.conftest import REDIS_URL
 
 FP = "f" * 64
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, federation: str) -> Iterator[RoundStore]:
-    if request.param == "memory":
-        yield MemoryRoundStore()
-        return
-    s = RedisRoundStore.from_url(REDIS_URL, federation)
-    yield s
-    s.wipe()
 
 
 def _update(client: str = "c1", update_id: str | None = None, base: int = 0) -> LoraUpdate:
