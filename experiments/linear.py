@@ -123,7 +123,9 @@ class LinearWorkload:
             delta = delta + (alpha / rank) * (f.B.double() @ f.A.double())
         return delta
 
-    def evaluate(self, factors: Factors | None, rank: int, alpha: float) -> dict[str, float]:
+    def evaluate(
+        self, factors: Factors | None, rank: int, alpha: float, *, round_index: int = 0, last: bool = True
+    ) -> dict[str, float]:
         """Mean relative squared error ‖G − ΔW_t‖² / ‖ΔW_t‖² of the global update G over unseen and seen tasks."""
         g = self.global_delta(factors, rank, alpha)
 

@@ -35,6 +35,7 @@ class LmConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     split_seed: int = 0  # which tasks are unseen
     generate: bool = True  # ROUGE-L of generated answers; off: only the teacher-forced scores (quick runs)
+    generate_every: int = 1  # generate after every this many rounds (and always for the base and the last round)
 
     def split(self) -> tuple[list[str], list[str]]:
         """(seen, unseen) task names: a fixed shuffle of the built-in tasks."""
@@ -151,14 +152,16 @@ class LmWorkload:
                     weight += scale * (f.B.to(weight.dtype) @ f.A.to(weight.dtype))
         self.merged = True
 
-    def evaluate(self, factors: Factors | None, rank: int, alpha: float) -> dict[str, float]:
+    def evaluate(
+        self, factors: Factors | None, rank: int, alpha: float, *, round_index: int = 0, last: bool = True
+    ) -> dict[str, float]:
         model = self._model(rank)
         load_adapter_state(model, self.initial[rank] if factors is None else join_lora(factors))
         # With no global adapter the initial one (B = 0) leaves the model exactly its (possibly merged) base.
         tokenizer = self.base.tokenizer
         forced = teacher_forced(model, tokenizer, self.unseen_examples)
         scores = {"unseen_exact": forced.exact, "unseen_nll": forced.nll}
-        if self.config.generate:
+        if self.config.generate and (last or round_index % self.config.generate_every == 0):
             scores["unseen"] = score(model, tokenizer, self.unseen_examples)
             scores["seen"] = score(model, tokenizer, self.seen_examples)
         return scores

@@ -1,9 +1,10 @@
-"""Experiment results as JSON, a markdown table (final and best score per strategy and distribution, mean over
-seeds) and a PNG of the score per round, one line per strategy and one panel per distribution."""
+"""Experiment results as JSON, a markdown table (final and best score per strategy and distribution, mean ±
+standard error over seeds) and a PNG of the score per round, one line per strategy and one panel per distribution."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,26 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _mean_se(values: Sequence[float]) -> str:
+    """`mean ± standard error` over seeds (the mean alone for one seed)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.fmean(values):.3f} ± {se:.3f}"
+
+
+def lower_is_better(metric: str, higher_is_better: bool) -> bool:
+    """A workload's scores go one way; a log-likelihood (`…_nll`) always the other: lower is better."""
+    return metric.endswith("nll") or not higher_is_better
+
+
+def _scored(result: RunResult, metric: str) -> list[float]:
+    """The metric after every round that scored it (some scores are kept for a few rounds)."""
+    return [s[metric] for s in result.scores[1:] if metric in s]
+
+
 def _groups(results: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
     out: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
@@ -33,8 +54,8 @@ def _groups(results: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResul
 
 def markdown_table(results: Sequence[RunResult], metrics: Sequence[str], higher_is_better: bool) -> str:
     """One row per (distribution, strategy): clients per rank, the base model's score, the final and best
-    score per metric (mean over seeds); the winner of each distribution's final first metric in bold."""
-    pick = max if higher_is_better else min
+    score per metric (mean ± standard error over seeds; best: each run's best round); the winner of each
+    distribution's final first metric in bold."""
     first = metrics[0]
     header = ["distribution", "strategy", "ranks (clients)", f"base {first}"]
     for m in metrics:
@@ -45,15 +66,15 @@ def markdown_table(results: Sequence[RunResult], metrics: Sequence[str], higher_
     for distribution in distributions:
         rows = [(s, runs) for (d, s), runs in groups.items() if d == distribution]
         finals = {s: _mean([r.scores[-1][first] for r in runs]) for s, runs in rows}
-        winner = pick(finals, key=lambda s: finals[s])
+        winner = (min if lower_is_better(first, higher_is_better) else max)(finals, key=lambda s: finals[s])
         for strategy, runs in rows:
             ranks = ", ".join(f"{k}×{v}" for k, v in sorted(runs[0].ranks.items()))
-            cells = [distribution, strategy, ranks, f"{_mean([r.scores[0][first] for r in runs]):.3f}"]
+            cells = [distribution, strategy, ranks, _mean_se([r.scores[0][first] for r in runs])]
             for m in metrics:
-                final = _mean([r.scores[-1][m] for r in runs])
-                best = _mean([pick(s[m] for s in r.scores[1:]) for r in runs])
-                text = f"{final:.3f}"
-                cells += [f"**{text}**" if m == first and strategy == winner else text, f"{best:.3f}"]
+                pick = min if lower_is_better(m, higher_is_better) else max
+                final = _mean_se([r.scores[-1][m] for r in runs if m in r.scores[-1]])
+                best = _mean_se([pick(_scored(r, m)) for r in runs if _scored(r, m)])
+                cells += [f"**{final}**" if m == first and strategy == winner else final, best]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,11 +93,11 @@ def plot(results: Sequence[RunResult], metrics: Sequence[str], out: Path, title:
         for (d, strategy), runs in groups.items():
             if d != distribution:
                 continue
-            rounds = range(len(runs[0].scores))
             for m, style in zip(metrics, ("-", "--"), strict=False):
+                rounds = [t for t, s in enumerate(runs[0].scores) if m in s]
                 values = [_mean([r.scores[t][m] for r in runs]) for t in rounds]
                 label = f"{strategy} ({m})"
-                ax.plot(list(rounds), values, style, color=COLOURS.get(strategy), label=label, marker=".")
+                ax.plot(rounds, values, style, color=COLOURS.get(strategy), label=label, marker=".")
         ax.set_title(distribution)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

@@ -54,8 +54,11 @@ class Workload(Protocol):
     def merge(self, factors: Factors, scale: float) -> None:
         """Add scale·B·A of every module into the base weights (FLoRA)."""
 
-    def evaluate(self, factors: Factors | None, rank: int, alpha: float) -> dict[str, float]:
-        """Scores of the base plus the global adapter (None: the base alone)."""
+    def evaluate(
+        self, factors: Factors | None, rank: int, alpha: float, *, round_index: int, last: bool
+    ) -> dict[str, float]:
+        """Scores of the base plus the global adapter (None: the base alone) after `round_index` rounds (0: the
+        base model); a workload may keep its expensive scores for some rounds (and the last)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def run_one(
         config.distribution,
         config.seed,
         {r: ranks.count(r) for r in sorted(set(ranks))},
-        [workload.evaluate(None, top, top_alpha)],
+        [workload.evaluate(None, top, top_alpha, round_index=0, last=config.rounds == 0)],
         backend=type(fed).__name__,
     )
     current: RoundOutput | None = None
@@ -167,11 +170,14 @@ def run_one(
             result.global_norm.append(total(norms))
             result.module_norms.append(norms)
             result.clients.append([asdict(step) for step in steps])
+            after, last = round_index + 1, round_index + 1 == config.rounds
             if out.merge_into_base:
                 workload.merge(out.factors, out.top.alpha / out.top.rank)
-                result.scores.append(workload.evaluate(None, top, top_alpha))
+                result.scores.append(workload.evaluate(None, top, top_alpha, round_index=after, last=last))
             else:
-                result.scores.append(workload.evaluate(out.cut(top, top_alpha), top, top_alpha))
+                result.scores.append(
+                    workload.evaluate(out.cut(top, top_alpha), top, top_alpha, round_index=after, last=last)
+                )
             current = out
     finally:
         fed.close()

@@ -165,6 +165,9 @@ def lm(
     generate: Annotated[
         bool, typer.Option(help="score generated answers (ROUGE-L); --no-generate: teacher-forced scores only")
     ] = True,
+    generate_every: Annotated[
+        int, typer.Option(min=1, help="generate after every this many rounds (always the base and the last)")
+    ] = 1,
     broker_url: BrokerUrl = "memory://",
     redis_url: RedisUrl = "memory://",
     out: OutDir = Path("docs/experiments"),
@@ -194,6 +197,7 @@ def lm(
         eval_unseen_per_task=eval_unseen,
         eval_seen_per_task=eval_seen,
         generate=generate,
+        generate_every=generate_every,
     )
     seen, unseen = config.split()
     workload = LmWorkload(base, config, tiers)

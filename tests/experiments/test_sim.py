@@ -56,6 +56,18 @@ def test_sim_lm_trains_a_real_model_and_scores_unseen_and_seen_tasks(tmp_path: P
     assert backends == {"flexlora": "ServiceFederation", "flora": "DirectFederation"}
 
 
+@pytest.mark.slow
+def test_sim_lm_can_keep_generation_for_the_base_and_the_last_round(tmp_path: Path) -> None:
+    args = ["sim", "lm", "--model", "tiny", "--clients", "2", "--unseen-tasks", "1", "--per-round", "2"]
+    args += ["--rounds", "3", "--local-steps", "1", "--eval-unseen", "1", "--eval-seen", "1", "--ranks", "1,2,4"]
+    args += ["--distribution", "uniform", "--strategy", "flexlora", "--generate-every", "5", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads((tmp_path / "smollm2.json").read_text())["runs"]
+    assert ["unseen" in s for s in run["scores"]] == [True, False, False, True]
+    assert all("unseen_nll" in s for s in run["scores"])
+
+
 def test_load_mode_embedded_delivers_every_participant_its_adapter() -> None:
     report = run_load(LoadConfig(clients=12, per_round=4, rounds=3, layers=1, tiers=(2, 4, 8)))
     assert [r.version for r in report.rounds] == [1, 2, 3]
