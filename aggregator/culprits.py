@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 REASON = "aggregation"
 
 
-def find_culprits(store: RoundStore, strategy: Strategy, recorded: list[RecordedUpdate]) -> dict[str, str]:
-    """update id -> why it cannot be aggregated, for each update of a round that fails on its own."""
+def find_culprits(
+    store: RoundStore, strategy: Strategy, recorded: list[RecordedUpdate]
+) -> list[tuple[LoraUpdate, str]]:
+    """Each update of a round that fails on its own, with why it cannot be aggregated."""
     fingerprint, shapes = store.pinned(PIN_FINGERPRINT), store.pinned(PIN_MODULES)
-    out = {}
+    out = []
     for item in recorded:
         h = item.header
         try:
@@ -43,7 +45,7 @@ def find_culprits(store: RoundStore, strategy: Strategy, recorded: list[Recorded
         except store.transient_errors:
             raise
         except Exception as exc:
-            out[h.update_id] = f"{type(exc).__name__}: {exc}"[:400]
+            out.append((h, f"{type(exc).__name__}: {exc}"[:400]))
     return out
 
 
@@ -53,9 +55,9 @@ def drop_culprits(
     """Take the updates that cannot be aggregated out of the open round; returns the ids dropped."""
     recorded = store.round_updates(round_id)
     dropped = []
-    for update_id, detail in find_culprits(store, strategy, recorded).items():
-        header = next(i.header for i in recorded if i.header.update_id == update_id)
-        if not store.drop_update(round_id, update_id):
+    for header, detail in find_culprits(store, strategy, recorded):
+        update_id = header.update_id
+        if not store.drop_update(round_id, header.client_id, update_id):
             continue  # the round moved on meanwhile
         log.error("round %d: dropping update %s from %s: %s", round_id, update_id, header.client_id, detail)
         headers = {HEADER_KEY: header.model_dump_json(), REASON_KEY: REASON, DETAIL_KEY: detail}

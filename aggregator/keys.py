@@ -23,10 +23,10 @@ class Keys:
         return self._k("version")
 
     @property
-    def seen(self) -> str:  # set of every update id ever recorded: the exactly-once guard
+    def seen(self) -> str:  # set of every record id (aggregator.rounds.record_id) recorded: the exactly-once guard
         return self._k("seen")
 
-    def round_updates(self, round_id: int) -> str:  # list of update ids, in arrival order
+    def round_updates(self, round_id: int) -> str:  # list of record ids, in arrival order
         return self._k("round", round_id, "updates")
 
     def round_opened(self, round_id: int) -> str:  # float: when the round's first update arrived
@@ -35,20 +35,21 @@ class Keys:
     def round_norms(self, round_id: int) -> str:  # list of the ‖ΔW‖ of the round's accepted updates
         return self._k("round", round_id, "norms")
 
-    def update(self, update_id: str) -> str:  # hash: header (JSON), payload (the key below)
-        return self._k("update", update_id)
+    # Updates and transfers are named by their record id ("client/update id"): update ids are per client.
+    def update(self, rid: str) -> str:  # hash: header (JSON), payload (the key below)
+        return self._k("update", rid)
 
-    def update_payload(self, update_id: str, sha256: str) -> str:  # safetensors bytes of one update
-        return self._k("update", update_id, "payload", sha256)
+    def update_payload(self, rid: str, sha256: str) -> str:  # safetensors bytes of one update
+        return self._k("update", rid, "payload", sha256)
 
-    def transfer(self, update_id: str) -> str:  # hash: chunk index -> bytes, of an update still arriving
-        return self._k("transfer", update_id)
+    def transfer(self, rid: str) -> str:  # hash: chunk index -> bytes, of an update still arriving
+        return self._k("transfer", rid)
 
-    def transfer_meta(self, update_id: str) -> str:  # hash: signature, client, count of a transfer
-        return self._k("transfer", update_id, "meta")
+    def transfer_meta(self, rid: str) -> str:  # hash: signature, client, count of a transfer
+        return self._k("transfer", rid, "meta")
 
     @property
-    def transfers_open(self) -> str:  # sorted set: update id -> when its transfer expires unless a chunk comes
+    def transfers_open(self) -> str:  # sorted set: record id -> when its transfer expires unless a chunk comes
         return self._k("transfers")
 
     def staged(self, name: str) -> str:  # hash of chunks written before a commit adopts (renames) it

@@ -16,6 +16,19 @@ from schemas.messages import AdapterRelease, LoraUpdate
 GLOBAL_RELEASE = "_global"
 
 
+def record_id(client_id: str, update_id: str) -> str:
+    """What a store keys one update by. Update ids are each client's own namespace: a client that learns
+    another's update id cannot get that client's update refused as a replay (or dropped as a duplicate) by
+    sending under it first. Neither kind of id may hold "/", so the pair is unambiguous."""
+    return f"{client_id}/{update_id}"
+
+
+def split_record_id(rid: str) -> tuple[str, str]:
+    """(client id, update id) of a `record_id` (an id stored before ids were scoped has no client: "")."""
+    client_id, _, update_id = rid.rpartition("/")
+    return client_id, update_id
+
+
 class TransferGone(RuntimeError):
     """A chunked payload lost chunks while being read or recorded (it expired meanwhile)."""
 
@@ -162,8 +175,9 @@ class RoundStore(abc.ABC):
     def record(
         self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
     ) -> RecordResult:
-        """Add an update to the open round, at most once per update id, atomically. Its staleness (open
-        round − base version) is judged in the same step, so a commit cannot slip in between."""
+        """Add an update to the open round, at most once per (client id, update id), atomically: a client's own
+        id again is a DUPLICATE (a REPLAY with another payload), another client's id is no concern of it. Its
+        staleness (open round − base version) is judged in the same step, so a commit cannot slip in between."""
 
     # --- chunked transfers: an update's chunks may reach different aggregators, in any order, twice ----------
     @abc.abstractmethod
@@ -181,14 +195,15 @@ class RoundStore(abc.ABC):
         expiry_s: float,
         max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
-        """Keep chunk `index` of `count` of an update's payload (whose sha256 is `sha256`). `signature` names
+        """Keep chunk `index` of `count` of a client's update's payload (whose sha256 is `sha256`; transfers, like
+        updates, are keyed by client id and update id). `signature` names
         the header and chunking; a chunk with another signature for the same update is a MISMATCH, one of an
         update counted with another payload a REPLAY. An update that gets no new chunk for `expiry_s` seconds
         is incomplete: `expire_transfers` drops and reports it. With `max_open` (per client, in all), a chunk
         that would open a transfer past either bound is BUSY and nothing is kept."""
 
     @abc.abstractmethod
-    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+    def transfer_payload(self, client_id: str, update_id: str, size: int) -> bytearray | None:
         """The chunks of a complete transfer, assembled in order into one buffer (None if it was dropped)."""
 
     @abc.abstractmethod
@@ -197,7 +212,7 @@ class RoundStore(abc.ABC):
         Raises TransferGone if the chunks were dropped (expired) meanwhile."""
 
     @abc.abstractmethod
-    def drop_transfer(self, update_id: str) -> None:
+    def drop_transfer(self, client_id: str, update_id: str) -> None:
         """Forget a transfer's chunks (its update was refused)."""
 
     @abc.abstractmethod
@@ -321,6 +336,6 @@ class RoundStore(abc.ABC):
         """A federation fact, or None while unset (reading never sets it)."""
 
     @abc.abstractmethod
-    def drop_update(self, round_id: int, update_id: str) -> bool:
+    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
         """Take an update out of a still-open round (it cannot be aggregated); its id stays counted as seen, so
         a redelivery is not counted again. False when the round or the update is no longer there."""

@@ -110,7 +110,7 @@ class ChunkIntake:
             return ChunkOutcome("counted")
         if state is not ChunkResult.COMPLETE:
             return ChunkOutcome("stored")
-        payload = self.store.transfer_payload(header.update_id, header.payload.size)
+        payload = self.store.transfer_payload(header.client_id, header.update_id, header.payload.size)
         if payload is None:  # another aggregator recorded it meanwhile, or it expired
             return self._record(header, now, max_staleness)
         try:
@@ -118,12 +118,14 @@ class ChunkIntake:
             if admit is not None:
                 admit(valid)  # the service's own checks (the round's norm median), before it counts
         except SchemaError:
-            self.store.drop_transfer(header.update_id)
+            self.store.drop_transfer(header.client_id, header.update_id)
             raise
         del payload  # the factors are views into it; this is only the last name of the buffer itself
         outcome = self._record(header, now, max_staleness)
         if outcome.state == "complete" and outcome.result is not RecordResult.RECORDED:
-            self.store.drop_transfer(header.update_id)  # refused (stale, future, replay): its chunks go too
+            self.store.drop_transfer(
+                header.client_id, header.update_id
+            )  # refused (stale, future, replay): its chunks go too
         return ChunkOutcome(outcome.state, valid, outcome.result)
 
     def _record(self, header: LoraUpdate, now: float, max_staleness: int | None) -> ChunkOutcome:

@@ -22,6 +22,8 @@ from aggregator.rounds import (
     RoundStore,
     StoredRelease,
     TransferGone,
+    record_id,
+    split_record_id,
 )
 from schemas.messages import LoraUpdate
 
@@ -39,6 +41,7 @@ class MemoryRoundStore(RoundStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._version = 0
+        # Updates and transfers are keyed by record_id(client, update id), like the Redis store's.
         self._seen: set[str] = set()
         self._rounds: dict[int, list[str]] = {}
         self._opened: dict[int, float] = {}
@@ -69,9 +72,10 @@ class MemoryRoundStore(RoundStore):
     def record(
         self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
     ) -> RecordResult:
+        rid = record_id(header.client_id, header.update_id)
         with self._lock:
-            if header.update_id in self._seen:
-                had = self._updates.get(header.update_id)
+            if rid in self._seen:
+                had = self._updates.get(rid)
                 if had is not None and had.header.payload.sha256 != header.payload.sha256:
                     return RecordResult.REPLAY
                 return RecordResult.DUPLICATE
@@ -79,11 +83,11 @@ class MemoryRoundStore(RoundStore):
                 return RecordResult.FUTURE
             if max_staleness is not None and self._version - header.base_version > max_staleness:
                 return RecordResult.STALE
-            self._seen.add(header.update_id)
+            self._seen.add(rid)
             # bytes stay bytes; an assembled bytearray is kept as it is (no copy of a large payload)
-            self._updates[header.update_id] = RecordedUpdate(header, payload)
+            self._updates[rid] = RecordedUpdate(header, payload)
             ids = self._rounds.setdefault(self._version, [])
-            ids.append(header.update_id)
+            ids.append(rid)
             self._opened.setdefault(self._version, now)
             return RecordResult.RECORDED
 
@@ -101,16 +105,17 @@ class MemoryRoundStore(RoundStore):
         expiry_s: float,
         max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
+        rid = record_id(client_id, update_id)
         with self._lock:
-            if update_id in self._seen:
-                had = self._updates.get(update_id)
+            if rid in self._seen:
+                had = self._updates.get(rid)
                 replay = had is not None and had.header.payload.sha256 != sha256
                 return ChunkResult.REPLAY if replay else ChunkResult.RECORDED
-            if update_id not in self._transfers and max_open is not None:
+            if rid not in self._transfers and max_open is not None:
                 mine = sum(t.client_id == client_id for t in self._transfers.values())
                 if len(self._transfers) >= max_open[1] or mine >= max_open[0]:
                     return ChunkResult.BUSY
-            transfer = self._transfers.setdefault(update_id, _Transfer(signature, client_id, count, now + expiry_s))
+            transfer = self._transfers.setdefault(rid, _Transfer(signature, client_id, count, now + expiry_s))
             if transfer.signature != signature:
                 return ChunkResult.MISMATCH
             transfer.deadline = now + expiry_s
@@ -121,9 +126,9 @@ class MemoryRoundStore(RoundStore):
                 return ChunkResult.COMPLETE
             return ChunkResult.STORED if fresh else ChunkResult.DUPLICATE
 
-    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+    def transfer_payload(self, client_id: str, update_id: str, size: int) -> bytearray | None:
         with self._lock:
-            transfer = self._transfers.get(update_id)
+            transfer = self._transfers.get(record_id(client_id, update_id))
             chunks = [transfer.chunks.get(i) for i in range(transfer.count)] if transfer else None
         if chunks is None or any(c is None for c in chunks):
             return None
@@ -132,27 +137,27 @@ class MemoryRoundStore(RoundStore):
 
     def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
         with self._lock:
-            if header.update_id in self._seen:
+            if record_id(header.client_id, header.update_id) in self._seen:
                 return RecordResult.DUPLICATE
-        payload = self.transfer_payload(header.update_id, header.payload.size)
+        payload = self.transfer_payload(header.client_id, header.update_id, header.payload.size)
         if payload is None:
             raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
         result = self.record(header, payload, now, max_staleness)
         if result is RecordResult.RECORDED:
-            self.drop_transfer(header.update_id)
+            self.drop_transfer(header.client_id, header.update_id)
         return result
 
-    def drop_transfer(self, update_id: str) -> None:
+    def drop_transfer(self, client_id: str, update_id: str) -> None:
         with self._lock:
-            self._transfers.pop(update_id, None)
+            self._transfers.pop(record_id(client_id, update_id), None)
 
     def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
         with self._lock:
             due = [i for i, t in self._transfers.items() if t.deadline <= now]
             out = []
-            for update_id in due:
-                t = self._transfers.pop(update_id)
-                out.append(ExpiredTransfer(update_id, t.client_id, len(t.chunks), t.count))
+            for rid in due:
+                t = self._transfers.pop(rid)
+                out.append(ExpiredTransfer(split_record_id(rid)[1], t.client_id, len(t.chunks), t.count))
             return out
 
     def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
@@ -180,7 +185,7 @@ class MemoryRoundStore(RoundStore):
 
     def round_update_ids(self, round_id: int) -> list[str]:
         with self._lock:
-            return list(self._rounds.get(round_id, []))
+            return [split_record_id(rid)[1] for rid in self._rounds.get(round_id, [])]
 
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
         with self._lock:
@@ -246,8 +251,8 @@ class MemoryRoundStore(RoundStore):
             dropped = 0
             for round_id, ids in self._rounds.items():
                 if round_id + 1 < before_version:
-                    for update_id in ids:
-                        dropped += self._updates.pop(update_id, None) is not None
+                    for rid in ids:
+                        dropped += self._updates.pop(rid, None) is not None
             for version in [v for v in self._releases if v < before_version]:
                 for release in self._releases.pop(version).values():
                     if isinstance(release.payload, Blob):
@@ -283,11 +288,12 @@ class MemoryRoundStore(RoundStore):
         with self._lock:
             return self._pins.get(name)
 
-    def drop_update(self, round_id: int, update_id: str) -> bool:
+    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
+        rid = record_id(client_id, update_id)
         with self._lock:
             ids = self._rounds.get(round_id, [])
-            if round_id != self._version or update_id not in ids:
+            if round_id != self._version or rid not in ids:
                 return False
-            ids.remove(update_id)
-            self._updates.pop(update_id, None)
+            ids.remove(rid)
+            self._updates.pop(rid, None)
             return True

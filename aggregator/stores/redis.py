@@ -21,6 +21,8 @@ from aggregator.rounds import (
     RoundStore,
     StoredRelease,
     TransferGone,
+    record_id,
+    split_record_id,
 )
 from aggregator.stores.redis_scripts import (
     ACQUIRE,
@@ -81,7 +83,7 @@ class RedisRoundStore(RoundStore):
         self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
     ) -> RecordResult:
         k = self.keys
-        payload_key = k.update_payload(header.update_id, header.payload.sha256)
+        payload_key = k.update_payload(record_id(header.client_id, header.update_id), header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         self.r.set(payload_key, payload, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
@@ -91,10 +93,11 @@ class RedisRoundStore(RoundStore):
         self, header: LoraUpdate, payload_keys: list[str], now: float, max_staleness: int | None
     ) -> RecordResult:
         k = self.keys
+        rid = record_id(header.client_id, header.update_id)
         done = self._record(
-            keys=[k.seen, k.version, k.update(header.update_id), *payload_keys],
+            keys=[k.seen, k.version, k.update(rid), *payload_keys],
             args=[
-                header.update_id,
+                rid,
                 header.model_dump_json(),
                 "",
                 repr(now),
@@ -124,6 +127,7 @@ class RedisRoundStore(RoundStore):
         max_open: tuple[int, int] | None = None,
     ) -> ChunkResult:
         k = self.keys
+        rid = record_id(client_id, update_id)
         meta_prefix, meta_suffix = k.transfer_meta("\0").split("\0")
         per_client, total = max_open or (0, 0)
         # The chunks outlive the deadline a little, so the reaper (not Redis) is what drops and reports them.
@@ -132,14 +136,14 @@ class RedisRoundStore(RoundStore):
             self._open_transfer(
                 keys=[
                     k.seen,
-                    k.transfer_meta(update_id),
+                    k.transfer_meta(rid),
                     k.transfers_open,
-                    k.transfer(update_id),
-                    k.update(update_id),
-                    k.update_payload(update_id, sha256),
+                    k.transfer(rid),
+                    k.update(rid),
+                    k.update_payload(rid, sha256),
                 ],
                 args=[
-                    update_id,
+                    rid,
                     signature,
                     client_id,
                     count,
@@ -161,32 +165,33 @@ class RedisRoundStore(RoundStore):
         if state == -3:
             return ChunkResult.BUSY
         pipe = self.r.pipeline(transaction=True)
-        pipe.hsetnx(k.transfer(update_id), str(index), body)
-        pipe.pexpire(k.transfer(update_id), ttl_ms)
-        pipe.hlen(k.transfer(update_id))
+        pipe.hsetnx(k.transfer(rid), str(index), body)
+        pipe.pexpire(k.transfer(rid), ttl_ms)
+        pipe.hlen(k.transfer(rid))
         added, _, have = pipe.execute()
         if int(have) >= count:
             return ChunkResult.COMPLETE
         return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE
 
-    def transfer_payload(self, update_id: str, size: int) -> bytearray | None:
+    def transfer_payload(self, client_id: str, update_id: str, size: int) -> bytearray | None:
         try:
-            return self.read_blob(Blob(self.keys.transfer(update_id), size))
+            return self.read_blob(Blob(self.keys.transfer(record_id(client_id, update_id)), size))
         except TransferGone:
             return None
 
     def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
         k = self.keys
-        update_id = header.update_id
-        final = k.update_payload(update_id, header.payload.sha256)
-        keys = [k.transfer(update_id), final, k.transfers_open, k.transfer_meta(update_id)]
+        rid = record_id(header.client_id, header.update_id)
+        final = k.update_payload(rid, header.payload.sha256)
+        keys = [k.transfer(rid), final, k.transfers_open, k.transfer_meta(rid)]
         return self._run_record(header, keys, now, max_staleness)
 
-    def drop_transfer(self, update_id: str) -> None:
+    def drop_transfer(self, client_id: str, update_id: str) -> None:
         k = self.keys
+        rid = record_id(client_id, update_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(k.transfers_open, update_id)
-        pipe.delete(k.transfer(update_id), k.transfer_meta(update_id))
+        pipe.zrem(k.transfers_open, rid)
+        pipe.delete(k.transfer(rid), k.transfer_meta(rid))
         pipe.execute()
 
     def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
@@ -194,13 +199,11 @@ class RedisRoundStore(RoundStore):
         due = cast(list[bytes], self.r.zrangebyscore(k.transfers_open, "-inf", repr(now), start=0, num=100))
         out = []
         for raw in due:
-            update_id = raw.decode()
-            got = self._expire_transfer(
-                keys=[k.transfers_open, k.transfer(update_id), k.transfer_meta(update_id)], args=[update_id]
-            )
+            rid = raw.decode()
+            got = self._expire_transfer(keys=[k.transfers_open, k.transfer(rid), k.transfer_meta(rid)], args=[rid])
             if got:
                 received, client, count = got
-                out.append(ExpiredTransfer(update_id, bytes(client).decode(), int(received), int(count)))
+                out.append(ExpiredTransfer(split_record_id(rid)[1], bytes(client).decode(), int(received), int(count)))
         return out
 
     def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
@@ -218,10 +221,10 @@ class RedisRoundStore(RoundStore):
         return cast(bytes | None, self.r.hget(blob.key, str(index)))
 
     def round_updates(self, round_id: int) -> list[RecordedUpdate]:
-        ids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
+        rids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
         pipe = self.r.pipeline(transaction=False)
-        for update_id in ids:
-            pipe.hmget(self.keys.update(update_id.decode()), ["header", "payload", "chunked"])
+        for rid in rids:
+            pipe.hmget(self.keys.update(rid.decode()), ["header", "payload", "chunked"])
         rows = [(parse_update(h), key, c) for h, key, c in pipe.execute() if h is not None]  # pruned: gone
         pipe = self.r.pipeline(transaction=False)
         for _, payload_key, chunked in rows:
@@ -243,7 +246,8 @@ class RedisRoundStore(RoundStore):
         return [float(v) for v in cast(list[bytes], self.r.lrange(self.keys.round_norms(round_id), 0, -1))]
 
     def round_update_ids(self, round_id: int) -> list[str]:
-        return [i.decode() for i in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
+        rids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
+        return [split_record_id(rid.decode())[1] for rid in rids]
 
     def acquire(self, round_id: int, owner: str, ttl_s: float) -> Lease | None:
         k = self.keys
@@ -331,12 +335,12 @@ class RedisRoundStore(RoundStore):
         dropped = 0
         # Rounds are pruned in order and the mark only moves forward, so each round is visited once.
         for version in range(max(start, 1), before_version):
-            ids = cast(list[bytes], self.r.lrange(k.round_updates(version - 1), 0, -1))
+            rids = cast(list[bytes], self.r.lrange(k.round_updates(version - 1), 0, -1))
             pipe = self.r.pipeline(transaction=False)
-            for update_id in ids:
-                pipe.hget(k.update(update_id.decode()), "payload")
+            for rid in rids:
+                pipe.hget(k.update(rid.decode()), "payload")
             payload_keys = [key for key in pipe.execute() if key is not None]
-            doomed = [*payload_keys, *(k.update(i.decode()) for i in ids), k.releases(version)]
+            doomed = [*payload_keys, *(k.update(i.decode()) for i in rids), k.releases(version)]
             doomed.append(k.round_norms(version - 1))
             doomed += list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
             self.r.delete(*doomed)
@@ -371,10 +375,11 @@ class RedisRoundStore(RoundStore):
         value = cast(bytes | None, self.r.hget(self.keys.pins, name))
         return None if value is None else value.decode()
 
-    def drop_update(self, round_id: int, update_id: str) -> bool:
+    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
         k = self.keys
-        keys = [k.version, k.round_updates(round_id), k.update(update_id)]
-        return int(self._drop_update(keys=keys, args=[str(round_id), update_id])) == 1
+        rid = record_id(client_id, update_id)
+        keys = [k.version, k.round_updates(round_id), k.update(rid)]
+        return int(self._drop_update(keys=keys, args=[str(round_id), rid])) == 1
 
     def wipe(self) -> int:
         """Delete every key of this federation (tests and `reset`); returns how many went."""

@@ -3,7 +3,8 @@
 # Per-round keys are built inside the scripts from the namespace (ARGV), because the round number
 # is only known there; aggregator.keys.Keys builds the same names (tests check they agree).
 # KEYS: seen, version, update hash, payload key [, final payload key, open transfers, transfer meta].
-# ARGV: id, header, (unused), now, namespace, base version, max staleness (-1: no limit).
+# ARGV: record id (client/update id: update ids are per client), header, (unused), now, namespace, base
+# version, max staleness (-1: no limit).
 # The payload itself was SET beforehand under a key named by its sha256: passing megabytes through a
 # script's arguments costs three times a plain SET. A chunked payload (seven keys) is the transfer's hash
 # of chunks, renamed (not copied) to the update's payload key.
@@ -35,7 +36,7 @@ return 1
 """
 
 # A chunk's bookkeeping, before its bytes are written. KEYS: seen, transfer meta, open transfers, transfer,
-# update hash, the payload key this update's bytes would have. ARGV: update id, signature, client, count,
+# update hash, the payload key this update's bytes would have. ARGV: record id, signature, client, count,
 # deadline, ttl (ms), most open transfers per client, in all (0: no limit), transfer meta key prefix, suffix.
 # Returns 1 (go on), 0 (already counted), -1 (another header or chunking under this id), -2 (already
 # counted with another payload: a replay), -3 (a new transfer past a bound on open transfers).
@@ -64,7 +65,7 @@ return 1
 """
 
 # Take one idle transfer off the open set and drop its chunks; only the caller whose ZREM succeeded reports.
-# KEYS: open transfers, transfer, transfer meta. ARGV: update id.
+# KEYS: open transfers, transfer, transfer meta. ARGV: record id.
 EXPIRE_TRANSFER = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return false end
 local got = redis.call('HLEN', KEYS[2])
@@ -74,7 +75,7 @@ return {got, meta[1] or '', meta[2] or '0'}
 """
 
 # Take one update out of the open round (it could not be aggregated); its id stays in `seen`.
-# KEYS: version, the round's update list, update hash. ARGV: round, update id.
+# KEYS: version, the round's update list, update hash. ARGV: round, record id.
 DROP_UPDATE = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
 if redis.call('LREM', KEYS[2], 1, ARGV[2]) == 0 then return 0 end

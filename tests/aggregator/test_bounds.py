@@ -60,7 +60,7 @@ def test_open_transfers_are_bounded_per_client_and_in_all(store: RoundStore) -> 
     assert _chunk(store, "a", "id-a-0001", (1, 2)) is ChunkResult.DUPLICATE  # its own transfer goes on
     assert _chunk(store, "b", "id-b-0001", (1, 2)) is ChunkResult.STORED
     assert _chunk(store, "c", "id-c-0001", (1, 2)) is ChunkResult.BUSY  # the federation's bound
-    store.drop_transfer("id-a-0001")
+    store.drop_transfer("a", "id-a-0001")
     assert _chunk(store, "c", "id-c-0001", (1, 2)) is ChunkResult.STORED
 
 
@@ -74,11 +74,11 @@ def test_reading_a_pin_never_sets_it(store: RoundStore) -> None:
 def test_a_dropped_update_leaves_the_round_and_is_not_counted_again(store: RoundStore) -> None:
     for n in (1, 2):
         assert store.record(_update(f"c{n}", f"update-{n}"), b"abc", 0.0) is RecordResult.RECORDED
-    assert store.drop_update(0, "update-1")
+    assert store.drop_update(0, "c1", "update-1")
     assert store.status().count == 1 and [u.header.update_id for u in store.round_updates(0)] == ["update-2"]
-    assert not store.drop_update(0, "update-1")
+    assert not store.drop_update(0, "c1", "update-1")
     assert store.record(_update("c1", "update-1"), b"abc", 0.0) is RecordResult.DUPLICATE
-    assert not store.drop_update(1, "update-2")  # not the open round
+    assert not store.drop_update(1, "c2", "update-2")  # not the open round
 
 
 def test_a_client_claiming_huge_data_takes_no_more_than_its_capped_share(federation: str) -> None:

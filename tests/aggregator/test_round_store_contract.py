@@ -77,6 +77,36 @@ def test_record_is_idempotent_on_update_id(store: RoundStore) -> None:
     assert got.header == u and got.payload == b"abc"
 
 
+def test_update_ids_are_scoped_per_client(store: RoundStore) -> None:
+    """A client that learns another's update id and sends under it first (other bytes) must not get the
+    other's update refused as a replay, or dropped as a duplicate; each client's own id stays exactly-once."""
+    mallory = _update("mallory", "update-shared")
+    victim = _update("victim", "update-shared").model_copy(update={"payload": PayloadInfo(size=3, sha256="9" * 64)})
+    assert store.record(mallory, b"abc", now=1.0) is RecordResult.RECORDED
+    assert store.record(victim, b"xyz", now=2.0) is RecordResult.RECORDED
+    assert store.record(victim, b"xyz", now=3.0) is RecordResult.DUPLICATE
+    assert store.record(mallory.model_copy(update={"payload": victim.payload}), b"xyz", 4.0) is RecordResult.REPLAY
+    got = {u.header.client_id: bytes(store.payload(u)) for u in store.round_updates(0)}
+    assert got == {"mallory": b"abc", "victim": b"xyz"}
+    assert store.round_update_ids(0) == ["update-shared", "update-shared"]
+    assert store.drop_update(0, "mallory", "update-shared")
+    assert [u.header.client_id for u in store.round_updates(0)] == ["victim"]
+
+
+def test_chunked_transfers_are_scoped_per_client(store: RoundStore) -> None:
+    header, chunks = _chunked("update-shared")
+    other = header.model_copy(update={"client_id": "victim"})
+    assert _put(store, header, 0, chunks[0], sig="mallory") is ChunkResult.STORED
+    for i, c in enumerate(chunks):  # another client's transfer under the same id: no mismatch, no mixing
+        _put(store, other, i, c, sig="victim")
+    assert store.transfer_payload("victim", other.update_id, other.payload.size) == bytearray(b"".join(chunks))
+    assert store.record_transfer(other, now=11.0) is RecordResult.RECORDED
+    assert _put(store, header, 1, chunks[1], sig="mallory") is ChunkResult.STORED, "still its own transfer"
+    [expired] = store.expire_transfers(now=1e9)
+    assert expired == ExpiredTransfer("update-shared", "c1", received=2, count=3)
+    assert [u.header.client_id for u in store.round_updates(0)] == ["victim"]
+
+
 def test_updates_keep_arrival_order_and_first_arrival_opens_the_round(store: RoundStore) -> None:
     ids = [f"update-{i:04d}" for i in range(5)]
     for i, uid in enumerate(ids):
@@ -286,7 +316,8 @@ def test_chunks_in_any_order_and_twice_complete_once_and_record_their_bytes(stor
     assert _put(store, header, 0, chunks[0]) is ChunkResult.STORED
     assert _put(store, header, 1, chunks[1]) is ChunkResult.COMPLETE
     assert _put(store, header, 1, chunks[1]) is ChunkResult.COMPLETE, "a redelivered last chunk completes again"
-    assert store.transfer_payload(header.update_id, header.payload.size) == bytearray(b"".join(chunks))
+    whole = bytearray(b"".join(chunks))
+    assert store.transfer_payload(header.client_id, header.update_id, header.payload.size) == whole
     assert store.record_transfer(header, now=11.0) is RecordResult.RECORDED
     assert store.record_transfer(header, now=11.0) is RecordResult.DUPLICATE
     [got] = store.round_updates(0)
@@ -311,7 +342,7 @@ def test_an_idle_transfer_expires_once_and_cannot_be_recorded_after(store: Round
     [expired] = store.expire_transfers(now=51.0)
     assert expired == ExpiredTransfer(header.update_id, header.client_id, received=2, count=3)
     assert store.expire_transfers(now=52.0) == [], "reported by exactly one caller"
-    assert store.transfer_payload(header.update_id, header.payload.size) is None
+    assert store.transfer_payload(header.client_id, header.update_id, header.payload.size) is None
     with pytest.raises(TransferGone):
         store.record_transfer(header, now=53.0)
     assert store.round_updates(0) == []
@@ -321,8 +352,8 @@ def test_a_refused_transfer_is_dropped(store: RoundStore) -> None:
     header, chunks = _chunked()
     for i, c in enumerate(chunks):
         _put(store, header, i, c)
-    store.drop_transfer(header.update_id)
-    assert store.transfer_payload(header.update_id, header.payload.size) is None
+    store.drop_transfer(header.client_id, header.update_id)
+    assert store.transfer_payload(header.client_id, header.update_id, header.payload.size) is None
     assert store.expire_transfers(now=1e9) == []
 
 

@@ -289,3 +289,25 @@ def test_a_bug_while_handling_a_message_dead_letters_it_as_internal(
     assert fed.service.counters["refused:internal"] == 1
     monkeypatch.undo()
     fed.honest_round((3, 4))
+
+
+def test_another_clients_update_id_cannot_get_its_update_refused(start: Callable[..., Federation]) -> None:
+    """Update ids are each client's own: mallory, who learned honest1's next update id, sends her own update under
+    it first; honest1's update is still counted (not refused as a replay), and the round commits with both."""
+    fed = start()
+    victim, data = honest(fed.name, "honest1", seed=1)
+    thief, thief_data = honest(fed.name, "mallory", seed=9)
+    thief = thief.model_copy(update={"update_id": victim.update_id})
+    fed.raw({HEADER_KEY: thief.model_dump_json()}, thief_data, "mallory under honest1's id")
+    wait_for(lambda: fed.store.status().count == 1, timeout=30, what="mallory's update counted")
+    fed.client.publish(fed.topology.updates_exchange, UPDATE_ROUTING_KEY, data, {HEADER_KEY: victim.model_dump_json()})
+    wait_for(lambda: fed.store.version() == 1, timeout=60, what="the round committed with honest1's update")
+    [record] = fed.store.history()
+    assert sorted((p.client_id, p.update_id) for p in record.participants) == [
+        ("honest1", victim.update_id),
+        ("mallory", victim.update_id),
+    ]
+    assert fed.store.refusals() == {}
+    fed.client.publish(fed.topology.updates_exchange, UPDATE_ROUTING_KEY, data, {HEADER_KEY: victim.model_dump_json()})
+    fed.honest_round((3, 4))
+    assert fed.store.refusals() == {} and fed.service.counters["duplicate"] == 1, "its own id again: a duplicate"
