@@ -263,3 +263,56 @@ def load(
     (out / f"{name}.md").write_text(f"```\n{_command()}\n```\n\n{table}\n")
     out_console.print(table)
     typer.echo(str(out / f"{name}.json"))
+
+
+@app.command()
+def merge(
+    inputs: Annotated[list[Path], typer.Argument(help="result JSON files of one experiment, e.g. one per seed")],
+    out: OutDir = Path("docs/experiments"),
+    name: Annotated[str, typer.Option(help="file name stem of the merged results")] = "merged",
+    title: Annotated[str | None, typer.Option(help="title of the table and plot (default: the first input's)")] = None,
+) -> None:
+    """Combine runs made by separate commands (e.g. one per seed, run side by side) into one table and plot;
+    the inputs must share their settings but for the seeds."""
+    import json
+
+    from experiments.report import write_results
+    from experiments.runner import RunResult
+
+    documents = []
+    for path in inputs:
+        try:
+            documents.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"{path}: {exc}") from exc
+    first = documents[0]
+
+    def comparable(document: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in document["settings"].items() if k != "seeds"}
+
+    for path, document in zip(inputs, documents, strict=True):
+        if comparable(document) != comparable(first) or document["metrics"] != first["metrics"]:
+            raise typer.BadParameter(f"{path} was run with other settings than {inputs[0]}; only seeds may differ")
+    runs = []
+    for document in documents:
+        for run in document["runs"]:
+            run = {**run, "ranks": {int(k): v for k, v in run["ranks"].items()}}
+            runs.append(RunResult(**run))
+    keys = [(r.strategy, r.distribution, r.seed) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise typer.BadParameter("the inputs hold the same (strategy, distribution, seed) more than once")
+    seeds = sorted({s for d in documents for s in d["settings"]["seeds"]})
+    first_md = inputs[0].with_suffix(".md")
+    default_title = first_md.read_text().split("\n", 1)[0] if first_md.exists() else "merged results"
+    commands = "\n".join(d["command"] for d in documents) + "\n" + _command()
+    paths = write_results(
+        runs,
+        out,
+        name,
+        metrics=first["metrics"],
+        higher_is_better=first["higher_is_better"],
+        settings={**comparable(first), "seeds": seeds},
+        command=commands,
+        title=title or default_title,
+    )
+    out_console.print(paths[1].read_text())

@@ -94,3 +94,20 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
     assert all(r.payload_mb > 0 and r.aggregate_s > 0 for r in report.rounds)
     # The run cleans up after itself: no keys of the federation are left in Redis.
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"flexlora:{federation}:*", count=1000))
+
+
+def test_sim_merge_combines_runs_of_separate_commands_and_refuses_other_settings(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        args = ["sim", "linear", "--clients", "6", "--per-round", "3", "--rounds", "2", "--strategy", "flexlora"]
+        args += ["--distribution", "uniform", "--seed", str(seed), "--out", str(tmp_path), "--name", f"s{seed}"]
+        assert CliRunner().invoke(app, args).exit_code == 0
+    inputs = [str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]
+    result = CliRunner().invoke(app, ["sim", "merge", *inputs, "--out", str(tmp_path), "--name", "both"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "both.json").read_text())
+    assert sorted(r["seed"] for r in document["runs"]) == [0, 1] and document["settings"]["seeds"] == [0, 1]
+    assert " ± " in document["table"] and len(document["command"].splitlines()) == 3
+    args = ["sim", "linear", "--clients", "7", "--per-round", "3", "--rounds", "2", "--strategy", "flexlora"]
+    assert CliRunner().invoke(app, [*args, "--seed", "2", "--out", str(tmp_path), "--name", "s2"]).exit_code == 0
+    result = CliRunner().invoke(app, ["sim", "merge", inputs[0], str(tmp_path / "s2.json"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "other settings" in result.output
