@@ -21,7 +21,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import RecordResult, RoundStore, StoredRelease
 from aggregator.security import Guard
 from aggregator.transfers import ChunkIntake
-from aggregator.validation import Limits, ValidUpdate, pin_accepted, validate_update
+from aggregator.validation import Limits, ValidUpdate, pin_accepted, refuse_conflict, validate_update
 from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY
 from broker.transport import Delivery, headers_size
@@ -142,9 +142,11 @@ class Ingest:
                 delivery.message, self.config.federation, self.store, self.pins, self.limits, self.guard
             )
             self.check_outlier(valid)
-            result = self.store.record(valid.header, delivery.message.body, self.clock(), self.config.max_staleness)
+            result = self.store.record(
+                valid.header, delivery.message.body, self.clock(), self.config.max_staleness, valid.pins
+            )
         if result is RecordResult.RECORDED:
-            pin_accepted(self.store, valid, self.pins)
+            pin_accepted(valid, self.pins)
             if self.config.norm_outlier_factor is not None:
                 self.store.note_norm(self.store.status().round_id, valid.norm)
         if result is RecordResult.STALE:
@@ -157,6 +159,8 @@ class Ingest:
             raise SchemaError(
                 f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
             )
+        if result is RecordResult.CONFLICT:
+            raise refuse_conflict(self.store, valid, self.pins)
         if result is RecordResult.FUTURE:
             raise SchemaError(
                 f"claims base version {valid.header.base_version}, which has not been released", reason="version"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +39,7 @@ class RecordResult(enum.Enum):
     STALE = "stale"  # trained from a version more than max_staleness behind the open round: refused
     FUTURE = "future"  # claims a base version that has not been released yet: refused
     REPLAY = "replay"  # an update id counted already, now with another payload: refused
+    CONFLICT = "conflict"  # its facts differ from those the federation pinned (perhaps just now): refused
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,19 @@ class RoundStore(abc.ABC):
 
     @abc.abstractmethod
     def record(
-        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+        self,
+        header: LoraUpdate,
+        payload: Payload,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
         """Add an update to the open round, at most once per (client id, update id), atomically: a client's own
         id again is a DUPLICATE (a REPLAY with another payload), another client's id is no concern of it. Its
-        staleness (open round − base version) is judged in the same step, so a commit cannot slip in between."""
+        staleness (open round − base version) is judged in the same step, so a commit cannot slip in between.
+        `pins` are the federation facts the update carries (`pin`): in the same step, one that differs from a
+        pinned value makes it a CONFLICT, and those unset are set if (and only if) it is recorded, so two
+        aggregators recording at once can never pin different facts."""
 
     # --- chunked transfers: an update's chunks may reach different aggregators, in any order, twice ----------
     @abc.abstractmethod
@@ -207,7 +216,13 @@ class RoundStore(abc.ABC):
         """The chunks of a complete transfer, assembled in order into one buffer (None if it was dropped)."""
 
     @abc.abstractmethod
-    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record_transfer(
+        self,
+        header: LoraUpdate,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
+    ) -> RecordResult:
         """`record` for an update whose chunks are all kept: they become its payload without being copied.
         Raises TransferGone if the chunks were dropped (expired) meanwhile."""
 

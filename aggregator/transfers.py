@@ -112,7 +112,7 @@ class ChunkIntake:
             return ChunkOutcome("stored")
         payload = self.store.transfer_payload(header.client_id, header.update_id, header.payload.size)
         if payload is None:  # another aggregator recorded it meanwhile, or it expired
-            return self._record(header, now, max_staleness)
+            return self._record(header, now, max_staleness, None)
         try:
             valid = validate_payload(header, payload, self.store, self.pins, self.limits)
             if admit is not None:
@@ -121,16 +121,17 @@ class ChunkIntake:
             self.store.drop_transfer(header.client_id, header.update_id)
             raise
         del payload  # the factors are views into it; this is only the last name of the buffer itself
-        outcome = self._record(header, now, max_staleness)
+        outcome = self._record(header, now, max_staleness, valid.pins)
         if outcome.state == "complete" and outcome.result is not RecordResult.RECORDED:
-            self.store.drop_transfer(
-                header.client_id, header.update_id
-            )  # refused (stale, future, replay): its chunks go too
+            # refused (stale, future, replay, conflict): its chunks go too
+            self.store.drop_transfer(header.client_id, header.update_id)
         return ChunkOutcome(outcome.state, valid, outcome.result)
 
-    def _record(self, header: LoraUpdate, now: float, max_staleness: int | None) -> ChunkOutcome:
+    def _record(
+        self, header: LoraUpdate, now: float, max_staleness: int | None, pins: dict[str, str] | None
+    ) -> ChunkOutcome:
         try:
-            result = self.store.record_transfer(header, now, max_staleness)
+            result = self.store.record_transfer(header, now, max_staleness, pins)
         except TransferGone:
             log.warning("update %s expired while its last chunk was being handled; not counted", header.update_id)
             return ChunkOutcome("gone")

@@ -37,6 +37,11 @@ class ValidUpdate:
         """The module shapes as the federation pins them (JSON, sorted)."""
         return json.dumps({m: list(s) for m, s in module_shapes(self.factors).items()}, sort_keys=True)
 
+    @property
+    def pins(self) -> dict[str, str]:
+        """The federation facts this update carries: recording it checks them and pins those unset, atomically."""
+        return {PIN_FINGERPRINT: self.header.base_model_fingerprint, PIN_MODULES: self.shapes}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -72,15 +77,26 @@ def pinned(store: RoundStore, name: str, cache: dict[str, str] | None = None) ->
     return result
 
 
-def pin_accepted(store: RoundStore, valid: ValidUpdate, cache: dict[str, str] | None = None) -> None:
-    """Pin the base model and module shapes of an update just counted: only an accepted update sets them, so a
-    join, or an update refused for any reason, can never lock honest clients out of a fresh federation."""
-    for name, value in ((PIN_FINGERPRINT, valid.header.base_model_fingerprint), (PIN_MODULES, valid.shapes)):
-        if cache is not None and name in cache:
-            continue
-        result = store.pin(name, value)
-        if cache is not None:
-            cache[name] = result
+def pin_accepted(valid: ValidUpdate, cache: dict[str, str] | None = None) -> None:
+    """Remember the facts of an update just recorded: recording it pinned them (the store checks and sets the
+    pins in the step that records, `RoundStore.record`), or found them pinned already. Only a recorded update
+    sets them, so a join, or an update refused for any reason, can never lock honest clients out of a fresh
+    federation, and two aggregators recording at once cannot pin different facts."""
+    if cache is not None:
+        cache.update(valid.pins)
+
+
+def refuse_conflict(store: RoundStore, valid: ValidUpdate, cache: dict[str, str] | None = None) -> SchemaError:
+    """The refusal of an update whose record met other pinned facts (pinned by another aggregator since this one
+    read them): read them again, and name the one that differs."""
+    if cache is not None:
+        cache.pop(PIN_FINGERPRINT, None)
+        cache.pop(PIN_MODULES, None)
+    try:
+        check_pins(store, valid, cache)
+    except SchemaError as exc:
+        return exc
+    return SchemaError("its base model or modules differ from the federation's pinned facts", reason="modules")
 
 
 def validate_update(
@@ -94,8 +110,8 @@ def validate_update(
     """Header, sender, limits, integrity, safetensors, LoRA layout, then the federation's pinned base model and
     shapes.
 
-    The first accepted update pins the base-model fingerprint and the module shapes (`pin_accepted`, once it
-    is counted); every later update must match them, so updates from a different base model can never be
+    The first accepted update pins the base-model fingerprint and the module shapes (in the store's step that
+    records it); every later update must match them, so updates from a different base model can never be
     averaged together.
     """
     header = check_header(message, federation, limits, guard)
@@ -145,6 +161,14 @@ def validate_payload(
     if held != set(header.target_modules):
         missing = sorted(set(header.target_modules) - held)
         raise LoraLayoutError(f"target_modules lists {missing}, which no tensor of the payload holds")
+    check_pins(store, valid, pins)
+    return valid
+
+
+def check_pins(store: RoundStore, valid: ValidUpdate, pins: dict[str, str] | None = None) -> None:
+    """Refuse an update for another base model ("base-model") or other modules or shapes ("modules") than the
+    federation pinned. Unset pins pass: recording the update checks them again, atomically, and sets them."""
+    header = valid.header
     fingerprint = pinned(store, PIN_FINGERPRINT, pins)
     if fingerprint is not None and fingerprint != header.base_model_fingerprint:
         raise SchemaError(
@@ -160,4 +184,3 @@ def validate_payload(
             f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",
             reason="modules",
         )
-    return valid

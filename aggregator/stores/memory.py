@@ -6,7 +6,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.rounds import (
@@ -70,7 +70,12 @@ class MemoryRoundStore(RoundStore):
             return RoundStatus(self._version, len(ids), self._opened.get(self._version))
 
     def record(
-        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+        self,
+        header: LoraUpdate,
+        payload: Payload,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
         rid = record_id(header.client_id, header.update_id)
         with self._lock:
@@ -83,6 +88,11 @@ class MemoryRoundStore(RoundStore):
                 return RecordResult.FUTURE
             if max_staleness is not None and self._version - header.base_version > max_staleness:
                 return RecordResult.STALE
+            pins = pins or {}
+            if any(self._pins.get(name, value) != value for name, value in pins.items()):
+                return RecordResult.CONFLICT
+            for name, value in pins.items():
+                self._pins.setdefault(name, value)
             self._seen.add(rid)
             # bytes stay bytes; an assembled bytearray is kept as it is (no copy of a large payload)
             self._updates[rid] = RecordedUpdate(header, payload)
@@ -135,14 +145,20 @@ class MemoryRoundStore(RoundStore):
         out = bytearray().join(c for c in chunks if c is not None)
         return out if len(out) == size else None
 
-    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record_transfer(
+        self,
+        header: LoraUpdate,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
+    ) -> RecordResult:
         with self._lock:
             if record_id(header.client_id, header.update_id) in self._seen:
                 return RecordResult.DUPLICATE
         payload = self.transfer_payload(header.client_id, header.update_id, header.payload.size)
         if payload is None:
             raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")
-        result = self.record(header, payload, now, max_staleness)
+        result = self.record(header, payload, now, max_staleness, pins)
         if result is RecordResult.RECORDED:
             self.drop_transfer(header.client_id, header.update_id)
         return result

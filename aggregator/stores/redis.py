@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
 import redis
@@ -43,6 +43,7 @@ _RECORD_RESULTS = {
     2: RecordResult.STALE,
     3: RecordResult.FUTURE,
     4: RecordResult.REPLAY,
+    5: RecordResult.CONFLICT,
 }
 
 
@@ -80,22 +81,32 @@ class RedisRoundStore(RoundStore):
         return RoundStatus(version, int(count), float(opened) if opened is not None else None)
 
     def record(
-        self, header: LoraUpdate, payload: Payload, now: float, max_staleness: int | None = None
+        self,
+        header: LoraUpdate,
+        payload: Payload,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
         k = self.keys
         payload_key = k.update_payload(record_id(header.client_id, header.update_id), header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         self.r.set(payload_key, payload, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
-        return self._run_record(header, [payload_key], now, max_staleness)
+        return self._run_record(header, [payload_key], now, max_staleness, pins)
 
     def _run_record(
-        self, header: LoraUpdate, payload_keys: list[str], now: float, max_staleness: int | None
+        self,
+        header: LoraUpdate,
+        payload_keys: list[str],
+        now: float,
+        max_staleness: int | None,
+        pins: Mapping[str, str] | None,
     ) -> RecordResult:
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         done = self._record(
-            keys=[k.seen, k.version, k.update(rid), *payload_keys],
+            keys=[k.seen, k.version, k.update(rid), k.pins, *payload_keys],
             args=[
                 rid,
                 header.model_dump_json(),
@@ -104,6 +115,7 @@ class RedisRoundStore(RoundStore):
                 k.namespace,
                 header.base_version,
                 -1 if max_staleness is None else max_staleness,
+                *(part for pin in sorted((pins or {}).items()) for part in pin),
             ],
         )
         result = int(done)
@@ -179,12 +191,18 @@ class RedisRoundStore(RoundStore):
         except TransferGone:
             return None
 
-    def record_transfer(self, header: LoraUpdate, now: float, max_staleness: int | None = None) -> RecordResult:
+    def record_transfer(
+        self,
+        header: LoraUpdate,
+        now: float,
+        max_staleness: int | None = None,
+        pins: Mapping[str, str] | None = None,
+    ) -> RecordResult:
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         final = k.update_payload(rid, header.payload.sha256)
         keys = [k.transfer(rid), final, k.transfers_open, k.transfer_meta(rid)]
-        return self._run_record(header, keys, now, max_staleness)
+        return self._run_record(header, keys, now, max_staleness, pins)
 
     def drop_transfer(self, client_id: str, update_id: str) -> None:
         k = self.keys

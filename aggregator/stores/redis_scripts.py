@@ -2,32 +2,39 @@
 
 # Per-round keys are built inside the scripts from the namespace (ARGV), because the round number
 # is only known there; aggregator.keys.Keys builds the same names (tests check they agree).
-# KEYS: seen, version, update hash, payload key [, final payload key, open transfers, transfer meta].
+# KEYS: seen, version, update hash, pins, payload key [, final payload, open transfers, transfer meta].
 # ARGV: record id (client/update id: update ids are per client), header, (unused), now, namespace, base
-# version, max staleness (-1: no limit).
+# version, max staleness (-1: no limit), then (pin name, value)*: the federation's facts this update carries.
 # The payload itself was SET beforehand under a key named by its sha256: passing megabytes through a
-# script's arguments costs three times a plain SET. A chunked payload (seven keys) is the transfer's hash
-# of chunks, renamed (not copied) to the update's payload key.
+# script's arguments costs three times a plain SET. A chunked payload (eight keys) is the transfer's hash
+# of chunks, renamed (not copied) to the update's payload key. The pins are checked and, when unset, set
+# here, in the step that records the update: two aggregators recording at once cannot pin different facts,
+# and an update that is not recorded pins nothing.
 RECORD = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   local had = redis.call('HGET', KEYS[3], 'payload')
-  if had and had ~= (KEYS[5] or KEYS[4]) then return 4 end
+  if had and had ~= (KEYS[6] or KEYS[5]) then return 4 end
   return 0
 end
 local v = redis.call('GET', KEYS[2]) or '0'
 local base = tonumber(ARGV[6])
 if base > tonumber(v) then return 3 end
 if tonumber(ARGV[7]) >= 0 and tonumber(v) - base > tonumber(ARGV[7]) then return 2 end
-local payload = KEYS[4]
-if #KEYS > 4 then
-  if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
-  redis.call('RENAME', KEYS[4], KEYS[5])
-  payload = KEYS[5]
+for i = 8, #ARGV, 2 do
+  local pinned = redis.call('HGET', KEYS[4], ARGV[i])
+  if pinned and pinned ~= ARGV[i + 1] then return 5 end
+end
+local payload = KEYS[5]
+if #KEYS > 5 then
+  if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
+  redis.call('RENAME', KEYS[5], KEYS[6])
+  payload = KEYS[6]
   redis.call('PERSIST', payload)
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  redis.call('DEL', KEYS[7])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('DEL', KEYS[8])
   redis.call('HSET', KEYS[3], 'chunked', '1')
-elseif redis.call('PERSIST', KEYS[4]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
+elseif redis.call('PERSIST', KEYS[5]) == 0 and redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
+for i = 8, #ARGV, 2 do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[3], 'header', ARGV[2], 'payload', payload)
 redis.call('RPUSH', ARGV[5] .. 'round:' .. v .. ':updates', ARGV[1])

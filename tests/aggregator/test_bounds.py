@@ -4,6 +4,7 @@ transfers, pins and dropped updates, on both round stores."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,55 @@ def test_a_client_claiming_huge_data_takes_no_more_than_its_capped_share(federat
     [record] = store.history()
     weights = {p.client_id: p.weight for p in record.participants}
     assert weights["c0"] == pytest.approx(0.5) and weights["c2"] == pytest.approx(3 * weights["c1"])
+
+
+def test_two_aggregators_recording_at_once_cannot_pin_different_base_models(
+    store: RoundStore, federation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a fresh federation, two aggregators each validate an update (another base model each) before either
+    records: both see no pin. Recording checks and sets the pins in one step, so one update is counted and
+    pins its base model, and the other is refused ("base-model"), never both counted under different facts."""
+    import threading
+
+    from aggregator.config import AggregatorConfig
+    from aggregator.rounds import RoundPolicy
+    from aggregator.service import AggregatorService
+    from aggregator.validation import PIN_FINGERPRINT, validate_update
+    from broker.connect import connect
+    from broker.topology import UPDATE_ROUTING_KEY, Topology
+    from broker.transports.memory import MemoryBroker
+    from edge_client.synthetic import SyntheticShape, synthetic_update
+    from schemas.messages import HEADER_KEY
+
+    transport = connect("memory://", memory=MemoryBroker())
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=10))
+    services = [AggregatorService(transport, store, config) for _ in range(2)]
+    services[0].setup()
+    dead = transport.subscribe(Topology(federation).dead_letter_queue, prefetch=10, dead_letter_exchange="")
+    shape = SyntheticShape(layers=1, projections=(("self_attn.q_proj", 16, 16),))
+    for n, fingerprint in enumerate(("a" * 64, "b" * 64)):
+        header, data = synthetic_update(federation, f"c{n}", 4, 0, shape=shape, seed=n)
+        header = header.model_copy(update={"base_model_fingerprint": fingerprint})
+        transport.publish(
+            Topology(federation).updates_exchange, UPDATE_ROUTING_KEY, data, {HEADER_KEY: header.model_dump_json()}
+        )
+    validated = threading.Barrier(2, timeout=30)
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        valid = validate_update(*args, **kwargs)
+        validated.wait()  # both have read the pins (none) before either records
+        return valid
+
+    monkeypatch.setattr("aggregator.ingest.validate_update", racing)
+    subs = [s.subscribe() for s in services]
+    deliveries = [sub.get(1.0) for sub in subs]
+    threads = [threading.Thread(target=s.handle, args=(d,)) for s, d in zip(services, deliveries, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    [counted] = store.round_updates(0)
+    assert store.pinned(PIN_FINGERPRINT) == counted.header.base_model_fingerprint
+    refusal = dead.get(1.0)
+    assert refusal is not None and refusal.message.headers[REASON_KEY] == "base-model"
+    assert store.refusals() == {"base-model": 1}

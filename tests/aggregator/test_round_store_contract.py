@@ -107,6 +107,37 @@ def test_chunked_transfers_are_scoped_per_client(store: RoundStore) -> None:
     assert [u.header.client_id for u in store.round_updates(0)] == ["victim"]
 
 
+def test_recording_checks_and_sets_the_pins_in_the_same_step(store: RoundStore) -> None:
+    mine, theirs = {"fp": "a", "shapes": "s"}, {"fp": "b", "shapes": "s"}
+    assert store.record(_update("c0", "update-futr", base=5), b"x", 1.0, pins=theirs) is RecordResult.FUTURE
+    assert store.pinned("fp") is None, "an update not recorded pins nothing"
+    assert store.record(_update("c1", "update-0001"), b"x", 1.0, pins=mine) is RecordResult.RECORDED
+    assert (store.pinned("fp"), store.pinned("shapes")) == ("a", "s")
+    assert store.record(_update("c2", "update-0002"), b"y", 2.0, pins=theirs) is RecordResult.CONFLICT
+    assert store.record(_update("c1", "update-0001"), b"x", 3.0, pins=theirs) is RecordResult.DUPLICATE
+    assert [u.header.client_id for u in store.round_updates(0)] == ["c1"]
+    assert store.record(_update("c2", "update-0002"), b"y", 4.0, pins=mine) is RecordResult.RECORDED, "not seen"
+
+
+def test_concurrent_records_never_pin_different_facts(store: RoundStore) -> None:
+    start = threading.Barrier(8)
+    results: dict[int, RecordResult] = {}
+
+    def record(n: int) -> None:
+        start.wait()
+        results[n] = store.record(_update(f"c{n}", f"update-{n:04d}"), b"x", 1.0, pins={"fp": str(n % 2)})
+
+    threads = [threading.Thread(target=record, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pinned = store.pinned("fp")
+    recorded = {n for n, r in results.items() if r is RecordResult.RECORDED}
+    assert recorded == {n for n in range(8) if str(n % 2) == pinned}
+    assert all(results[n] is RecordResult.CONFLICT for n in set(range(8)) - recorded)
+
+
 def test_updates_keep_arrival_order_and_first_arrival_opens_the_round(store: RoundStore) -> None:
     ids = [f"update-{i:04d}" for i in range(5)]
     for i, uid in enumerate(ids):

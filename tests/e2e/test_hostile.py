@@ -42,7 +42,7 @@ KIND = "x-test-kind"
 class Attack:
     headers: dict[str, str]
     body: bytes
-    as_honest: bool = False  # a forgery needs no other connection: it is mallory naming the honest client
+    by: str = "mallory"  # who publishes it, with that client's broker user
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -140,7 +140,9 @@ def _corpus(federation: str, keys: dict[str, bytes], honest_id: str) -> dict[str
         "wrong shapes": ("modules", payload(_factors_payload(64, 32, 8))),
         "unknown module names": ("layout", payload(_unknown_module())),
         "norm far above the bound": ("norm", payload(_factors_payload(64, 64, 8, lambda b: b.mul_(1e6)))),
-        "replayed update id": ("replay", payload(_factors_payload(64, 64, 8), update_id=honest_id)),
+        # Update ids are per client: only the honest client's own connection and key can replay its ids (a buggy
+        # client, or stolen credentials); mallory under the same id is simply another update.
+        "replayed update id": ("replay", _replay(federation, keys["honest"], honest_id)),
         "stale base version": ("stale", payload(data, base_version=0)),
         "future base version": ("version", payload(data, base_version=9)),
         "corrupted chunk": (
@@ -148,6 +150,13 @@ def _corpus(federation: str, keys: dict[str, bytes], honest_id: str) -> dict[str
             Attack(_signed(big.model_dump_json(), key, **{CHUNK_KEY: chunk.model_dump_json()}), chunk_body),
         ),
     }
+
+
+def _replay(federation: str, key: bytes, update_id: str) -> Attack:
+    """The honest client's counted update id again, with other bytes."""
+    body = _factors_payload(64, 64, 8)
+    header = _with_payload(_update(federation, "honest", seed=8, base=1, update_id=update_id)[0], body)
+    return Attack(_signed(header.model_dump_json(), key), body, by="honest")
 
 
 def _publish(url: str, exchange: str, attack: Attack, kind: str, user: str) -> None:
@@ -185,7 +194,6 @@ def test_every_hostile_kind_is_dead_lettered_with_its_reason_and_a_normal_round_
     server = threading.Thread(target=service.run, args=(stop,), daemon=True)
     server.start()
     honest = connect(users["honest"])
-    mallory_user = topology.client_user("mallory")
 
     def honest_round(base: int, seeds: tuple[int, int]) -> list[str]:
         ids = []
@@ -204,7 +212,7 @@ def test_every_hostile_kind_is_dead_lettered_with_its_reason_and_a_normal_round_
         corpus = _corpus(federation, keys, first[0])
         assert len(corpus) >= 15
         for kind, (_, attack) in corpus.items():
-            _publish(users["mallory"], topology.updates_exchange, attack, kind, mallory_user)
+            _publish(users[attack.by], topology.updates_exchange, attack, kind, topology.client_user(attack.by))
         got = _dead_letters(federation, len(corpus))
         assert got == {kind: reason for kind, (reason, _) in corpus.items()}
         expected = collections.Counter(reason for reason, _ in corpus.values())
