@@ -22,7 +22,7 @@ from aggregator.rounds import RecordResult, RoundStore, StoredRelease
 from aggregator.security import Guard
 from aggregator.transfers import ChunkIntake
 from aggregator.validation import Limits, ValidUpdate, pin_accepted, refuse_conflict, validate_update
-from broker.errors import BrokerError
+from broker.errors import BrokerError, PublishRefused
 from broker.topology import JOIN_ROUTING_KEY
 from broker.transport import Delivery, headers_size
 from schemas.errors import SchemaError
@@ -47,7 +47,7 @@ class Ingest:
         counters: collections.Counter[str],
         metrics: AggregatorMetrics,
         clock: Callable[[], float],
-        send_adapter: Callable[[StoredRelease], None],
+        answer_join: Callable[[StoredRelease], None],
     ) -> None:
         self.store = store
         self.config = config
@@ -58,7 +58,7 @@ class Ingest:
         self.counters = counters
         self.metrics = metrics
         self.clock = clock
-        self.send_adapter = send_adapter
+        self.answer_join = answer_join
 
     def handle(self, delivery: Delivery) -> None:
         """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
@@ -198,7 +198,10 @@ class Ingest:
 
     # --- joins ----------------------------------------------------------------------------------------------
     def _join(self, delivery: Delivery) -> None:
-        """Send a joining client the newest global adapter at its rank, at once."""
+        """Send a joining client the newest global adapter at its rank, at once, into the mailbox it has: a join
+        never creates one (`answer_join` only publishes), so joins for invented client ids leave no queues
+        behind. A client declares its own mailbox before it joins, or `flexlora provision` did; the aggregators
+        declare one only for a client whose update a round counted."""
         request = parse_join(delivery.message.headers.get(HEADER_KEY))
         if request.federation != self.config.federation:
             raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
@@ -206,7 +209,13 @@ class Ingest:
             self.guard.check(delivery.message, request.client_id)
         release = self._retrying(lambda: join_release(self.store, request, self.limits))
         if release is not None:
-            self.send_adapter(release)
+            try:
+                self.answer_join(release)
+            except PublishRefused as exc:  # unroutable: no queue is bound for this client id
+                raise SchemaError(
+                    f"client {request.client_id!r} has no mailbox to answer into (joins never create one): {exc}",
+                    reason="no-mailbox",
+                ) from exc
             log.info(
                 "sent %s version %d at rank %d on joining", request.client_id, release.header.version, request.rank
             )

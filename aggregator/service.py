@@ -84,7 +84,7 @@ class AggregatorService:
             counters=self.counters,
             metrics=self.metrics,
             clock=clock,
-            send_adapter=self.send_adapter,
+            answer_join=self.answer_join,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -286,6 +286,10 @@ class AggregatorService:
         if client_id not in self._declared_clients:
             self.transport.declare(self.topology.client(client_id))
             self._declared_clients.add(client_id)
+        send_release(self.transport, self.topology, self.store, release, chunk_bytes=self.config.chunk_bytes)
+
+    def answer_join(self, release: StoredRelease) -> None:
+        """Send a join's answer into the client's mailbox without declaring it (PublishRefused if there is none)."""
         send_release(self.transport, self.topology, self.store, release, chunk_bytes=self.config.chunk_bytes)
 
     def publish_pending(self) -> None:

@@ -52,6 +52,7 @@ class Rig:
         self.service = AggregatorService(self.transport, self.store, config)
         self.service.setup()
         self.topology = Topology(FED)
+        self.transport.declare(self.topology.client("joiner"))  # a joining client declares its own mailbox
         self.tried = 0
         self.sub: Subscription = self.service.subscribe()
         self.dead = self.transport.subscribe(self.topology.dead_letter_queue, prefetch=1000, dead_letter_exchange="")

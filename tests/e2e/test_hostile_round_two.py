@@ -18,12 +18,13 @@ from aggregator.rounds import RoundPolicy
 from aggregator.service import AggregatorService
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect
+from broker.errors import BrokerError
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Transport
 from edge_client.synthetic import SyntheticShape, synthetic_update
 from schemas.chunks import CHUNK_KEY, ChunkInfo
 from schemas.lora import LoraFactors, join_lora
-from schemas.messages import DROPPED_KEY, HEADER_KEY, REASON_KEY, JoinRequest, LoraUpdate
+from schemas.messages import DROPPED_KEY, HEADER_KEY, REASON_KEY, JoinRequest, LoraUpdate, parse_release
 from schemas.tensors import encode_tensors, sha256_hex
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.e2e.procs import wait_for
@@ -311,3 +312,30 @@ def test_another_clients_update_id_cannot_get_its_update_refused(start: Callable
     fed.client.publish(fed.topology.updates_exchange, UPDATE_ROUTING_KEY, data, {HEADER_KEY: victim.model_dump_json()})
     fed.honest_round((3, 4))
     assert fed.store.refusals() == {} and fed.service.counters["duplicate"] == 1, "its own id again: a duplicate"
+
+
+def test_joins_for_invented_client_ids_create_no_mailboxes(start: Callable[..., Federation]) -> None:
+    """Without auth anyone can send joins under made-up client ids; the aggregator answers a join only into a
+    mailbox that exists (the client's own, or a provisioned one), so none is created and nothing piles up."""
+    fed = start()
+    fed.join(join_fields(fed.name, client_id="ghost-early"), "join before any round")  # nothing to answer yet
+    fed.honest_round()
+    ghosts = [f"ghost{n}" for n in range(5)]
+    for ghost in ghosts:
+        fed.join(join_fields(fed.name, client_id=ghost), ghost)
+    assert _reasons(fed, len(ghosts)) == dict.fromkeys(ghosts, "no-mailbox")
+    for queue in [fed.topology.adapter_queue(c) for c in ["ghost-early", *ghosts]]:
+        with pytest.raises(BrokerError):
+            fed.client.queue_depth(queue)
+    # An honest joiner declares its mailbox first and gets the newest global adapter at its rank.
+    fed.client.declare(fed.topology.client("joiner"))
+    fed.join(join_fields(fed.name), "honest join")
+    reader = fed.client.subscribe(fed.topology.adapter_queue("joiner"), prefetch=1, dead_letter_exchange="")
+    try:
+        answer = reader.get(20.0)
+        assert answer is not None and parse_release(answer.message.headers[HEADER_KEY]).version == 1
+        answer.ack()
+    finally:
+        reader.close()
+    assert fed.store.refusals() == {"no-mailbox": len(ghosts)}
+    fed.honest_round((3, 4))
