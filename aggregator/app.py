@@ -16,7 +16,7 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect
-from broker.errors import ConnectionLost
+from broker.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,13 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         log.info("metrics at http://0.0.0.0:%d/metrics", server.server_port)
 
     # Deliveries held when the connection drops go back to the queue; the store makes their second
-    # arrival a no-op, so reconnecting and carrying on is always safe.
+    # arrival a no-op, so reconnecting and carrying on is always safe. Any broker error does that, not only a
+    # lost connection (a channel the broker closed, a publish it refused): the process never exits for one,
+    # and neither for Redis being unreachable while it starts; it logs, backs off and serves again.
     @retry(
-        retry=retry_if_exception_type(ConnectionLost),
+        retry=retry_if_exception_type((BrokerError, *store.transient_errors)),
         wait=wait_exponential(multiplier=0.5, max=15),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        before_sleep=before_sleep_log(log, logging.WARNING, exc_info=True),
     )
     def serve() -> None:
         transport = connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=config.owner)

@@ -28,7 +28,7 @@ from aggregator.rounds import (
 )
 from aggregator.strategies import ClientMeta, shares
 from aggregator.transfers import ChunkIntake
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
 
@@ -276,9 +276,19 @@ class AggregatorService:
         if not self.store.claim_publish(version, self.config.owner, self.config.lease_s):
             return
         for client_id, release in sorted(self.store.releases(version).items()):
-            if client_id != GLOBAL_RELEASE:
+            if client_id == GLOBAL_RELEASE:
+                continue
+            try:
                 self.send_adapter(release)
-                self.metrics.published()
+            except ConnectionLost:
+                raise
+            except BrokerError:
+                # One mailbox refusing (deleted, or declared with other arguments) must not hold back the others'
+                # adapters, nor fail every publication again: declare it afresh next time; a join catches it up.
+                self._declared_clients.discard(client_id)
+                log.exception("could not publish version %d to %s; skipping its mailbox", version, client_id)
+                continue
+            self.metrics.published()
         self.store.mark_published(version)
 
     def send_adapter(self, release: StoredRelease) -> None:
