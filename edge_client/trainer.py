@@ -12,8 +12,8 @@ from peft import PeftModel
 
 from edge_client.data import IGNORE, Encoded, batches, collate, encode, format_prompt
 from edge_client.model import TextTokenizer, adapter_state, load_adapter_state
-from edge_client.recipe import Schedule, lr_multiplier
 from edge_client.tasks import Example, rouge_l
+from schemas.recipe import Schedule, lr_multiplier
 
 
 @dataclass(frozen=True)

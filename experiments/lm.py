@@ -13,12 +13,12 @@ from peft import PeftModel
 
 from edge_client.data import task_examples
 from edge_client.model import BaseModel, adapter_state, load_adapter_state, wrap_lora
-from edge_client.recipe import Recipe
 from edge_client.tasks import Example, task_names
 from edge_client.trainer import LocalTrainer, TrainConfig, score, teacher_forced
 from experiments.federation import Factors
 from experiments.runner import Trained
 from schemas.lora import join_lora, split_lora
+from schemas.recipe import DEFAULT_RECIPE, Recipe
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LmConfig:
     samples_per_task: int = 32
     local_steps: int = 10
     batch_size: int = 8
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe = DEFAULT_RECIPE
     eval_unseen_per_task: int = 4
     eval_seen_per_task: int = 2
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")

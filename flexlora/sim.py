@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
-from edge_client.recipe import SCALINGS, SCHEDULES, Recipe
+from schemas.recipe import DEFAULT_RECIPE, SCALINGS, SCHEDULES, Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 out_console = Console()
@@ -154,13 +155,15 @@ def lm(
     local_steps: Annotated[int, typer.Option(min=1)] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="examples per local step")] = 8,
     samples_per_task: Annotated[int, typer.Option(min=1)] = 32,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = Recipe.learning_rate,
-    scaling: Annotated[str, typer.Option(help=f"LoRA scaling convention: {', '.join(SCALINGS)}")] = Recipe.scaling,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = DEFAULT_RECIPE.learning_rate,
+    scaling: Annotated[
+        str, typer.Option(help=f"LoRA scaling convention: {', '.join(SCALINGS)}")
+    ] = DEFAULT_RECIPE.scaling,
     alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent")] = None,
     schedule: Annotated[str, typer.Option(help=f"local learning-rate schedule: {', '.join(SCHEDULES)}")] = (
-        Recipe.schedule
+        DEFAULT_RECIPE.schedule
     ),
-    warmup_steps: Annotated[int, typer.Option(min=0)] = Recipe.warmup_steps,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = DEFAULT_RECIPE.warmup_steps,
     eval_unseen: Annotated[int, typer.Option(min=1, help="held-out examples per unseen task")] = 4,
     eval_seen: Annotated[int, typer.Option(min=1, help="held-out examples per seen task")] = 2,
     generate: Annotated[
@@ -182,8 +185,14 @@ def lm(
     from experiments.ranks import scaled_ranks
 
     try:
-        recipe = Recipe(scaling, alpha_factor, learning_rate, schedule, warmup_steps)  # type: ignore[arg-type]
-    except ValueError as exc:
+        recipe = Recipe(
+            scaling=scaling,  # type: ignore[arg-type]
+            alpha_factor=alpha_factor,
+            learning_rate=learning_rate,
+            schedule=schedule,  # type: ignore[arg-type]
+            warmup_steps=warmup_steps,
+        )
+    except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     with Console(stderr=True).status(f"loading {model}…"):
         base = load_base_model(model)

@@ -16,9 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from aggregator.flexlora import ClientAdapter, RankRequest
 from aggregator.strategies import STRATEGIES, AggregationResult, get_strategy
 from edge_client.model import adapter_state, load_adapter_state, wrap_lora
-from edge_client.recipe import SCALINGS, lora_alpha
 from experiments.ranks import scaled_ranks
 from schemas.lora import PEFT_PREFIX, LoraFactors, join_lora, split_lora
+from schemas.recipe import SCALINGS, lora_alpha
 
 HIDDEN = 576  # SmolLM2-135M: hidden 576, 9 query heads and 3 key/value heads of 64, MLP 1536
 TARGETS = ("q_proj", "v_proj")

@@ -10,8 +10,8 @@ import torch
 
 from edge_client.data import task_examples
 from edge_client.model import tiny_model, wrap_lora
-from edge_client.recipe import Recipe, lora_alpha, lr_multiplier
 from edge_client.trainer import LocalTrainer, TrainConfig, teacher_forced
+from schemas.recipe import Recipe, lora_alpha, lr_multiplier
 
 
 def test_scaling_conventions_give_the_documented_lora_scale() -> None:
@@ -21,8 +21,10 @@ def test_scaling_conventions_give_the_documented_lora_scale() -> None:
     assert lora_alpha(8, "fixed") == lora_alpha(200, "fixed") == 16.0
     with pytest.raises(ValueError, match="unknown scaling"):
         lora_alpha(8, "nope")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="alpha_factor"):
         Recipe(alpha_factor=0.0)
+    with pytest.raises(ValueError, match="scaling"):
+        Recipe(scaling="nope")  # type: ignore[arg-type]
 
 
 def test_schedules_warm_up_then_decay_to_nearly_zero_inside_a_local_run() -> None:
