@@ -33,6 +33,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         lease_s=settings.lease_s,
         prefetch=settings.prefetch,
         strategy=settings.strategy,
+        recipe=settings.recipe(),
         svd_mode=settings.svd_mode,
         weighting=settings.weighting,
         staleness_exponent=settings.staleness_exponent,

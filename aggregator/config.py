@@ -15,6 +15,7 @@ from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighti
 from aggregator.validation import Limits
 from broker.topology import Topology
 from schemas.chunks import DEFAULT_CHUNK_BYTES
+from schemas.recipe import DEFAULT_RECIPE, Recipe
 
 
 def default_owner() -> str:
@@ -31,6 +32,8 @@ class AggregatorConfig:
     republish_every_s: float = 10.0
     owner: str = field(default_factory=default_owner)
     strategy: str = "flexlora"
+    # How the federation's clients train, sent with every release (clients follow what they were not given).
+    recipe: Recipe = DEFAULT_RECIPE
     svd_mode: SvdMode = "exact"
     weighting: str = "data_size"
     staleness_exponent: float = 0.5

@@ -66,5 +66,6 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
         strategy=h.strategy,
         num_updates=h.num_updates,
         payload=info,
+        recipe=h.recipe,
     )
     return StoredRelease(header, data)

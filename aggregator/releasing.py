@@ -19,6 +19,7 @@ from broker.topology import Topology
 from broker.transport import Transport
 from schemas.lora import LoraFactors, join_lora
 from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
+from schemas.recipe import Recipe
 from schemas.safetensors_stream import describe, encode_pieces, iter_chunks
 
 
@@ -53,6 +54,7 @@ def build_releases(
     strategy: str,
     chunk_bytes: int,
     ttl_s: float,
+    recipe: Recipe | None = None,
 ) -> list[StoredRelease]:
     """Every wanted client's release of `version`: one payload per distinct cut, shared by the clients that
     asked for it. `cuts` is emptied as they are encoded, so a large release is held once, in the store."""
@@ -73,6 +75,7 @@ def build_releases(
             num_updates=num_updates,
             strategy=strategy,
             payload=info,
+            recipe=recipe,
         )
         releases.append(StoredRelease(header, data))
     return releases

@@ -220,7 +220,7 @@ class AggregatorService:
         wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
         if self.strategy.name == "flexlora":
             top = max(self.config.global_rank, *(r.rank for r in wanted.values()))
-            wanted[GLOBAL_RELEASE] = RankRequest(top, 2.0 * top)
+            wanted[GLOBAL_RELEASE] = RankRequest(top, self.config.recipe.alpha(top))
         svd_started = time.perf_counter()
         result = self.strategy.aggregate(clients, weights, list(wanted.values()))
         svd_seconds = time.perf_counter() - svd_started
@@ -235,6 +235,7 @@ class AggregatorService:
             strategy=self.strategy.name,
             chunk_bytes=self.config.chunk_bytes,
             ttl_s=4 * self.config.lease_s,
+            recipe=self.config.recipe,
         )
         participants = round_participants(recorded, weights, lease.round_id)
         status = self.store.status()

@@ -10,10 +10,10 @@ from pydantic import Field, model_validator
 from aggregator.rounds import RoundPolicy
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
-from schemas.settings import FlexloraSettings
+from schemas.recipe import RecipeSettings
 
 
-class AggregatorSettings(FlexloraSettings):
+class AggregatorSettings(RecipeSettings):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     redis_url: str = "redis://127.0.0.1:6379/0"
     federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")

@@ -34,6 +34,7 @@ from edge_client.settings import ClientSettings
 from edge_client.tasks import task_names
 from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
 from schemas.messages import LoraUpdate
+from schemas.recipe import DEFAULT_RECIPE
 from schemas.tensors import encode_tensors
 
 TARGET = 0.05
@@ -143,7 +144,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     target_modules = list(_client_default("target_modules"))
-    alpha = 2.0 * args.rank  # ClientSettings.alpha's default
+    alpha = DEFAULT_RECIPE.alpha(args.rank)  # what a client trains at unless told otherwise
     config = TrainConfig(
         local_steps=args.steps,
         batch_size=args.batch_size,

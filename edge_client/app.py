@@ -41,6 +41,7 @@ def build_worker(
     """`copy_base` keeps `base` untouched, so one loaded model can seed several clients in one process."""
     choice = settings.resolved_rank()
     rank, alpha = choice.rank, settings.alpha_for(choice.rank)
+    recipe = settings.recipe()
     log.info("%s trains at %s", settings.client_id, choice.reason)
     if data is None:
         data = load_examples(settings)
@@ -53,8 +54,10 @@ def build_worker(
         TrainConfig(
             local_steps=settings.local_steps,
             batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
+            learning_rate=recipe.learning_rate,
             seed=settings.seed,
+            schedule=recipe.schedule,
+            warmup_steps=min(recipe.warmup_steps, settings.local_steps - 1),
         ),
         held_out=data.held_out,
     )
@@ -68,6 +71,7 @@ def build_worker(
         adapter_timeout_s=settings.adapter_timeout_s,
         chunk_bytes=settings.chunk_bytes,
         signing_key=bytes.fromhex(settings.signing_key) if settings.signing_key else None,
+        follow_recipe=frozenset({"learning_rate", "schedule", "warmup_steps"}) - settings.recipe_given(),
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
 

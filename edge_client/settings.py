@@ -11,25 +11,24 @@ from pydantic import Field, model_validator
 from edge_client.resources import RankChoice, parse_rank
 from edge_client.tasks import task_names
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
-from schemas.settings import FlexloraSettings
+from schemas.recipe import RecipeSettings
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
-class ClientSettings(FlexloraSettings):
+class ClientSettings(RecipeSettings):
     broker_url: str = DEFAULT_BROKER_URL
     federation: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
     client_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     model: str = "smollm2"
     rank: int | Literal["auto"] = Field(default=8, description="LoRA rank, or auto to pick it from the device")
-    lora_alpha: float | None = Field(default=None, gt=0)
+    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the recipe's)")
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     tasks: tuple[str, ...] = ()
     data: Path | None = Field(default=None, description="JSONL of instruction/input/output records (else tasks)")
     samples_per_task: int = Field(default=32, ge=1)
     local_steps: int = Field(default=10, ge=1)
     batch_size: int = Field(default=8, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
     seed: int = 0
     rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
     heartbeat_s: int = Field(default=30, ge=1)
@@ -62,8 +61,8 @@ class ClientSettings(FlexloraSettings):
         return parse_rank(self.rank)
 
     def alpha_for(self, rank: int) -> float:
-        """LoRA alpha; 2·rank unless set, so (alpha / rank) is the same at every rank."""
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * rank
+        """LoRA alpha: as set, else the recipe's for `rank` (rsLoRA by default: alpha / rank = 4 / √rank)."""
+        return self.lora_alpha if self.lora_alpha is not None else self.recipe().alpha(rank)
 
     @property
     def task_list(self) -> list[str]:

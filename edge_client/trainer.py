@@ -13,18 +13,18 @@ from peft import PeftModel
 from edge_client.data import IGNORE, Encoded, batches, collate, encode, format_prompt
 from edge_client.model import TextTokenizer, adapter_state, load_adapter_state
 from edge_client.tasks import Example, rouge_l
-from schemas.recipe import Schedule, lr_multiplier
+from schemas.recipe import DEFAULT_RECIPE, Schedule, lr_multiplier
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = 20
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float = DEFAULT_RECIPE.learning_rate
     max_length: int = 128
     seed: int = 0
-    schedule: Schedule = "constant"
-    warmup_steps: int = 0
+    schedule: Schedule = DEFAULT_RECIPE.schedule
+    warmup_steps: int = DEFAULT_RECIPE.warmup_steps
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:

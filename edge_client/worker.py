@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker.chunked import ChunkAssembler, publish_payload
 from broker.errors import BrokerError, ConnectionLost
@@ -39,6 +39,9 @@ class EdgeConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     # Where the federation requires signatures: this client's HMAC key (see aggregator.security).
     signing_key: bytes | None = None
+    # What of the federation's recipe (sent with every release) this client takes for its next local runs:
+    # the schedule's fields it was not given itself. Its rank and alpha stay (releases are cut at them).
+    follow_recipe: frozenset[str] = frozenset({"learning_rate", "schedule", "warmup_steps"})
 
 
 class AdapterTimeout(TimeoutError):
@@ -75,6 +78,7 @@ class EdgeWorker:
         self.pending: tuple[LoraUpdate, bytes, TrainResult | None] | None = None
         self._sent = False
         self._subscription: Subscription | None = None
+        self._warned_alpha = False
         self._assembler = ChunkAssembler()
         if checkpoints is not None:
             self._restore(checkpoints)
@@ -281,6 +285,7 @@ class EdgeWorker:
                     delivery.ack()
                 continue
             self.version = release.version
+            self._follow(release)
             delivery.ack()
             log.info("%s loaded global version %d at rank %d", self.config.client_id, release.version, release.rank)
             return release
@@ -293,6 +298,31 @@ class EdgeWorker:
         if CHUNK_KEY not in message.headers:
             return message.body
         return self._assembler.add(parse_chunk(message.headers[CHUNK_KEY]), message.body, release.payload)
+
+    def _follow(self, release: AdapterRelease) -> None:
+        """Train the next rounds by the federation's recipe, for the fields this client was not given."""
+        recipe, c = release.recipe, self.config
+        if recipe is None:
+            return
+        if recipe.alpha(c.rank) != c.lora_alpha and not self._warned_alpha:
+            self._warned_alpha = True
+            log.warning(
+                "%s trains at alpha %g; the federation's recipe (%s) gives %g at rank %d. Adapters are cut at this "
+                "client's alpha, so nothing is lost, but its steps are scaled unlike its peers'",
+                c.client_id,
+                c.lora_alpha,
+                recipe.scaling,
+                recipe.alpha(c.rank),
+                c.rank,
+            )
+        train = self.trainer.config
+        wanted = {name: getattr(recipe, name) for name in c.follow_recipe if hasattr(train, name)}
+        if "warmup_steps" in wanted:
+            wanted["warmup_steps"] = min(wanted["warmup_steps"], train.local_steps - 1)
+        changed = {k: v for k, v in wanted.items() if getattr(train, k) != v}
+        if changed:
+            self.trainer.config = replace(train, **changed)
+            log.info("%s follows the federation's recipe: %s", c.client_id, changed)
 
     def _check_release(self, release: AdapterRelease) -> None:
         c = self.config

@@ -81,6 +81,11 @@ def aggregator(
     transfer_expiry_s: Annotated[
         float | None, typer.Option(help="drop a chunked update idle this long (reported, not counted)")
     ] = None,
+    scaling: Annotated[str | None, typer.Option(help="LoRA scaling: rslora (default), rank or fixed")] = None,
+    alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent of the scaling")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="peak learning rate of a local run")] = None,
+    schedule: Annotated[str | None, typer.Option(help="local schedule: linear (default), constant, cosine")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps of a local run")] = None,
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
@@ -113,6 +118,11 @@ def aggregator(
                 chunk_bytes=chunk_bytes,
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
+                scaling=scaling,
+                alpha_factor=alpha_factor,
+                learning_rate=learning_rate,
+                schedule=schedule,
+                warmup_steps=warmup_steps,
             )
         )
     except ValidationError as exc:
@@ -135,14 +145,18 @@ def client(
     federation: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
     rank: Annotated[str | None, typer.Option(help="LoRA rank this device trains at, or auto")] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2·rank)")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: the recipe's for the rank)")] = None,
     target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
     task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
     data: Annotated[str | None, typer.Option(help="JSONL with instruction/input/output (Alpaca, Dolly, NI)")] = None,
     samples_per_task: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="training steps per round")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
-    learning_rate: Annotated[float | None, typer.Option()] = None,
+    scaling: Annotated[str | None, typer.Option(help="LoRA scaling: rslora (default), rank or fixed")] = None,
+    alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent of the scaling")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="peak learning rate of a local run")] = None,
+    schedule: Annotated[str | None, typer.Option(help="local schedule: linear (default), constant, cosine")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps of a local run")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
@@ -174,7 +188,11 @@ def client(
                 samples_per_task=samples_per_task,
                 local_steps=local_steps,
                 batch_size=batch_size,
+                scaling=scaling,
+                alpha_factor=alpha_factor,
                 learning_rate=learning_rate,
+                schedule=schedule,
+                warmup_steps=warmup_steps,
                 seed=seed,
                 rounds=rounds,
                 heartbeat_s=heartbeat_s,

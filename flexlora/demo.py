@@ -25,6 +25,7 @@ from edge_client.settings import ClientSettings
 from edge_client.tasks import task_names
 from edge_client.trainer import score
 from edge_client.worker import EdgeWorker
+from schemas.recipe import DEFAULT_RECIPE, Recipe
 from schemas.tensors import decode_tensors
 
 DEFAULT_RANKS = (4, 8, 16, 8)
@@ -37,7 +38,7 @@ class DemoConfig:
     rounds: int = 3
     local_steps: int = 10
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    recipe: Recipe = DEFAULT_RECIPE  # the federation's: the aggregator sends it, the clients follow it
     tasks_per_client: int = 2
     samples_per_task: int = 32
     eval_per_task: int = 4
@@ -85,7 +86,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     aggregator = AggregatorService(
         connect(config.broker_url, memory=memory, connection_name="demo-aggregator"),
         store,
-        AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=len(config.ranks)), fail_fast=embedded),
+        AggregatorConfig(
+            federation=federation,
+            policy=RoundPolicy(max_updates=len(config.ranks)),
+            recipe=config.recipe,
+            fail_fast=embedded,
+        ),
         on_commit=lambda record, releases: committed.put((record, releases)),
     )
     aggregator.setup()
@@ -93,7 +99,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     # The global model is scored at the largest rank any client trains: the closest cut of ΔW released.
     top = max(range(len(config.ranks)), key=lambda i: config.ranks[i])
     top_rank = config.ranks[top]
-    evaluator = wrap_lora(copy.deepcopy(base.model), top_rank, 2.0 * top_rank, ["q_proj", "v_proj"], config.seed)
+    evaluator = wrap_lora(
+        copy.deepcopy(base.model), top_rank, config.recipe.alpha(top_rank), ["q_proj", "v_proj"], config.seed
+    )
     with console.status("scoring the base model on held-out examples…"):
         scores = [score(evaluator, base.tokenizer, held_out)]
     console.print(f"held-out ROUGE-L before federated training: [bold]{scores[0]:.3f}[/] ({len(held_out)} examples)")
@@ -108,7 +116,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
             samples_per_task=config.samples_per_task,
             local_steps=config.local_steps,
             batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
+            **config.recipe.model_dump(),
             seed=config.seed + i,
             broker_url=config.broker_url,
         )

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from schemas.errors import HeaderError
+from schemas.recipe import Recipe
 
 SCHEMA_VERSION: Literal[1] = 1
 # AMQP header that carries the JSON of the models below; the body is the safetensors payload.
@@ -102,6 +103,8 @@ class AdapterRelease(_Strict):
     num_updates: int = Field(ge=1)
     payload: PayloadInfo
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # How the federation's clients train (the aggregator's setting); a client follows what it was not given.
+    recipe: Recipe | None = None
 
 
 class JoinRequest(_Strict):

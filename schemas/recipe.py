@@ -10,6 +10,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.settings import FlexloraSettings
+
 Scaling = Literal["rslora", "rank", "fixed"]
 Schedule = Literal["linear", "constant", "cosine"]
 
@@ -78,3 +80,24 @@ class Recipe(BaseModel):
 
 
 DEFAULT_RECIPE = Recipe()
+
+
+RECIPE_FIELDS: tuple[str, ...] = tuple(Recipe.model_fields)
+
+
+class RecipeSettings(FlexloraSettings):
+    """The recipe as settings (flags and FLEXLORA_* variables) of every role: the aggregator sends its own with
+    every release, and a client follows it for whatever of it the client was not given itself."""
+
+    scaling: Scaling = DEFAULT_RECIPE.scaling
+    alpha_factor: float | None = Field(default=None, gt=0, le=1e6, description="alpha = factor · rank^exponent")
+    learning_rate: float = Field(default=DEFAULT_RECIPE.learning_rate, gt=0, le=1.0, description="peak local rate")
+    schedule: Schedule = DEFAULT_RECIPE.schedule
+    warmup_steps: int = Field(default=DEFAULT_RECIPE.warmup_steps, ge=0, le=100_000)
+
+    def recipe(self) -> Recipe:
+        return Recipe(**{name: getattr(self, name) for name in RECIPE_FIELDS})
+
+    def recipe_given(self) -> frozenset[str]:
+        """The recipe's fields set by a flag or a variable, not left at their defaults."""
+        return frozenset(self.model_fields_set & set(RECIPE_FIELDS))

@@ -368,3 +368,33 @@ def test_a_chunked_replay_is_refused_and_leaves_nothing_behind_to_expire(federat
     assert set(reasons) == {"replay"} and len(reasons) == len(other) // (64 * 1024) + 1, "every chunk refused"
     assert rig.store.status().count == 1
     assert rig.store.expire_transfers(now=1e12) == [], "the refused transfer's chunks were dropped with it"
+
+
+def test_every_release_and_every_join_answer_carries_the_federations_recipe(federation: str) -> None:
+    from aggregator.joining import join_release
+    from schemas.messages import JoinRequest
+    from schemas.recipe import Recipe
+
+    recipe = Recipe(scaling="fixed", learning_rate=2e-4, schedule="cosine", warmup_steps=2)
+    transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=2), poll_s=0.01, recipe=recipe)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    _valid(rig, "c2", 8, seed=2)
+    _serve_until(rig, threading.Event())
+    releases = store.releases(1)
+    assert len(releases) == 3 and {r.header.recipe for r in releases.values()} == {recipe}  # c1, c2, the global
+    join = JoinRequest(
+        federation=federation,
+        client_id="c1",
+        rank=2,
+        lora_alpha=recipe.alpha(2),
+        target_modules=("q_proj",),
+        base_model_fingerprint=FP,
+        have_version=0,
+    )
+    answer = join_release(store, join)
+    assert answer is not None and answer.header.recipe == recipe

@@ -26,6 +26,7 @@ from edge_client.settings import ClientSettings
 from edge_client.trainer import TrainResult
 from edge_client.worker import EdgeWorker
 from schemas.messages import LoraUpdate
+from schemas.recipe import DEFAULT_RECIPE
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.e2e.checks import assert_round_matches_dense
 from tests.e2e.proxy import CuttableProxy
@@ -216,5 +217,5 @@ def test_client_refuses_malformed_or_empty_data_and_resolves_rank_auto(tmp_path:
     auto = _settings("f").model_copy(update={"data": good, "rank": "auto"})
     worker = build_worker(auto, MemoryTransport(MemoryBroker()), tiny_model())
     assert worker.config.rank == auto.resolved_rank().rank >= 1
-    assert worker.config.lora_alpha == 2.0 * worker.config.rank
+    assert worker.config.lora_alpha == DEFAULT_RECIPE.alpha(worker.config.rank)
     assert worker.trainer.num_samples == 2
