@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from edge_client.resources import RankChoice, parse_rank
 from edge_client.tasks import task_names
+from edge_client.worker import ADAPTER_TIMEOUT_S
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.recipe import RecipeSettings
 
@@ -32,7 +33,9 @@ class ClientSettings(RecipeSettings):
     seed: int = 0
     rounds: int = Field(default=0, ge=0, description="0 = keep going until stopped")
     heartbeat_s: int = Field(default=30, ge=1)
-    adapter_timeout_s: float = Field(default=3600.0, gt=0)
+    adapter_timeout_s: float = Field(
+        default=ADAPTER_TIMEOUT_S, gt=0, description="how long to wait for a round's adapter"
+    )
     signing_key: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="hex HMAC key, where the federation requires signatures"
     )

@@ -24,6 +24,11 @@ from schemas.tensors import decode_tensors, encode_tensors
 log = logging.getLogger(__name__)
 
 
+# How long a client waits for the adapter of a round it took part in before giving up on it (a round may wait
+# for slow peers or a deadline); the settings' default too.
+ADAPTER_TIMEOUT_S = 3600.0
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     federation: str
@@ -32,7 +37,7 @@ class EdgeConfig:
     lora_alpha: float
     target_modules: tuple[str, ...]
     base_model_fingerprint: str
-    adapter_timeout_s: float = 600.0
+    adapter_timeout_s: float = ADAPTER_TIMEOUT_S
     # On start, how long to wait for the newest global adapter before training from a fresh LoRA.
     join_wait_s: float = 3.0
     # Updates larger than this go to the broker in chunks (RabbitMQ 4 refuses messages over 16 MiB).

@@ -32,6 +32,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+NOISY_LOGGERS = ("pika",)
+
+
 def _logging(verbose: bool, log_format: str = "rich") -> None:
     handler: logging.Handler
     if log_format == "json":
@@ -40,6 +43,9 @@ def _logging(verbose: bool, log_format: str = "rich") -> None:
     else:
         handler = RichHandler(console=console, show_path=False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler])
+    # pika logs every step of every connection and channel at INFO; what a user needs from it is a warning.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -31,3 +31,27 @@ def test_invalid_settings_exit_2_with_the_setting_named() -> None:
     assert "client_id" in result.output
     result = CliRunner().invoke(app, ["aggregator", "--max-updates", "2", "--min-updates", "3"])
     assert result.exit_code == 2
+
+
+def test_a_verbose_client_logs_its_own_progress_but_only_pikas_warnings() -> None:
+    from flexlora.cli import _logging
+
+    pika = logging.getLogger("pika.adapters.blocking_connection")
+    root = logging.getLogger()
+    before = logging.getLogger("pika").level, root.level
+    try:
+        _logging(verbose=True)
+        root.setLevel(logging.INFO)  # what --verbose sets where no handler was installed before (pytest has one)
+        assert logging.getLogger("edge_client.worker").isEnabledFor(logging.INFO)
+        assert not pika.isEnabledFor(logging.INFO) and pika.isEnabledFor(logging.WARNING)
+    finally:
+        logging.getLogger("pika").setLevel(before[0])
+        root.setLevel(before[1])
+
+
+def test_the_client_settings_and_the_worker_agree_on_how_long_to_wait_for_an_adapter() -> None:
+    from edge_client.settings import ClientSettings
+    from edge_client.worker import EdgeConfig
+
+    worker_default = EdgeConfig("f", "c1", 4, 8.0, ("q_proj",), "a" * 64).adapter_timeout_s
+    assert ClientSettings(client_id="c1").adapter_timeout_s == worker_default
