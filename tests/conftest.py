@@ -12,9 +12,68 @@ AMQP_URL = os.environ.get("FLEXLORA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.
 REDIS_URL = os.environ.get("FLEXLORA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+# Every federation a test was handed: what the end-of-suite check looks for on the shared broker.
+FEDERATIONS: set[str] = set()
+
+
 @pytest.fixture
 def federation() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
+    name = f"t{uuid.uuid4().hex[:12]}"
+    FEDERATIONS.add(name)
+    return name
+
+
+def leftover_queues(federations: set[str], attempts: int = 5) -> list[str]:
+    """Queues of these federations still on the shared RabbitMQ (asked of `rabbitmqctl`; an exclusive queue of a
+    connection that just closed may take a moment to go, so a queue must stay through every attempt)."""
+    import shutil
+    import subprocess
+    import time
+
+    if not federations or shutil.which("rabbitmqctl") is None or "@127.0.0.1:" not in AMQP_URL:
+        return []
+    prefixes = tuple(f"flexlora.{f}." for f in federations)
+    left: set[str] | None = None
+    for attempt in range(attempts):
+        try:
+            listed = subprocess.run(
+                ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return []  # not allowed to ask the broker here: nothing to check against
+        now = {q for q in listed if q.startswith(prefixes)}
+        left = now if left is None else left & now
+        if not left:
+            return []
+        if attempt + 1 < attempts:
+            time.sleep(1.0)
+    return sorted(left or ())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A suite that leaves queues behind on the shared broker fails, naming them (and deletes them)."""
+    if exitstatus != 0 or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    left = leftover_queues(FEDERATIONS)
+    if not left:
+        return
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = conn.channel()
+        for name in left:
+            channel.queue_delete(name)
+    finally:
+        conn.close()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"tests left {len(left)} queue(s) on the shared broker: {', '.join(left[:10])}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def delete_federation_queues(federation: str) -> None:

@@ -71,6 +71,7 @@ def test_metrics_status_and_history_of_a_running_federation(
     port = _free_port()
     fed = f'federation="{federation}"'
     topology = Topology(federation)
+    amqp_cleanup.extend(topology.adapter_queue(f"c{i}") for i in range(2))
     runner = CliRunner()
     where = ["--federation", federation, "--broker-url", AMQP_URL, "--redis-url", REDIS_URL]
     with aggregators(federation, tmp_path, "--max-updates", "2", "--metrics-port", str(port)) as group:
