@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aggregator.lowrank import SvdMode
+from aggregator.registry import SERVICE_STRATEGIES, strategy_spec
 from aggregator.rounds import RoundPolicy
 from aggregator.security import Guard
 from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighting
@@ -88,12 +89,16 @@ def guard(config: AggregatorConfig) -> Guard | None:
 
 def build_aggregation(config: AggregatorConfig) -> tuple[Strategy, Weighting]:
     """The federation's strategy and weighting; refused at start-up, not at the first round, when unusable."""
-    options: dict[str, object] = {"mode": config.svd_mode} if config.strategy == "flexlora" else {}
+    spec = strategy_spec(config.strategy)
+    if spec.merges_into_base:
+        # Its clients merge each release into their base weights, which changes the base-model fingerprint
+        # every round; the service's pinned-base check does not model that yet.
+        raise ValueError(
+            f"the {config.strategy} strategy is offline-only for now: use `flexlora aggregate --strategy "
+            f"{config.strategy}`; an aggregator serves {', '.join(SERVICE_STRATEGIES)}"
+        )
+    options: dict[str, object] = {"mode": config.svd_mode} if spec.takes_svd_mode else {}
     strategy = get_strategy(config.strategy, **options)
-    if strategy.name == "flora":
-        # FLoRA clients must merge each release into their base weights, which changes the base-model
-        # fingerprint every round; the service's pinned-base check does not model that yet.
-        raise ValueError("the flora strategy is offline-only for now: use `flexlora aggregate --strategy flora`")
     weighting_options: dict[str, object] = (
         {"exponent": config.staleness_exponent} if config.weighting == "staleness" else {}
     )

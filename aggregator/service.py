@@ -18,6 +18,7 @@ from aggregator.flexlora import RankRequest
 from aggregator.ingest import Ingest
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
+from aggregator.registry import strategy_spec
 from aggregator.releasing import build_releases, release_template, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
@@ -218,7 +219,7 @@ class AggregatorService:
         weights = shares(raw, self.config.max_weight_share)
         # A client that sent twice in one round gets its adapter at the rank of its newest update.
         wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
-        if self.strategy.name == "flexlora":
+        if strategy_spec(self.strategy.name).nested_cuts:
             top = max(self.config.global_rank, *(r.rank for r in wanted.values()))
             wanted[GLOBAL_RELEASE] = RankRequest(top, self.config.recipe.alpha(top))
         svd_started = time.perf_counter()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from aggregator.registry import SERVICE_STRATEGIES
 from aggregator.rounds import RoundPolicy
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
@@ -23,7 +24,7 @@ class AggregatorSettings(RecipeSettings):
     lease_s: float = Field(default=120.0, gt=0)
     prefetch: int = Field(default=8, ge=1)
     heartbeat_s: int = Field(default=30, ge=1)
-    strategy: Literal["flexlora", "fedit", "hetlora"] = "flexlora"
+    strategy: str = Field(default="flexlora", description=f"one of {', '.join(SERVICE_STRATEGIES)}")
     svd_mode: Literal["exact", "fast"] = "exact"
     weighting: Literal["data_size", "uniform", "staleness"] = "data_size"
     staleness_exponent: float = Field(default=0.5, ge=0)
@@ -46,6 +47,14 @@ class AggregatorSettings(RecipeSettings):
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
     signing_keys: Path | None = Field(default=None, description="JSON of client id -> hex HMAC key; signs required")
     transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")
+
+    @field_validator("strategy")
+    @classmethod
+    def _served_strategy(cls, name: str) -> str:
+        key = name.strip().lower()
+        if key not in SERVICE_STRATEGIES:
+            raise ValueError(f"an aggregator serves {', '.join(SERVICE_STRATEGIES)}; got {name!r}")
+        return key
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:

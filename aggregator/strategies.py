@@ -12,6 +12,7 @@ import torch
 from aggregator.flexlora import AggregationError, ClientAdapter, ModuleReport, RankRequest, flexlora
 from aggregator.flexlora import validate_inputs as check_inputs
 from aggregator.lowrank import SvdMode
+from aggregator.registry import STRATEGIES
 from schemas.lora import LoraFactors
 
 
@@ -326,15 +327,8 @@ class FLoRA:
         )
 
 
-STRATEGIES: Mapping[str, StrategyFactory] = {
-    "flexlora": FlexLoRA,
-    "fedit": FedIT,
-    "hetlora": HetLoRA,
-    "flora": FLoRA,
-}
-
-
 def get_strategy(name: str, **options: Any) -> Strategy:
     """The strategy called `name` (case-insensitive), built with `options`."""
-    strategy: Strategy = _build(STRATEGIES, "strategy", name, options)
+    factories = {n: s.load() for n, s in STRATEGIES.items()}
+    strategy: Strategy = _build(factories, "strategy", name, options)
     return strategy

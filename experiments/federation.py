@@ -14,6 +14,7 @@ from typing import Protocol
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
 from aggregator.lowrank import SvdMode
+from aggregator.registry import strategy_spec
 from aggregator.rounds import RoundPolicy, RoundRecord, RoundStore, StoredRelease
 from aggregator.service import AggregatorService
 from aggregator.strategies import ClientMeta, get_strategy, get_weighting
@@ -82,7 +83,7 @@ class DirectFederation:
         clients = [ClientAdapter(f, h.rank, h.lora_alpha) for h, f in self._pending]
         weights = get_weighting("data_size")([ClientMeta(h.num_samples) for h, _ in self._pending])
         requests = {RankRequest(c.rank, c.alpha) for c in clients}
-        if self.strategy == "flexlora":  # as the service does: the global adapter, cut at the largest rank
+        if strategy_spec(self.strategy).nested_cuts:  # as the service: the global adapter, at the largest rank
             top = max(self.global_rank, *(c.rank for c in clients))
             requests.add(RankRequest(top, 2.0 * top))
         result = get_strategy(self.strategy).aggregate(clients, weights, sorted(requests))
@@ -262,7 +263,7 @@ def make_federation(
 ) -> Federation:
     """`direct://` as the broker URL calls the strategy in-process. FLoRA always does: the service refuses it
     (its clients merge each release into the base, which its pinned base-model check does not model yet)."""
-    if broker_url.startswith("direct://") or strategy == "flora":
+    if broker_url.startswith("direct://") or strategy_spec(strategy).merges_into_base:
         return DirectFederation(strategy, global_rank)
     return ServiceFederation(
         strategy, per_round, global_rank, broker_url=broker_url, redis_url=redis_url, svd_mode=svd_mode

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from aggregator.registry import STRATEGIES as AGGREGATION_STRATEGIES
 from experiments.diagnostics import ClientStep, change_norm, module_norms, total
 from experiments.federation import Factors, Federation, RoundOutput, make_federation
 from experiments.ranks import assign_ranks, sample_clients
@@ -20,9 +21,17 @@ from schemas.tensors import encode_tensors
 
 # What an experiment can compare, and the aggregation strategy each runs: fedit-top is FedIT with every client
 # at the top tier, the upper bound a federation of only strong devices would reach.
-STRATEGIES = {"flexlora": "flexlora", "fedit": "fedit", "fedit-top": "fedit", "hetlora": "hetlora", "flora": "flora"}
+# Every registered strategy, plus a `-top` variant of each single-rank one (every client at the top tier instead
+# of the lowest), the upper bound of a federation of only strong devices.
+STRATEGIES = {name: name for name in AGGREGATION_STRATEGIES} | {
+    f"{name}-top": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.single_rank
+}
 # Those whose clients all train at one rank whatever the distribution: one run per seed stands for all.
-SINGLE_RANK = {"fedit": min, "fedit-top": max}
+SINGLE_RANK = {
+    name: max if name.endswith("-top") else min
+    for name, strategy in STRATEGIES.items()
+    if AGGREGATION_STRATEGIES[strategy].single_rank
+}
 
 
 @dataclass(frozen=True)

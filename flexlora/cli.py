@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
+from aggregator.registry import SERVICE_STRATEGIES, STRATEGIES
 from flexlora.provision import provision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -73,7 +74,7 @@ def aggregator(
         float | None, typer.Option(help="finalising lease; another aggregator takes over after it")
     ] = None,
     prefetch: Annotated[int | None, typer.Option(help="unacked updates held at once")] = None,
-    strategy: Annotated[str | None, typer.Option(help="flexlora (default), fedit or hetlora")] = None,
+    strategy: Annotated[str | None, typer.Option(help=f"{', '.join(SERVICE_STRATEGIES)} (default flexlora)")] = None,
     svd_mode: Annotated[
         str | None, typer.Option(help="exact (default) or fast (float32 products, certified top-r eigenpairs)")
     ] = None,
@@ -260,7 +261,7 @@ def aggregate(
     adapter_dir: Annotated[list[str], typer.Argument(help="PEFT LoRA adapter directories (adapter_config.json)")],
     rank: Annotated[list[int], typer.Option(help="rank to write an adapter at; repeat for several")],
     out: Annotated[str, typer.Option(help="directory to write rank-<r>/ adapters and aggregation.json into")],
-    strategy: Annotated[str, typer.Option(help="flexlora, fedit, hetlora or flora")] = "flexlora",
+    strategy: Annotated[str, typer.Option(help=", ".join(STRATEGIES))] = "flexlora",
     weights: Annotated[str | None, typer.Option(help="client weights w1,w2,… (normalised)")] = None,
     samples: Annotated[str | None, typer.Option(help="client sample counts n1,n2,… (data-size weights)")] = None,
     alpha: Annotated[float | None, typer.Option(help="lora_alpha of the outputs (default 2·rank)")] = None,

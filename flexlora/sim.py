@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from aggregator.registry import STRATEGIES
 from schemas.recipe import DEFAULT_RECIPE, SCALINGS, SCHEDULES, Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -25,8 +26,9 @@ Strategies = Annotated[
     list[str] | None,
     typer.Option(
         "--strategy",
-        help="flexlora, fedit (every client at the lowest tier), fedit-top (every client at the top tier: the "
-        "upper bound of every device being strong), hetlora, flora",
+        help="a registered strategy (flexlora, fedit, hetlora, flora, …); a single-rank one (fedit) holds every "
+        "client at the lowest tier, its -top variant (fedit-top) at the top tier: the upper bound of every device "
+        "being strong; repeatable (default: every registered strategy)",
     ),
 ]
 Seeds = Annotated[list[int] | None, typer.Option("--seed", help="repeat for several seeds")]
@@ -37,7 +39,7 @@ BrokerUrl = Annotated[
 RedisUrl = Annotated[str, typer.Option(help="memory:// (embedded) or redis://…")]
 OutDir = Annotated[Path, typer.Option(help="folder for <name>.json, <name>.md and <name>.png")]
 
-ALL_STRATEGIES = ["flexlora", "fedit", "hetlora", "flora"]
+ALL_STRATEGIES = list(STRATEGIES)  # the registered ones; the -top variants only when asked for
 DEFAULT_DISTRIBUTIONS = ["uniform", "heavy-tail-light", "heavy-tail-strong"]
 
 

@@ -14,7 +14,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aggregator.flexlora import ClientAdapter, RankRequest
-from aggregator.strategies import STRATEGIES, AggregationResult, get_strategy
+from aggregator.registry import STRATEGIES
+from aggregator.strategies import AggregationResult, get_strategy
 from edge_client.model import adapter_state, load_adapter_state, wrap_lora
 from experiments.ranks import scaled_ranks
 from schemas.lora import PEFT_PREFIX, LoraFactors, join_lora, split_lora

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from aggregator import strategies
 from aggregator.flexlora import ClientAdapter, RankRequest, flexlora
+from aggregator.registry import SERVICE_STRATEGIES, STRATEGIES, strategy_spec
 from aggregator.strategies import (
-    STRATEGIES,
     ClientMeta,
     DataSize,
     FedIT,
@@ -272,6 +272,22 @@ def test_get_strategy_builds_each_and_refuses_unknown_names() -> None:
         get_strategy("fedprox")
     with pytest.raises(ValueError, match="bad options"):
         get_strategy("fedit", mode="exact")
+
+
+def test_the_registry_is_the_one_place_that_names_strategies_and_their_capabilities() -> None:
+    from aggregator.settings import AggregatorSettings
+    from experiments.runner import SINGLE_RANK
+    from experiments.runner import STRATEGIES as EXPERIMENTS
+
+    for name in STRATEGIES:
+        assert strategy_spec(name).load() is type(get_strategy(name))
+    # What an aggregator serves, what a setting accepts, what experiments compare: all read from the registry.
+    assert SERVICE_STRATEGIES == ("flexlora", "fedit", "hetlora")
+    assert {AggregatorSettings(strategy=n).strategy for n in SERVICE_STRATEGIES} == set(SERVICE_STRATEGIES)
+    with pytest.raises(ValueError, match="an aggregator serves flexlora, fedit, hetlora"):
+        AggregatorSettings(strategy="flora")
+    assert set(EXPERIMENTS) == set(STRATEGIES) | {"fedit-top"} and EXPERIMENTS["fedit-top"] == "fedit"
+    assert {"fedit": min, "fedit-top": max} == SINGLE_RANK
 
 
 def _replace(c: ClientAdapter, module: str, a: torch.Tensor | None = None, b: torch.Tensor | None = None):
