@@ -88,6 +88,22 @@ def aggregator(
     transfer_expiry_s: Annotated[
         float | None, typer.Option(help="drop a chunked update idle this long (reported, not counted)")
     ] = None,
+    heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
+    min_rank: Annotated[int | None, typer.Option(help="refuse updates (and joins) below this rank")] = None,
+    max_rank: Annotated[int | None, typer.Option(help="refuse updates (and joins) above this rank")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(help="refuse updates whose ‖ΔW‖_F exceeds this")] = None,
+    norm_outlier_factor: Annotated[
+        float | None, typer.Option(help="refuse updates whose ‖ΔW‖_F exceeds this times the open round's median")
+    ] = None,
+    max_weight_share: Annotated[float | None, typer.Option(help="cap on one client's share of a round")] = None,
+    max_transfers_per_client: Annotated[int | None, typer.Option(help="chunked updates under way per client")] = None,
+    max_transfers: Annotated[int | None, typer.Option(help="chunked updates under way in the federation")] = None,
+    require_identity: Annotated[
+        bool | None, typer.Option(help="senders must be the broker user provisioned for the client they name")
+    ] = None,
+    signing_keys: Annotated[
+        str | None, typer.Option(help="JSON file of client id -> hex HMAC key; signatures then required")
+    ] = None,
     scaling: Annotated[str | None, typer.Option(help="LoRA scaling: rslora (default), rank or fixed")] = None,
     alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent of the scaling")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="peak learning rate of a local run")] = None,
@@ -125,6 +141,16 @@ def aggregator(
                 chunk_bytes=chunk_bytes,
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
+                heartbeat_s=heartbeat_s,
+                min_rank=min_rank,
+                max_rank=max_rank,
+                max_update_norm=max_update_norm,
+                norm_outlier_factor=norm_outlier_factor,
+                max_weight_share=max_weight_share,
+                max_transfers_per_client=max_transfers_per_client,
+                max_transfers=max_transfers,
+                require_identity=require_identity,
+                signing_keys=signing_keys,
                 scaling=scaling,
                 alpha_factor=alpha_factor,
                 learning_rate=learning_rate,
@@ -167,6 +193,8 @@ def client(
     seed: Annotated[int | None, typer.Option()] = None,
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
+    adapter_timeout_s: Annotated[float | None, typer.Option(help="how long to wait for a round's adapter")] = None,
+    chunk_bytes: Annotated[int | None, typer.Option(help="updates larger than this go in chunks")] = None,
     state_dir: Annotated[str | None, typer.Option(help="checkpoint folder (default: under the cache)")] = None,
     eval_examples: Annotated[
         int | None, typer.Option(help="held-out examples scored (ROUGE-L) each round and reported (0 = off)")
@@ -203,6 +231,8 @@ def client(
                 seed=seed,
                 rounds=rounds,
                 heartbeat_s=heartbeat_s,
+                adapter_timeout_s=adapter_timeout_s,
+                chunk_bytes=chunk_bytes,
                 state_dir=state_dir,
                 eval_examples=eval_examples,
                 metrics_port=metrics_port,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from flexlora.cli import JsonFormatter, app
@@ -55,3 +57,32 @@ def test_the_client_settings_and_the_worker_agree_on_how_long_to_wait_for_an_ada
 
     worker_default = EdgeConfig("f", "c1", 4, 8.0, ("q_proj",), "a" * 64).adapter_timeout_s
     assert ClientSettings(client_id="c1").adapter_timeout_s == worker_default
+
+
+# Settings that are not flags on purpose: a secret on the command line shows in `ps` and shell history, so the
+# client's HMAC key is a variable (or an env file) only. Flags that are not settings drive the command itself.
+VARIABLE_ONLY = {"client": {"signing_key"}, "aggregator": set()}
+COMMAND_FLAGS = {"check", "log_format", "verbose"}
+PLURAL_FLAGS = {"target_module": "target_modules", "task": "tasks"}  # repeated flags, one setting
+
+
+def test_every_setting_is_a_flag_and_every_flag_a_setting() -> None:
+    import typer.main
+
+    from aggregator.settings import AggregatorSettings
+    from edge_client.settings import ClientSettings
+
+    command = typer.main.get_command(app)
+    for name, settings in (("aggregator", AggregatorSettings), ("client", ClientSettings)):
+        flags = {PLURAL_FLAGS.get(p.name or "", p.name) for p in command.commands[name].params}  # type: ignore[attr-defined]
+        assert set(settings.model_fields) - VARIABLE_ONLY[name] == flags - COMMAND_FLAGS, name
+
+
+def test_new_aggregator_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("aggregator.app.run_aggregator", lambda settings: seen.setdefault("s", settings))
+    args = ["aggregator", "--max-rank", "64", "--require-identity", "--max-weight-share", "0.5", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    settings = seen["s"]
+    assert (settings.max_rank, settings.require_identity, settings.max_weight_share) == (64, True, 0.5)
