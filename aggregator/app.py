@@ -14,7 +14,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.security import load_signing_keys
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from aggregator.stores.redis import RedisRoundStore
+from aggregator.stores import open_store
 from broker.connect import connect
 from broker.errors import BrokerError
 
@@ -26,7 +26,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    store = open_store(settings.redis_url, settings.federation)
     config = AggregatorConfig(
         federation=settings.federation,
         policy=settings.policy(),
@@ -80,7 +80,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
 
 def check_health(settings: AggregatorSettings, host: str | None = None) -> tuple[bool, list[str]]:
     """Is an aggregator of this federation alive (on `host`, when given)? For compose health checks."""
-    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    store = open_store(settings.redis_url, settings.federation)
     live = store.health()
     mine = sorted(o for o in live if host is None or o.split(":", 1)[0] == host)
     return bool(mine), mine

@@ -165,6 +165,10 @@ class RoundStore(abc.ABC):
     transient_errors: tuple[type[BaseException], ...] = ()
 
     @abc.abstractmethod
+    def wipe(self) -> int:
+        """Delete everything of this federation (tests, demos, `flexlora reset`); returns how many entries went."""
+
+    @abc.abstractmethod
     def version(self) -> int:
         """The newest committed global version (0 before the first round)."""
 

@@ -15,8 +15,9 @@ from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
 from aggregator.lowrank import SvdMode
 from aggregator.registry import strategy_spec
-from aggregator.rounds import RoundPolicy, RoundRecord, RoundStore, StoredRelease
+from aggregator.rounds import RoundPolicy, RoundRecord, StoredRelease
 from aggregator.service import AggregatorService
+from aggregator.stores import open_store
 from aggregator.strategies import ClientMeta, get_strategy, get_weighting
 from broker.connect import connect
 from broker.topology import QueueSpec, Topology
@@ -104,16 +105,6 @@ class DirectFederation:
         self._pending = []
 
 
-def _store(url: str, federation: str) -> RoundStore:
-    if url.startswith("memory://"):
-        from aggregator.stores.memory import MemoryRoundStore
-
-        return MemoryRoundStore()
-    from aggregator.stores.redis import RedisRoundStore
-
-    return RedisRoundStore.from_url(url, federation)
-
-
 class ServiceFederation:
     """An AggregatorService on its own thread, over the embedded broker and store (memory://) or over
     RabbitMQ and Redis (amqp://, redis://). Updates go in through the updates exchange like any client's;
@@ -138,7 +129,7 @@ class ServiceFederation:
         self.memory = MemoryBroker() if self.embedded else None
         self.broker_url = broker_url
         self.topology = Topology(self.name)
-        self.store = _store(redis_url, self.name)
+        self.store = open_store(redis_url, self.name)
         self.transport = connect(broker_url, memory=self.memory, connection_name=f"{self.name}-clients")
         self._committed: queue.Queue[tuple[RoundRecord, dict[str, StoredRelease]]] = queue.Queue()
         config = AggregatorConfig(
@@ -243,9 +234,7 @@ class ServiceFederation:
                     s for c in sorted(self._clients) for s in self.topology.client(c) if isinstance(s, QueueSpec)
                 ]
                 self.transport.delete([*self.topology.core(), *mailboxes])
-                wipe = getattr(self.store, "wipe", None)
-                if wipe is not None:
-                    wipe()
+                self.store.wipe()
         finally:
             self.service.transport.close()
             self.transport.close()

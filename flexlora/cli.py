@@ -342,10 +342,10 @@ def export(
     """Write a global version's adapter as a PEFT directory that PeftModel.from_pretrained loads."""
     from pathlib import Path
 
-    from aggregator.stores.redis import RedisRoundStore
+    from aggregator.stores import open_store
     from flexlora.aggregate import export_release
 
-    store = RedisRoundStore.from_url(redis_url, federation)
+    store = open_store(redis_url, federation)
     try:
         path, header = export_release(store, Path(out), version=version, client_id=client_id, rank=rank)
     except ValueError as exc:
@@ -377,12 +377,12 @@ def status(
     import time
 
     from aggregator.status import collect, render
-    from aggregator.stores.redis import RedisRoundStore
+    from aggregator.stores import open_store
     from broker.connect import connect
     from broker.errors import BrokerError
 
     settings = _read_settings(broker_url, redis_url, federation)
-    store = RedisRoundStore.from_url(settings.redis_url, settings.federation)
+    store = open_store(settings.redis_url, settings.federation)
     try:
         transport = connect(settings.broker_url, connection_name="flexlora-status")
     except BrokerError as exc:
@@ -410,10 +410,10 @@ def history(
     from pathlib import Path
 
     from aggregator.history_plot import plot_history
-    from aggregator.stores.redis import RedisRoundStore
+    from aggregator.stores import open_store
 
     settings = _read_settings(None, redis_url, federation)
-    records = RedisRoundStore.from_url(settings.redis_url, settings.federation).history()
+    records = open_store(settings.redis_url, settings.federation).history()
     try:
         path = plot_history(records, Path(out), f"federation {settings.federation}")
     except ValueError as exc:

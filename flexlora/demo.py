@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import RoundPolicy, RoundRecord, RoundStore, StoredRelease
+from aggregator.rounds import RoundPolicy, RoundRecord, StoredRelease
 from aggregator.service import AggregatorService
+from aggregator.stores import open_store
 from broker.connect import connect
 from broker.transports.memory import MemoryBroker
 from edge_client.app import build_worker
@@ -54,16 +55,6 @@ class DemoResult:
     records: list[RoundRecord]
 
 
-def _store(url: str, federation: str) -> RoundStore:
-    if url.startswith("memory://"):
-        from aggregator.stores.memory import MemoryRoundStore
-
-        return MemoryRoundStore()
-    from aggregator.stores.redis import RedisRoundStore
-
-    return RedisRoundStore.from_url(url, federation)
-
-
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     console = console or Console()
     started = time.monotonic()
@@ -81,7 +72,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     console.print(f"base model [bold]{base.name}[/] · fingerprint {base.fingerprint[:12]}…")
 
     memory = MemoryBroker() if embedded else None
-    store = _store(config.redis_url, federation)
+    store = open_store(config.redis_url, federation)
     committed: queue.Queue[tuple[RoundRecord, dict[str, StoredRelease]]] = queue.Queue()
     aggregator = AggregatorService(
         connect(config.broker_url, memory=memory, connection_name="demo-aggregator"),
@@ -201,9 +192,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         topology = aggregator.topology
         specs = topology.core() + [s for w in workers for s in topology.client(w.config.client_id)]
         aggregator.transport.delete(specs)
-        wipe = getattr(store, "wipe", None)
-        if wipe is not None:
-            wipe()
+        store.wipe()
     aggregator.transport.close()
     if errors:
         raise RuntimeError(f"the demo federation failed: {errors[0]!r}") from errors[0]

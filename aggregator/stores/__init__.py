@@ -1,1 +1,21 @@
-"""Implementations of the round store contract."""
+"""Implementations of the round store contract (aggregator.rounds.RoundStore), opened by URL."""
+
+from __future__ import annotations
+
+from aggregator.rounds import RoundStore
+
+SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+
+
+def open_store(url: str, federation: str) -> RoundStore:
+    """The round store at `url` for `federation`: `memory://` is a fresh in-process store (the embedded default
+    and tests; nothing is shared between processes), `redis://…` the shared one every aggregator uses."""
+    if url.startswith("memory://"):
+        from aggregator.stores.memory import MemoryRoundStore
+
+        return MemoryRoundStore()
+    if url.startswith(SCHEMES[1:]):
+        from aggregator.stores.redis import RedisRoundStore
+
+        return RedisRoundStore.from_url(url, federation)
+    raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")

@@ -40,6 +40,15 @@ class _Transfer:
 class MemoryRoundStore(RoundStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._empty()
+
+    def wipe(self) -> int:
+        with self._lock:
+            gone = len(self._updates) + len(self._history) + sum(len(r) for r in self._releases.values())
+            self._empty()
+        return gone
+
+    def _empty(self) -> None:
         self._version = 0
         # Updates and transfers are keyed by record_id(client, update id), like the Redis store's.
         self._seen: set[str] = set()

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from aggregator.rounds import RoundStore
+from aggregator.stores import open_store
 from aggregator.stores.memory import MemoryRoundStore
-from aggregator.stores.redis import RedisRoundStore
 from tests.conftest import REDIS_URL
 
 
@@ -17,6 +17,6 @@ def store(request: pytest.FixtureRequest, federation: str) -> Iterator[RoundStor
     if request.param == "memory":
         yield MemoryRoundStore()
         return
-    s = RedisRoundStore.from_url(REDIS_URL, federation)
+    s = open_store(REDIS_URL, federation)
     yield s
     s.wipe()

@@ -425,3 +425,26 @@ def test_a_chunked_payload_is_read_a_module_at_a_time_as_decoding_it_whole_would
     assert list(lazy) == sorted(whole) and len(lazy) == 6
     for module, (a, b) in whole.items():
         assert torch.equal(lazy[module].A, a) and torch.equal(lazy[module].B, b)
+
+
+def test_wipe_leaves_a_fresh_federation(store: RoundStore) -> None:
+    store.record(_update("c1", "update-wipe1"), b"1", now=1.0, pins={"fp": "a"})
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    assert store.commit(lease, consumed=1, releases=[_release("c1", 1)], record=_record(1), now=2.0)
+    store.count_refusal("schema")
+    assert store.wipe() > 0
+    assert store.version() == 0 and store.history() == [] and store.refusals() == {}
+    assert store.pinned("fp") is None and store.releases(1) == {}
+    # The same update id is new again: nothing of the federation's past is left to call it a replay.
+    assert store.record(_update("c1", "update-wipe1"), b"1", now=3.0) is RecordResult.RECORDED
+
+
+def test_stores_open_by_url() -> None:
+    from aggregator.stores import open_store
+    from aggregator.stores.memory import MemoryRoundStore
+
+    assert isinstance(open_store("memory://", "f"), MemoryRoundStore)
+    assert isinstance(open_store(REDIS_URL, "f"), RedisRoundStore)
+    with pytest.raises(ValueError, match="no round store for 'postgres://x'"):
+        open_store("postgres://x", "f")
