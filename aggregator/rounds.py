@@ -239,8 +239,9 @@ class RoundStore(abc.ABC):
         """Drop every transfer idle past its expiry; each is returned to exactly one caller, to report."""
 
     @abc.abstractmethod
-    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
-        """Store a payload chunk by chunk under `key` (expiring unless a commit adopts it)."""
+    def put_blob(self, name: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+        """Stage a payload chunk by chunk as `name`, in the federation's namespace (so `wipe` finds it), expiring
+        unless a commit adopts it."""
 
     @abc.abstractmethod
     def read_chunk(self, blob: Blob, index: int) -> bytes | None:

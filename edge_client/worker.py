@@ -13,7 +13,7 @@ from broker.errors import BrokerError, ConnectionLost
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
-from edge_client.trainer import LocalTrainer, TrainResult
+from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import SchemaError
 from schemas.lora import split_lora
@@ -320,7 +320,9 @@ class EdgeWorker:
                 recipe.alpha(c.rank),
                 c.rank,
             )
-        train = self.trainer.config
+        train = getattr(self.trainer, "config", None)
+        if not isinstance(train, TrainConfig):
+            return  # a trainer without a local schedule (synthetic clients, benchmarks) has nothing to follow
         wanted = {name: getattr(recipe, name) for name in c.follow_recipe if hasattr(train, name)}
         if "warmup_steps" in wanted:
             wanted["warmup_steps"] = min(wanted["warmup_steps"], train.local_steps - 1)

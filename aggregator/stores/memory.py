@@ -185,11 +185,11 @@ class MemoryRoundStore(RoundStore):
                 out.append(ExpiredTransfer(split_record_id(rid)[1], t.client_id, len(t.chunks), t.count))
             return out
 
-    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+    def put_blob(self, name: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
         stored = [bytes(c) for c in chunks]
         with self._lock:
-            self._blobs[key] = stored
-        return Blob(key, sum(map(len, stored)))
+            self._blobs[name] = stored
+        return Blob(name, sum(map(len, stored)))
 
     def read_chunk(self, blob: Blob, index: int) -> bytes | None:
         with self._lock:

@@ -224,7 +224,8 @@ class RedisRoundStore(RoundStore):
                 out.append(ExpiredTransfer(split_record_id(rid)[1], bytes(client).decode(), int(received), int(count)))
         return out
 
-    def put_blob(self, key: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+    def put_blob(self, name: str, chunks: Iterable[bytes], ttl_s: float) -> Blob:
+        key = self.keys.staged(name)
         ttl_ms = max(1, int(ttl_s * 1000))
         size = 0
         for index, chunk in enumerate(chunks):

@@ -448,3 +448,10 @@ def test_stores_open_by_url() -> None:
     assert isinstance(open_store(REDIS_URL, "f"), RedisRoundStore)
     with pytest.raises(ValueError, match="no round store for 'postgres://x'"):
         open_store("postgres://x", "f")
+
+
+def test_a_staged_payload_belongs_to_its_federation(store: RoundStore) -> None:
+    blob = store.put_blob("stage-wipe", iter([b"abc", b"def"]), ttl_s=60)
+    assert store.read_chunk(blob, 0) == b"abc"
+    store.wipe()
+    assert store.read_chunk(blob, 0) is None, "wipe removes what was staged, not only the federation's other keys"
