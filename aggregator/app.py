@@ -9,9 +9,8 @@ import threading
 from prometheus_client import start_http_server
 from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import config_from_settings
 from aggregator.metrics import AggregatorMetrics
-from aggregator.security import load_signing_keys
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores import open_store
@@ -27,31 +26,7 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     store = open_store(settings.redis_url, settings.federation)
-    config = AggregatorConfig(
-        federation=settings.federation,
-        policy=settings.policy(),
-        lease_s=settings.lease_s,
-        prefetch=settings.prefetch,
-        strategy=settings.strategy,
-        recipe=settings.recipe(),
-        svd_mode=settings.svd_mode,
-        weighting=settings.weighting,
-        staleness_exponent=settings.staleness_exponent,
-        max_staleness=settings.max_staleness,
-        keep_versions=settings.keep_versions,
-        chunk_bytes=settings.chunk_bytes,
-        max_update_bytes=settings.max_update_bytes,
-        transfer_expiry_s=settings.transfer_expiry_s,
-        min_rank=settings.min_rank,
-        max_rank=settings.max_rank,
-        max_update_norm=settings.max_update_norm,
-        norm_outlier_factor=settings.norm_outlier_factor,
-        max_weight_share=settings.max_weight_share,
-        max_transfers_per_client=settings.max_transfers_per_client,
-        max_transfers=settings.max_transfers,
-        require_identity=settings.require_identity,
-        signing_keys=load_signing_keys(settings.signing_keys) if settings.signing_keys is not None else None,
-    )
+    config = config_from_settings(settings)
     # One set of metrics for the process's life: counters keep counting across reconnects.
     metrics = AggregatorMetrics(settings.federation)
     if settings.metrics_port is not None:

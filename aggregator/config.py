@@ -6,17 +6,21 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from aggregator.lowrank import SvdMode
-from aggregator.registry import SERVICE_STRATEGIES, strategy_spec
+from aggregator.registry import served, strategy_spec
 from aggregator.rounds import RoundPolicy
-from aggregator.security import Guard
+from aggregator.security import Guard, load_signing_keys
 from aggregator.strategies import Strategy, Weighting, get_strategy, get_weighting
 from aggregator.validation import Limits
 from broker.topology import Topology
 from schemas.chunks import DEFAULT_CHUNK_BYTES
 from schemas.recipe import DEFAULT_RECIPE, Recipe
+
+if TYPE_CHECKING:
+    from aggregator.settings import AggregatorSettings
 
 
 def default_owner() -> str:
@@ -77,6 +81,21 @@ class AggregatorConfig:
     fail_fast: bool = False
 
 
+def config_from_settings(settings: AggregatorSettings) -> AggregatorConfig:
+    """The process's config from its settings: every setting of the same name is copied (a test checks none is
+    forgotten); the few that need building (the round policy, the recipe, the signing keys file) are built."""
+    same = {
+        f.name: getattr(settings, f.name) for f in fields(AggregatorConfig) if f.name in type(settings).model_fields
+    }
+    keys = settings.signing_keys
+    same.update(
+        policy=settings.policy(),
+        recipe=settings.recipe(),
+        signing_keys=load_signing_keys(keys) if keys is not None else None,
+    )
+    return AggregatorConfig(**same)
+
+
 def limits(config: AggregatorConfig) -> Limits:
     return Limits(config.max_update_bytes, config.min_rank, config.max_rank, config.max_update_norm)
 
@@ -95,7 +114,7 @@ def build_aggregation(config: AggregatorConfig) -> tuple[Strategy, Weighting]:
         # every round; the service's pinned-base check does not model that yet.
         raise ValueError(
             f"the {config.strategy} strategy is offline-only for now: use `flexlora aggregate --strategy "
-            f"{config.strategy}`; an aggregator serves {', '.join(SERVICE_STRATEGIES)}"
+            f"{config.strategy}`; an aggregator serves {', '.join(served())}"
         )
     options: dict[str, object] = {"mode": config.svd_mode} if spec.takes_svd_mode else {}
     strategy = get_strategy(config.strategy, **options)

@@ -5,7 +5,7 @@ the names without loading the math."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ class StrategySpec:
         return factory
 
 
-STRATEGIES: Mapping[str, StrategySpec] = {
+STRATEGIES: dict[str, StrategySpec] = {
     "flexlora": StrategySpec(
         "aggregator.strategies:FlexLoRA",
         "SVD of the weighted sum of full-size products, cut at each client's rank",
@@ -44,8 +44,14 @@ STRATEGIES: Mapping[str, StrategySpec] = {
         "aggregator.strategies:FLoRA", "stack the factors exactly; clients merge into the base", merges_into_base=True
     ),
 }
-# What a running aggregator can serve (the rest are offline only).
-SERVICE_STRATEGIES: tuple[str, ...] = tuple(n for n, s in STRATEGIES.items() if not s.merges_into_base)
+
+
+def served() -> tuple[str, ...]:
+    """What a running aggregator can serve (the rest are offline only), read from the registry when asked."""
+    return tuple(n for n, s in STRATEGIES.items() if not s.merges_into_base)
+
+
+SERVICE_STRATEGIES: tuple[str, ...] = served()  # as registered at import: for help texts
 
 
 def strategy_spec(name: str) -> StrategySpec:

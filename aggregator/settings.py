@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from aggregator.registry import SERVICE_STRATEGIES
+from aggregator.registry import SERVICE_STRATEGIES, served
 from aggregator.rounds import RoundPolicy
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
@@ -52,8 +52,8 @@ class AggregatorSettings(RecipeSettings):
     @classmethod
     def _served_strategy(cls, name: str) -> str:
         key = name.strip().lower()
-        if key not in SERVICE_STRATEGIES:
-            raise ValueError(f"an aggregator serves {', '.join(SERVICE_STRATEGIES)}; got {name!r}")
+        if key not in served():
+            raise ValueError(f"an aggregator serves {', '.join(served())}; got {name!r}")
         return key
 
     @model_validator(mode="after")

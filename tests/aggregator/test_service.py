@@ -398,3 +398,45 @@ def test_every_release_and_every_join_answer_carries_the_federations_recipe(fede
     )
     answer = join_release(store, join)
     assert answer is not None and answer.header.recipe == recipe
+
+
+def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> None:
+    import dataclasses
+    import json
+
+    from aggregator.config import config_from_settings
+    from aggregator.settings import AggregatorSettings
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"c1": "ab" * 32}))
+    given = dict(
+        federation="f",
+        lease_s=7.0,
+        prefetch=3,
+        strategy="hetlora",
+        svd_mode="fast",
+        weighting="staleness",
+        staleness_exponent=1.5,
+        max_staleness=2,
+        keep_versions=5,
+        chunk_bytes=2**21,
+        max_update_bytes=2**20,
+        transfer_expiry_s=9.0,
+        min_rank=2,
+        max_rank=32,
+        max_update_norm=10.0,
+        norm_outlier_factor=4.0,
+        max_weight_share=0.4,
+        max_transfers_per_client=2,
+        max_transfers=9,
+        require_identity=True,
+        max_updates=3,
+        learning_rate=1e-4,
+    )
+    settings = AggregatorSettings(**given, signing_keys=keys)  # type: ignore[arg-type]
+    config = config_from_settings(settings)
+    shared = {f.name for f in dataclasses.fields(config)} & set(AggregatorSettings.model_fields)
+    assert shared - {"signing_keys"} <= set(given), "a field both have must be in this test"
+    assert all(getattr(config, name) == given[name] for name in shared - {"signing_keys"})
+    assert config.policy.max_updates == 3 and config.recipe.learning_rate == 1e-4
+    assert config.signing_keys == {"c1": bytes.fromhex("ab" * 32)}

@@ -350,3 +350,54 @@ def test_each_strategy_refuses_bad_requests_weights_and_empty_input(strategy) ->
         s.aggregate(clients, [-1.0], [RankRequest(2, 4.0)])
     with pytest.raises(StrategyError, match="weight 0"):
         s.aggregate(clients, [0.0], [RankRequest(2, 4.0)])
+
+
+def test_adding_a_strategy_is_one_class_and_one_registry_line(federation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A toy strategy (every client's product summed, unweighted, and cut like FlexLoRA) registered by one
+    entry: settings accept it, the service runs a round with it and stores its global cut (its cuts nest)."""
+    import threading
+
+    from aggregator import registry
+    from aggregator.config import AggregatorConfig
+    from aggregator.rounds import RoundPolicy
+    from aggregator.service import AggregatorService
+    from aggregator.settings import AggregatorSettings
+    from aggregator.stores.memory import MemoryRoundStore
+    from broker.connect import connect
+    from broker.topology import UPDATE_ROUTING_KEY, Topology
+    from broker.transports.memory import MemoryBroker
+    from edge_client.synthetic import SyntheticShape, synthetic_update
+    from schemas.messages import HEADER_KEY
+
+    spec = registry.StrategySpec(f"{__name__}:UnweightedFlexLoRA", "FlexLoRA, every client alike", nested_cuts=True)
+    monkeypatch.setitem(registry.STRATEGIES, "toy", spec)
+    assert AggregatorSettings(strategy="toy").strategy == "toy"
+    transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    config = AggregatorConfig(federation=federation, strategy="toy", policy=RoundPolicy(max_updates=2), poll_s=0.01)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    shape = SyntheticShape(layers=1, projections=(("self_attn.q_proj", 16, 16),))
+    for n in range(2):
+        header, data = synthetic_update(federation, f"c{n}", 4, 0, shape=shape, num_samples=10 ** (n + 1), seed=n)
+        transport.publish(
+            Topology(federation).updates_exchange, UPDATE_ROUTING_KEY, data, {HEADER_KEY: header.model_dump_json()}
+        )
+    sub = service.subscribe()
+    done = threading.Event()
+    for _ in range(20):
+        service.step(sub)
+        if store.version() == 1:
+            done.set()
+            break
+    sub.close()
+    assert done.is_set()
+    assert {r.header.strategy for r in store.releases(1).values()} == {"toy"}
+    assert "_global" in store.releases(1), "a strategy whose cuts nest gets the global cut stored for joins"
+
+
+class UnweightedFlexLoRA(FlexLoRA):
+    name = "toy"
+
+    def aggregate(self, clients: Any, weights: Any, requests: Any) -> Any:
+        return super().aggregate(clients, [1.0] * len(clients), requests)
