@@ -18,11 +18,12 @@ from aggregator.strategies import Strategy
 from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
 from broker.topology import UPDATE_ROUTING_KEY, Topology
 from broker.transport import Transport
+from schemas.errors import Reason
 from schemas.lora import module_shapes
 from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, LoraUpdate
 
 log = logging.getLogger(__name__)
-REASON = "aggregation"
+REASON = Reason.AGGREGATION
 
 
 def find_culprits(

@@ -25,7 +25,7 @@ from aggregator.validation import Limits, ValidUpdate, pin_accepted, refuse_conf
 from broker.errors import BrokerError, PublishRefused
 from broker.topology import JOIN_ROUTING_KEY
 from broker.transport import Delivery, headers_size
-from schemas.errors import SchemaError
+from schemas.errors import Reason, SchemaError
 from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, parse_join
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Ingest:
             size = headers_size(delivery.message.headers)
             if size > MAX_HEADERS_BYTES:
                 raise SchemaError(
-                    f"headers take {size} bytes, over the limit of {MAX_HEADERS_BYTES}", reason="header-size"
+                    f"headers take {size} bytes, over the limit of {MAX_HEADERS_BYTES}", reason=Reason.HEADER_SIZE
                 )
             if kind == "update":
                 self._update(delivery)
@@ -90,7 +90,7 @@ class Ingest:
             time.sleep(min(1.0, self.config.poll_s * 5))
         except Exception as exc:
             log.exception("handling a %s failed; dead-lettering it as internal", kind)
-            self._dead_letter(delivery, "internal", f"{type(exc).__name__}: {exc}")
+            self._dead_letter(delivery, Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
             if self.config.fail_fast:
                 raise
 
@@ -153,17 +153,17 @@ class Ingest:
             raise SchemaError(
                 f"trained from version {valid.header.base_version}, more than {self.config.max_staleness} "
                 "versions behind the open round",
-                reason="stale",
+                reason=Reason.STALE,
             )
         if result is RecordResult.REPLAY:
             raise SchemaError(
-                f"update id {valid.header.update_id} was counted already with another payload", reason="replay"
+                f"update id {valid.header.update_id} was counted already with another payload", reason=Reason.REPLAY
             )
         if result is RecordResult.CONFLICT:
             raise refuse_conflict(self.store, valid, self.pins)
         if result is RecordResult.FUTURE:
             raise SchemaError(
-                f"claims base version {valid.header.base_version}, which has not been released", reason="version"
+                f"claims base version {valid.header.base_version}, which has not been released", reason=Reason.VERSION
             )
         return valid, result
 
@@ -193,7 +193,7 @@ class Ingest:
         if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
             raise SchemaError(
                 f"‖ΔW‖ = {valid.norm:.4g} is over {factor:g}× the round's median {norms[len(norms) // 2]:.4g}",
-                reason="norm-outlier",
+                reason=Reason.NORM_OUTLIER,
             )
 
     # --- joins ----------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class Ingest:
         declare one only for a client whose update a round counted."""
         request = parse_join(delivery.message.headers.get(HEADER_KEY))
         if request.federation != self.config.federation:
-            raise SchemaError(f"join request for federation {request.federation!r}", reason="federation")
+            raise SchemaError(f"join request for federation {request.federation!r}", reason=Reason.FEDERATION)
         if self.guard is not None:
             self.guard.check(delivery.message, request.client_id)
         release = self._retrying(lambda: join_release(self.store, request, self.limits))
@@ -214,7 +214,7 @@ class Ingest:
             except PublishRefused as exc:  # unroutable: no queue is bound for this client id
                 raise SchemaError(
                     f"client {request.client_id!r} has no mailbox to answer into (joins never create one): {exc}",
-                    reason="no-mailbox",
+                    reason=Reason.NO_MAILBOX,
                 ) from exc
             log.info(
                 "sent %s version %d at rank %d on joining", request.client_id, release.header.version, request.rank

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aggregator.flexlora import RankRequest, recut
 from aggregator.rounds import GLOBAL_RELEASE, RoundStore, StoredRelease
 from aggregator.validation import PIN_FINGERPRINT, Limits
-from schemas.errors import SchemaError
+from schemas.errors import Reason, SchemaError
 from schemas.lora import join_lora, split_lora
 from schemas.messages import AdapterRelease, JoinRequest
 from schemas.tensors import decode_tensors, encode_tensors
@@ -20,11 +20,11 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
         raise SchemaError(
             f"join at rank {request.rank} is outside the federation's bounds [{limits.min_rank}, "
             f"{limits.max_rank or '∞'}]",
-            reason="rank",
+            reason=Reason.RANK,
         )
     pinned = store.pinned(PIN_FINGERPRINT)
     if pinned is not None and pinned != request.base_model_fingerprint:
-        raise SchemaError("join request for another base model than the federation's", reason="base-model")
+        raise SchemaError("join request for another base model than the federation's", reason=Reason.BASE_MODEL)
     version = store.version()
     if version < 1 or version <= request.have_version:
         return None
@@ -46,11 +46,11 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
     h = source.header
     if request.rank > h.rank:
         raise SchemaError(
-            f"join at rank {request.rank} is above the federation's global adapter's rank {h.rank}", reason="rank"
+            f"join at rank {request.rank} is above the federation's global adapter's rank {h.rank}", reason=Reason.RANK
         )
     if set(h.target_modules) != set(request.target_modules):
         raise SchemaError(
-            f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason="modules"
+            f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason=Reason.MODULES
         )
     factors = split_lora(decode_tensors(store.payload(source), h.payload), rank=h.rank, target_modules=h.target_modules)
     cut = recut(factors, RankRequest(h.rank, h.lora_alpha), RankRequest(request.rank, request.lora_alpha))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from broker.topology import Topology
 from broker.transport import Message
-from schemas.errors import SchemaError
+from schemas.errors import Reason, SchemaError
 from schemas.messages import HEADER_KEY
 from schemas.signing import SIGNATURE_KEY, sign
 
@@ -45,13 +45,13 @@ class Guard:
             if message.user_id != expected:
                 raise SchemaError(
                     f"message names client {client_id!r} but was published by broker user {message.user_id!r}",
-                    reason="identity",
+                    reason=Reason.IDENTITY,
                 )
         if self.signing_keys is None:
             return
         key = self.signing_keys.get(client_id)
         if key is None:
-            raise SchemaError(f"client {client_id!r} has no signing key in this federation", reason="signature")
+            raise SchemaError(f"client {client_id!r} has no signing key in this federation", reason=Reason.SIGNATURE)
         given = message.headers.get(SIGNATURE_KEY, "")
         if not hmac.compare_digest(given, sign(key, message.headers.get(HEADER_KEY, ""))):
-            raise SchemaError(f"bad or missing signature for client {client_id!r}", reason="signature")
+            raise SchemaError(f"bad or missing signature for client {client_id!r}", reason=Reason.SIGNATURE)

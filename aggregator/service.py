@@ -32,6 +32,7 @@ from aggregator.transfers import ChunkIntake
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
+from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class AggregatorService:
             if self.clock() - self._last_expiry_check >= min(5.0, self.config.transfer_expiry_s / 4):
                 self._last_expiry_check = self.clock()
                 for _ in self.intake.expire(self.clock()):
-                    self._refused("incomplete")
+                    self._refused(Reason.INCOMPLETE)
         except BrokerError:
             raise  # the caller reconnects
         except Exception:

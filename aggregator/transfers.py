@@ -22,7 +22,7 @@ from aggregator.security import Guard
 from aggregator.validation import Limits, ValidUpdate, check_header, validate_payload
 from broker.transport import Message
 from schemas.chunks import CHUNK_KEY, check_chunk, parse_chunk
-from schemas.errors import SchemaError
+from schemas.errors import Reason, SchemaError
 from schemas.messages import HEADER_KEY, LoraUpdate
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ChunkIntake:
         chunk = parse_chunk(message.headers.get(CHUNK_KEY))
         if chunk.transfer_id != header.update_id:
             raise SchemaError(
-                f"chunk of transfer {chunk.transfer_id} carries update {header.update_id}", reason="chunk"
+                f"chunk of transfer {chunk.transfer_id} carries update {header.update_id}", reason=Reason.CHUNK
             )
         check_chunk(chunk, message.body, header.payload)
         header_json = message.headers[HEADER_KEY]
@@ -96,16 +96,18 @@ class ChunkIntake:
         if state is ChunkResult.MISMATCH:
             raise SchemaError(
                 f"chunk {chunk.index} of update {header.update_id} disagrees with its other chunks' header or chunking",
-                reason="chunk",
+                reason=Reason.CHUNK,
             )
         if state is ChunkResult.BUSY:
             raise SchemaError(
                 f"client {header.client_id!r} (or the federation) has as many chunked updates under way as allowed "
                 f"{self.max_open}",
-                reason="transfers",
+                reason=Reason.TRANSFERS,
             )
         if state is ChunkResult.REPLAY:
-            raise SchemaError(f"update id {header.update_id} was counted already with another payload", reason="replay")
+            raise SchemaError(
+                f"update id {header.update_id} was counted already with another payload", reason=Reason.REPLAY
+            )
         if state is ChunkResult.RECORDED:
             return ChunkOutcome("counted")
         if state is not ChunkResult.COMPLETE:

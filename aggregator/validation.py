@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from aggregator.rounds import Payload, RoundStore
 from aggregator.security import Guard
 from broker.transport import Message
-from schemas.errors import LoraLayoutError, SchemaError
+from schemas.errors import LoraLayoutError, Reason, SchemaError
 from schemas.lora import LoraFactors, module_shapes, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
 from schemas.tensors import all_finite, decode_tensors
@@ -96,7 +96,7 @@ def refuse_conflict(store: RoundStore, valid: ValidUpdate, cache: dict[str, str]
         check_pins(store, valid, cache)
     except SchemaError as exc:
         return exc
-    return SchemaError("its base model or modules differ from the federation's pinned facts", reason="modules")
+    return SchemaError("its base model or modules differ from the federation's pinned facts", reason=Reason.MODULES)
 
 
 def validate_update(
@@ -123,18 +123,21 @@ def check_header(message: Message, federation: str, limits: Limits, guard: Guard
     (identity and signature), size and rank."""
     header = parse_update(message.headers.get(HEADER_KEY))
     if header.federation != federation:
-        raise SchemaError(f"update is for federation {header.federation!r}, not {federation!r}", reason="federation")
+        raise SchemaError(
+            f"update is for federation {header.federation!r}, not {federation!r}", reason=Reason.FEDERATION
+        )
     if guard is not None:
         guard.check(message, header.client_id)
     size = max(header.payload.size, len(message.body))
     if limits.max_bytes is not None and size > limits.max_bytes:
         raise SchemaError(
-            f"payload of {size} bytes exceeds the federation's limit of {limits.max_bytes} bytes", reason="too-large"
+            f"payload of {size} bytes exceeds the federation's limit of {limits.max_bytes} bytes",
+            reason=Reason.TOO_LARGE,
         )
     if header.rank < limits.min_rank or (limits.max_rank is not None and header.rank > limits.max_rank):
         raise SchemaError(
             f"rank {header.rank} is outside the federation's bounds [{limits.min_rank}, {limits.max_rank or '∞'}]",
-            reason="rank",
+            reason=Reason.RANK,
         )
     return header
 
@@ -155,7 +158,7 @@ def validate_payload(
     valid = ValidUpdate(header, factors)
     if limits.max_norm is not None and valid.norm > limits.max_norm:
         raise SchemaError(
-            f"‖ΔW‖ = {valid.norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason="norm"
+            f"‖ΔW‖ = {valid.norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason=Reason.NORM
         )
     held = {m.rsplit(".", 1)[-1] for m in factors}
     if held != set(header.target_modules):
@@ -173,7 +176,7 @@ def check_pins(store: RoundStore, valid: ValidUpdate, pins: dict[str, str] | Non
     if fingerprint is not None and fingerprint != header.base_model_fingerprint:
         raise SchemaError(
             f"base model {header.base_model_fingerprint[:12]}… differs from the federation's {fingerprint[:12]}…",
-            reason="base-model",
+            reason=Reason.BASE_MODEL,
         )
     pinned_shapes = pinned(store, PIN_MODULES, pins)
     if pinned_shapes is not None and pinned_shapes != valid.shapes:
@@ -182,5 +185,5 @@ def check_pins(store: RoundStore, valid: ValidUpdate, pins: dict[str, str] | Non
         differing = sorted(m for m in set(theirs) | set(ours) if theirs.get(m) != ours.get(m))
         raise SchemaError(
             f"modules or shapes differ from the federation's on {len(differing)} modules, e.g. {differing[:3]}",
-            reason="modules",
+            reason=Reason.MODULES,
         )

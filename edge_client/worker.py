@@ -15,7 +15,7 @@ from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
-from schemas.errors import SchemaError
+from schemas.errors import Reason, SchemaError
 from schemas.lora import split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
 from schemas.signing import SIGNATURE_KEY, sign
@@ -277,7 +277,7 @@ class EdgeWorker:
                 split_lora(tensors, rank=self.config.rank, target_modules=self.config.target_modules)
                 self.trainer.load(tensors)
             except (SchemaError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, SchemaError) else "adapter-mismatch"
+                reason = exc.reason if isinstance(exc, SchemaError) else Reason.ADAPTER_MISMATCH
                 log.error("refusing an adapter (%s): %s", reason, exc)
                 try:
                     delivery.dead_letter(reason, str(exc))
@@ -334,11 +334,11 @@ class EdgeWorker:
     def _check_release(self, release: AdapterRelease) -> None:
         c = self.config
         if release.client_id != c.client_id or release.federation != c.federation:
-            raise SchemaError(f"adapter addressed to {release.federation}/{release.client_id}", reason="misrouted")
+            raise SchemaError(f"adapter addressed to {release.federation}/{release.client_id}", reason=Reason.MISROUTED)
         if release.rank != c.rank or release.lora_alpha != c.lora_alpha:
             raise SchemaError(
                 f"adapter cut at rank {release.rank}, alpha {release.lora_alpha}; this client trains rank {c.rank}",
-                reason="rank",
+                reason=Reason.RANK,
             )
         if release.base_model_fingerprint != c.base_model_fingerprint:
-            raise SchemaError("adapter was built for another base model", reason="base-model")
+            raise SchemaError("adapter was built for another base model", reason=Reason.BASE_MODEL)

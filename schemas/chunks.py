@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from schemas.errors import PayloadIntegrityError, SchemaError
+from schemas.errors import PayloadIntegrityError, Reason, SchemaError
 from schemas.messages import PayloadInfo, Sha256, _parse, _Strict
 
 CHUNK_KEY = "x-flexlora-chunk"
@@ -50,7 +50,7 @@ def check_chunk(chunk: ChunkInfo, body: bytes, payload: PayloadInfo) -> None:
         raise SchemaError(
             f"chunk {chunk.index} of {chunk.count} does not fit a {payload.size}-byte payload in "
             f"{chunk.chunk_bytes}-byte chunks ({expected_count} chunks)",
-            reason="chunk",
+            reason=Reason.CHUNK,
         )
     last = payload.size - (chunk.count - 1) * chunk.chunk_bytes
     want = last if chunk.index == chunk.count - 1 else chunk.chunk_bytes
