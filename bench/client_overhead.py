@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         learning_rate=float(_client_default("learning_rate")),
         seed=args.seed,
+        schedule="constant",  # the hand-written baseline loop below steps at a constant rate
     )
     _progress(f"loading {args.model}")
     base = load_base_model(args.model)
