@@ -111,7 +111,7 @@ def start(federation: str, amqp_cleanup: list[str]) -> Iterator[Callable[..., Fe
 
     def run(**config: Any) -> Federation:
         topology = Topology(federation)
-        amqp_cleanup.extend(topology.adapter_queue(c) for c in [*(f"honest{i}" for i in range(8)), "joiner"])
+        amqp_cleanup.extend(topology.adapter_queue(c) for c in [*(f"honest{i}" for i in range(8)), "joiner", "mallory"])
         store = RedisRoundStore.from_url(REDIS_URL, federation)
         settings = {"policy": RoundPolicy(max_updates=2), "poll_s": 0.05, "global_rank": 16, **config}
         service = AggregatorService(connect(AMQP_URL), store, AggregatorConfig(federation=federation, **settings))
