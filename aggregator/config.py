@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from aggregator.lowrank import SvdMode
+from aggregator.planning import ServerStep
 from aggregator.registry import served, strategy_spec
 from aggregator.rounds import RoundPolicy
 from aggregator.security import Guard, load_signing_keys
@@ -48,6 +49,11 @@ class AggregatorConfig:
     # The global adapter is also cut (and stored) at this rank, so a joining client of any rank up to it
     # gets an exact cut of the newest ΔW at once (FlexLoRA only: its cuts nest).
     global_rank: int = 64
+    # The server step (aggregator.planning): average the clients' changes from the global each started from,
+    # carrying what a client could not hold at its rank, and scale them by server_lr (strategies that sum
+    # products only: FlexLoRA; the others ignore it).
+    carry_residual: bool = False
+    server_lr: float = 1.0
     # Update payloads and releases of versions older than this many are dropped from the store (history,
     # update ids and membership stay); None keeps everything.
     keep_versions: int | None = 20
@@ -79,6 +85,13 @@ class AggregatorConfig:
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        self.server_step  # noqa: B018 -- an invalid server step is refused here, at start-up
+
+    @property
+    def server_step(self) -> ServerStep:
+        return ServerStep(self.carry_residual, self.server_lr)
 
 
 def config_from_settings(settings: AggregatorSettings) -> AggregatorConfig:

@@ -178,8 +178,12 @@ def flexlora(
     tolerance: float = 1e-3,
     reports: list[ModuleReport] | None = None,
     batch_bytes: int | None = None,
+    carried: Sequence[ClientAdapter] = (),
 ) -> dict[RankRequest, dict[str, LoraFactors]]:
     """Aggregate every module and cut it at every requested rank; weights need not be normalised.
+
+    `carried` adapters are added to the weighted sum as they are (weight 1, outside the normalisation): the
+    part of earlier global adapters the clients could not hold at their ranks (see `carried_residual`).
 
     Modules of one shape are batched together (up to `batch_bytes` of stacked factors at a time), and
     only the top max-rank triplets are ever used, so ΔW is never formed unless R ≥ min(d_out, d_in).
@@ -187,8 +191,11 @@ def flexlora(
     working memory of a batch is several times its size, and must stay small next to a large update's
     factors (bench/large_update.py).
     """
-    normalised, modules = validate_inputs(clients, weights, requests, check_finite=False)
-    coeffs = [w * c.scale for c, w in zip(clients, normalised, strict=True)]
+    everyone = [*clients, *carried]
+    normalised, modules = validate_inputs(everyone, [*weights, *(0.0 for _ in carried)], requests, check_finite=False)
+    coeffs = [w * c.scale for c, w in zip(clients, normalised[: len(clients)], strict=True)]
+    coeffs += [c.scale for c in carried]
+    clients = everyone
     unique = sorted(set(requests))
     k = max(req.rank for req in unique)
     total_rank = sum(c.rank for c in clients)
@@ -229,3 +236,38 @@ def flexlora(
                 if reports is not None:
                     reports.append(ModuleReport(module, result.paths[m], total_rank, result.excess[m]))
     return out
+
+
+def carried_residual(
+    global_factors: Mapping[str, LoraFactors],
+    source: RankRequest,
+    starts: Sequence[tuple[int, float]],
+    server_lr: float = 1.0,
+) -> ClientAdapter | None:
+    """What a round must add back so that it averages the clients' changes instead of their products.
+
+    Clients that started from the FlexLoRA cut G = Σ_j σ_j u_j v_jᵀ (`global_factors` at `source`) at ranks
+    r_k each return P_k = cut_{r_k}(G) + Δ_k: the directions j ≥ r_k of G are not in what they send, so
+    Σ_k w_k P_k shrinks every direction of G by the weight of the clients too small to hold it. The round
+    wanted instead is Σ_k w_k (G + η Δ_k) = η Σ_k w_k P_k + Σ_j c_j σ_j u_j v_jᵀ with
+    c_j = Σ_k w_k ((1 − η) + η [j ≥ r_k]): one adapter of G's own factors with B's columns scaled by c_j
+    (η is the server learning rate; η = 1 gives plain averaging of changes). `starts` holds (r_k, w_k) for
+    the clients that started from this G, their weights already multiplied by whatever the round gives them.
+    None when nothing needs carrying (every c_j is 0).
+    """
+    rank = source.rank
+    c = torch.zeros(rank, dtype=torch.float64)
+    index = torch.arange(rank)
+    for r, w in starts:
+        c += w * ((1.0 - server_lr) + server_lr * (index >= r).to(torch.float64))
+    kept = torch.nonzero(c).flatten()
+    if kept.numel() == 0:
+        return None
+    lo, hi = int(kept[0]), int(kept[-1]) + 1
+    coeff = c[lo:hi]
+    factors = {
+        module: LoraFactors(A=f.A[lo:hi].clone(), B=(f.B[:, lo:hi].to(torch.float64) * coeff).to(f.B.dtype))
+        for module, f in global_factors.items()
+    }
+    # Keep G's scale (alpha / rank) on a rank of hi - lo.
+    return ClientAdapter(factors, hi - lo, source.alpha / source.rank * (hi - lo))

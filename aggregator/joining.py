@@ -6,9 +6,20 @@ from aggregator.flexlora import RankRequest, recut
 from aggregator.rounds import GLOBAL_RELEASE, RoundStore, StoredRelease
 from aggregator.validation import PIN_FINGERPRINT, Limits
 from schemas.errors import Reason, SchemaError
-from schemas.lora import join_lora, split_lora
+from schemas.lora import LoraFactors, join_lora, split_lora
 from schemas.messages import AdapterRelease, JoinRequest
 from schemas.tensors import decode_tensors, encode_tensors
+
+
+def global_adapter(store: RoundStore, version: int) -> tuple[RankRequest, dict[str, LoraFactors]] | None:
+    """The global adapter committed at `version` (its rank and alpha, and its factors); None when that version
+    has none (a strategy without nested cuts) or is gone (pruned)."""
+    source = store.releases(version).get(GLOBAL_RELEASE) if version >= 1 else None
+    if source is None:
+        return None
+    h = source.header
+    factors = split_lora(decode_tensors(store.payload(source), h.payload), rank=h.rank, target_modules=h.target_modules)
+    return RankRequest(h.rank, h.lora_alpha), factors
 
 
 def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None = None) -> StoredRelease | None:

@@ -24,6 +24,9 @@ class StrategySpec:
     merges_into_base: bool = False
     # Takes the service's `svd_mode` setting as its `mode` option.
     takes_svd_mode: bool = False
+    # Sums full-size products, so it can take the server step (aggregator.planning): the part of each
+    # client's starting adapter it could not hold at its rank is carried into the sum.
+    sums_products: bool = False
 
     def load(self) -> Callable[..., Any]:
         module, attribute = self.factory.split(":")
@@ -37,6 +40,7 @@ STRATEGIES: dict[str, StrategySpec] = {
         "SVD of the weighted sum of full-size products, cut at each client's rank",
         nested_cuts=True,
         takes_svd_mode=True,
+        sums_products=True,
     ),
     "fedit": StrategySpec("aggregator.strategies:FedIT", "FedAvg of A and of s·B; one rank for all", single_rank=True),
     "hetlora": StrategySpec("aggregator.strategies:HetLoRA", "zero-pad, norm-weighted average, truncate"),

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
 from aggregator.culprits import REASON as REFUSED_AGGREGATION
 from aggregator.culprits import drop_culprits
-from aggregator.flexlora import RankRequest
 from aggregator.ingest import Ingest
+from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
-from aggregator.registry import strategy_spec
+from aggregator.planning import RoundInput, aggregate_round
 from aggregator.releasing import build_releases, release_template, send_release
 from aggregator.rounds import (
     GLOBAL_RELEASE,
@@ -27,7 +27,6 @@ from aggregator.rounds import (
     RoundStore,
     StoredRelease,
 )
-from aggregator.strategies import ClientMeta, shares
 from aggregator.transfers import ChunkIntake
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
@@ -213,19 +212,24 @@ class AggregatorService:
         recorded = self.store.round_updates(lease.round_id)
         if not recorded:
             return None
-        clients = client_adapters(self.store, recorded)
-        raw = self.weighting(
-            [ClientMeta(i.header.num_samples, lease.round_id - i.header.base_version) for i in recorded]
-        )
-        weights = shares(raw, self.config.max_weight_share)
-        # A client that sent twice in one round gets its adapter at the rank of its newest update.
-        wanted = {item.header.client_id: RankRequest(item.header.rank, item.header.lora_alpha) for item in recorded}
-        if strategy_spec(self.strategy.name).nested_cuts:
-            top = max(self.config.global_rank, *(r.rank for r in wanted.values()))
-            wanted[GLOBAL_RELEASE] = RankRequest(top, self.config.recipe.alpha(top))
+        inputs = [
+            RoundInput(i.header.client_id, i.header.num_samples, i.header.base_version, adapter)
+            for i, adapter in zip(recorded, client_adapters(self.store, recorded), strict=True)
+        ]
         svd_started = time.perf_counter()
-        result = self.strategy.aggregate(clients, weights, list(wanted.values()))
+        plan = aggregate_round(
+            self.strategy,
+            self.weighting,
+            inputs,
+            lease.round_id,
+            global_rank=self.config.global_rank,
+            recipe=self.config.recipe,
+            max_weight_share=self.config.max_weight_share,
+            step=self.config.server_step,
+            global_at=lambda v: global_adapter(self.store, v),
+        )
         svd_seconds = time.perf_counter() - svd_started
+        weights, wanted, result = plan.weights, plan.wanted, plan.result
         version = lease.round_id + 1
         releases = build_releases(
             self.store,
@@ -250,7 +254,7 @@ class AggregatorService:
             closed_at=now,
             aggregate_seconds=now - started,
             finalised_by=self.config.owner,
-            metrics={**result.info, **participant_means(recorded, weights)},
+            metrics={**plan.info, **participant_means(recorded, weights)},
         )
         if not self.store.commit(lease, len(recorded), releases, record, now):
             log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)

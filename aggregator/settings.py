@@ -42,6 +42,10 @@ class AggregatorSettings(RecipeSettings):
     max_weight_share: float | None = Field(
         default=None, gt=0, le=1, description="cap on one client's share of a round's weight"
     )
+    carry_residual: bool = Field(
+        default=False, description="average clients' changes, keeping what a low-rank client cannot hold (flexlora)"
+    )
+    server_lr: float = Field(default=1.0, gt=0, description="server learning rate on the changes (carry_residual)")
     max_transfers_per_client: int = Field(default=4, ge=1, description="chunked updates under way per client")
     max_transfers: int = Field(default=256, ge=1, description="chunked updates under way in the federation")
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
@@ -59,6 +63,8 @@ class AggregatorSettings(RecipeSettings):
     @model_validator(mode="after")
     def _policy_is_valid(self) -> AggregatorSettings:
         self.policy()
+        if self.server_lr != 1.0 and not self.carry_residual:
+            raise ValueError("server_lr scales the clients' changes: it needs carry_residual")
         return self
 
     def policy(self) -> RoundPolicy:

@@ -43,10 +43,17 @@ class AggregationResult:
 
 
 class Strategy(Protocol):
+    """`carried`: adapters added to the weighted sum as they are (the server step, aggregator.planning); only
+    strategies registered with `sums_products` take any, the rest refuse them."""
+
     name: str
 
     def aggregate(
-        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+        self,
+        clients: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        requests: Sequence[RankRequest],
+        carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult: ...
 
 
@@ -172,9 +179,15 @@ def get_weighting(name: str, **options: Any) -> Weighting:
 
 
 def validate_inputs(
-    clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+    clients: Sequence[ClientAdapter],
+    weights: Sequence[float],
+    requests: Sequence[RankRequest],
+    carried: Sequence[ClientAdapter] = (),
 ) -> tuple[list[float], list[str]]:
-    """aggregator.flexlora.validate_inputs, raising StrategyError: the normalised weights and module names."""
+    """aggregator.flexlora.validate_inputs, raising StrategyError: the normalised weights and module names.
+    For strategies that average factors: anything `carried` is refused (it is a sum of products)."""
+    if carried:
+        raise StrategyError("this strategy averages factors; it cannot add carried products (server step)")
     try:
         return check_inputs(clients, weights, requests)
     except AggregationError as exc:
@@ -203,7 +216,11 @@ class FlexLoRA:
     name = "flexlora"
 
     def aggregate(
-        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+        self,
+        clients: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        requests: Sequence[RankRequest],
+        carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
         reports: list[ModuleReport] = []
         try:  # flexlora() validates its inputs itself; once is enough for gigabytes of factors
@@ -215,6 +232,7 @@ class FlexLoRA:
                 mode=self.mode,
                 tolerance=self.tolerance,
                 reports=reports,
+                carried=carried,
             )
         except AggregationError as exc:
             raise StrategyError(str(exc)) from exc
@@ -234,9 +252,13 @@ class FedIT:
     name = "fedit"
 
     def aggregate(
-        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+        self,
+        clients: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        requests: Sequence[RankRequest],
+        carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
-        p, modules = validate_inputs(clients, weights, requests)
+        p, modules = validate_inputs(clients, weights, requests, carried)
         ranks = sorted({c.rank for c in clients} | {r.rank for r in requests})
         if len(ranks) > 1:
             raise StrategyError(
@@ -267,9 +289,13 @@ class HetLoRA:
     name = "hetlora"
 
     def aggregate(
-        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+        self,
+        clients: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        requests: Sequence[RankRequest],
+        carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
-        p, modules = validate_inputs(clients, weights, requests)
+        p, modules = validate_inputs(clients, weights, requests, carried)
         r_max = max(c.rank for c in clients)
         adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in sorted(set(requests))}
         for module in modules:
@@ -310,9 +336,13 @@ class FLoRA:
     name = "flora"
 
     def aggregate(
-        self, clients: Sequence[ClientAdapter], weights: Sequence[float], requests: Sequence[RankRequest]
+        self,
+        clients: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        requests: Sequence[RankRequest],
+        carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
-        p, modules = validate_inputs(clients, weights, requests)
+        p, modules = validate_inputs(clients, weights, requests, carried)
         kept = [(pk, c) for pk, c in zip(p, clients, strict=True) if pk > 0]
         stacked_rank = sum(c.rank for _, c in kept)
         stacked: dict[str, LoraFactors] = {}

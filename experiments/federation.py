@@ -14,17 +14,19 @@ from typing import Protocol
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
 from aggregator.lowrank import SvdMode
+from aggregator.planning import PLAIN_STEP, RoundInput, ServerStep, aggregate_round
 from aggregator.registry import strategy_spec
 from aggregator.rounds import RoundPolicy, RoundRecord, StoredRelease
 from aggregator.service import AggregatorService
 from aggregator.stores import open_store
-from aggregator.strategies import ClientMeta, get_strategy, get_weighting
+from aggregator.strategies import get_strategy, get_weighting
 from broker.connect import connect
 from broker.topology import QueueSpec, Topology
 from broker.transports.memory import MemoryBroker
 from edge_client.synthetic import publish_update
 from schemas.lora import LoraFactors, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_release
+from schemas.recipe import DEFAULT_RECIPE
 from schemas.tensors import decode_tensors
 
 Factors = dict[str, LoraFactors]
@@ -66,13 +68,16 @@ def _decode(header: LoraUpdate, payload: bytes) -> Factors:
 
 @dataclass
 class DirectFederation:
-    """The strategy called in-process on the round's updates, weighted by data size as the service does."""
+    """The strategy called in-process on the round's updates: the service's round step (aggregator.planning)
+    without the broker and the store."""
 
     strategy: str
     global_rank: int
+    step: ServerStep = PLAIN_STEP
     name: str = field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:8]}")
     version: int = 0
     _pending: list[tuple[LoraUpdate, Factors]] = field(default_factory=list)
+    _globals: dict[int, tuple[RankRequest, Factors]] = field(default_factory=dict)
 
     def submit(self, header: LoraUpdate, payload: bytes) -> None:
         self._pending.append((header, _decode(header, payload)))
@@ -81,15 +86,24 @@ class DirectFederation:
         if not self._pending:
             raise RuntimeError("close_round with no updates submitted")
         started = time.perf_counter()
-        clients = [ClientAdapter(f, h.rank, h.lora_alpha) for h, f in self._pending]
-        weights = get_weighting("data_size")([ClientMeta(h.num_samples) for h, _ in self._pending])
-        requests = {RankRequest(c.rank, c.alpha) for c in clients}
-        if strategy_spec(self.strategy).nested_cuts:  # as the service: the global adapter, at the largest rank
-            top = max(self.global_rank, *(c.rank for c in clients))
-            requests.add(RankRequest(top, 2.0 * top))
-        result = get_strategy(self.strategy).aggregate(clients, weights, sorted(requests))
+        inputs = [
+            RoundInput(h.client_id, h.num_samples, h.base_version, ClientAdapter(f, h.rank, h.lora_alpha))
+            for h, f in self._pending
+        ]
+        plan = aggregate_round(
+            get_strategy(self.strategy),
+            get_weighting("data_size"),
+            inputs,
+            self.version,
+            global_rank=self.global_rank,
+            recipe=DEFAULT_RECIPE,
+            step=self.step,
+            global_at=self._globals.get,
+        )
+        result = plan.result
         best = max(result.adapters, key=lambda r: r.rank)
         self.version += 1
+        self._globals = {self.version: (best, result.adapters[best])}  # what the next round's clients start from
         participants = len(self._pending)
         self._pending = []
         return RoundOutput(
@@ -120,6 +134,7 @@ class ServiceFederation:
         broker_url: str = "memory://",
         redis_url: str = "memory://",
         svd_mode: SvdMode = "exact",
+        step: ServerStep = PLAIN_STEP,
         keep_versions: int = 2,
         prefix: str = "sim",
         name: str | None = None,
@@ -138,6 +153,8 @@ class ServiceFederation:
             strategy=strategy,
             svd_mode=svd_mode,
             global_rank=global_rank,
+            carry_residual=step.carry_residual,
+            server_lr=step.server_lr,
             keep_versions=keep_versions,
             poll_s=0.05,
             fail_fast=self.embedded,
@@ -249,11 +266,12 @@ def make_federation(
     broker_url: str = "memory://",
     redis_url: str = "memory://",
     svd_mode: SvdMode = "exact",
+    step: ServerStep = PLAIN_STEP,
 ) -> Federation:
     """`direct://` as the broker URL calls the strategy in-process. FLoRA always does: the service refuses it
     (its clients merge each release into the base, which its pinned base-model check does not model yet)."""
     if broker_url.startswith("direct://") or strategy_spec(strategy).merges_into_base:
-        return DirectFederation(strategy, global_rank)
+        return DirectFederation(strategy, global_rank, step)
     return ServiceFederation(
-        strategy, per_round, global_rank, broker_url=broker_url, redis_url=redis_url, svd_mode=svd_mode
+        strategy, per_round, global_rank, broker_url=broker_url, redis_url=redis_url, svd_mode=svd_mode, step=step
     )

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from aggregator.planning import PLAIN_STEP, ServerStep
 from aggregator.registry import STRATEGIES as AGGREGATION_STRATEGIES
 from experiments.diagnostics import ClientStep, change_norm, module_norms, total
 from experiments.federation import Factors, Federation, RoundOutput, make_federation
@@ -19,13 +20,16 @@ from schemas.lora import join_lora
 from schemas.messages import LoraUpdate
 from schemas.tensors import encode_tensors
 
-# What an experiment can compare, and the aggregation strategy each runs: fedit-top is FedIT with every client
-# at the top tier, the upper bound a federation of only strong devices would reach.
-# Every registered strategy, plus a `-top` variant of each single-rank one (every client at the top tier instead
-# of the lowest), the upper bound of a federation of only strong devices.
-STRATEGIES = {name: name for name in AGGREGATION_STRATEGIES} | {
-    f"{name}-top": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.single_rank
-}
+# What an experiment can compare, and the aggregation strategy each runs: every registered strategy (with the
+# plain server step: the paper's), a `-top` variant of each single-rank one (every client at the top tier instead
+# of the lowest: the upper bound of a federation of only strong devices), and a `-carry` variant of each that
+# sums products (the server step that carries what a client could not hold, aggregator.planning).
+STRATEGIES = (
+    {name: name for name in AGGREGATION_STRATEGIES}
+    | {f"{name}-top": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.single_rank}
+    | {f"{name}-carry": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.sums_products}
+)
+SERVER_STEPS = {name: ServerStep(carry_residual=True) for name in STRATEGIES if name.endswith("-carry")}
 # Those whose clients all train at one rank whatever the distribution: one run per seed stands for all.
 SINGLE_RANK = {
     name: max if name.endswith("-top") else min
@@ -133,6 +137,7 @@ def run_one(
         config.eval_rank,
         broker_url=config.broker_url,
         redis_url=config.redis_url,
+        step=SERVER_STEPS.get(config.strategy, PLAIN_STEP),
     )
     top = config.eval_rank
     top_alpha = workload.alpha(top)

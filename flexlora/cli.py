@@ -98,6 +98,13 @@ def aggregator(
     max_weight_share: Annotated[float | None, typer.Option(help="cap on one client's share of a round")] = None,
     max_transfers_per_client: Annotated[int | None, typer.Option(help="chunked updates under way per client")] = None,
     max_transfers: Annotated[int | None, typer.Option(help="chunked updates under way in the federation")] = None,
+    carry_residual: Annotated[
+        bool | None,
+        typer.Option(help="average the clients' changes, keeping what a low-rank client cannot hold (flexlora)"),
+    ] = None,
+    server_lr: Annotated[
+        float | None, typer.Option(help="server learning rate on the changes (carry-residual)")
+    ] = None,
     require_identity: Annotated[
         bool | None, typer.Option(help="senders must be the broker user provisioned for the client they name")
     ] = None,
@@ -149,6 +156,8 @@ def aggregator(
                 max_weight_share=max_weight_share,
                 max_transfers_per_client=max_transfers_per_client,
                 max_transfers=max_transfers,
+                carry_residual=carry_residual,
+                server_lr=server_lr,
                 require_identity=require_identity,
                 signing_keys=signing_keys,
                 scaling=scaling,

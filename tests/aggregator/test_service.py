@@ -429,6 +429,8 @@ def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> No
         max_weight_share=0.4,
         max_transfers_per_client=2,
         max_transfers=9,
+        carry_residual=True,
+        server_lr=0.5,
         require_identity=True,
         max_updates=3,
         learning_rate=1e-4,

@@ -1,0 +1,126 @@
+"""One round's aggregation as a pure step, shared by the aggregator service and the experiments' direct backend:
+the clients' weights, the ranks to cut, the server step, and the strategy's result. No broker, no store: the
+global adapters the clients started from come in through a callable.
+
+The server step. FlexLoRA (Bai et al. 2024) sums the clients' full-size products Σ_k w_k P_k. A client that
+started from the global cut G at rank r_k returns P_k = cut_{r_k}(G) + Δ_k, so every direction of G beyond
+a client's rank is dropped from its product, and the sum shrinks G towards the small clients' ranks round
+after round (measured in docs/experiments.md). With `carry_residual` the round averages the clients' changes
+instead, ΔW = Σ_k w_k (G_k + η Δ_k) where G_k is the global its client started from and η the server learning
+rate (FedOpt's server step, Reddi et al. 2020, without momentum): the same factored sum plus one adapter per
+base version, so the fast SVD path still applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from aggregator.flexlora import ClientAdapter, RankRequest, carried_residual
+from aggregator.registry import strategy_spec
+from aggregator.rounds import GLOBAL_RELEASE
+from aggregator.strategies import AggregationResult, ClientMeta, Strategy, Weighting, shares
+from schemas.lora import LoraFactors
+from schemas.recipe import Recipe
+
+# The global adapter committed at a version, as (its rank and alpha, its factors); None when it is gone.
+GlobalAt = Callable[[int], tuple[RankRequest, Mapping[str, LoraFactors]] | None]
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """How a round's result relates to the globals its clients started from (see the module's docstring)."""
+
+    carry_residual: bool = False
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.server_lr) or self.server_lr <= 0:
+            raise ValueError(f"server_lr must be finite and > 0, got {self.server_lr}")
+        if self.server_lr != 1.0 and not self.carry_residual:
+            raise ValueError("server_lr scales the clients' changes: it needs carry_residual")
+
+
+PLAIN_STEP = ServerStep()  # the paper's: the round's result is the weighted sum of the clients' products
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    """One counted update as aggregation sees it."""
+
+    client_id: str
+    num_samples: int
+    base_version: int
+    adapter: ClientAdapter
+
+    @property
+    def request(self) -> RankRequest:
+        return RankRequest(self.adapter.rank, self.adapter.alpha)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round computed: each input's share, the (rank, alpha) each client's release is cut at (and the
+    global's, under GLOBAL_RELEASE, for strategies whose cuts nest), and the strategy's result."""
+
+    weights: list[float]
+    wanted: dict[str, RankRequest]
+    result: AggregationResult
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def aggregate_round(
+    strategy: Strategy,
+    weighting: Weighting,
+    inputs: Sequence[RoundInput],
+    round_id: int,
+    *,
+    global_rank: int,
+    recipe: Recipe,
+    max_weight_share: float | None = None,
+    step: ServerStep = PLAIN_STEP,
+    global_at: GlobalAt = lambda version: None,
+) -> RoundPlan:
+    """Aggregate one round. A client that sent twice gets its release at the rank of its newest update (the
+    last in `inputs`). Under `step.carry_residual`, an input whose starting global is gone (pruned) counts
+    as in plain FlexLoRA; `info["starts_missing"]` counts them."""
+    raw = weighting([ClientMeta(i.num_samples, round_id - i.base_version) for i in inputs])
+    weights = shares(raw, max_weight_share)
+    wanted = {i.client_id: i.request for i in inputs}
+    spec = strategy_spec(strategy.name)
+    if spec.nested_cuts:
+        top = max(global_rank, *(r.rank for r in wanted.values()))
+        wanted[GLOBAL_RELEASE] = RankRequest(top, recipe.alpha(top))
+    carried: list[ClientAdapter] = []
+    info: dict[str, float] = {}
+    eta = step.server_lr
+    if step.carry_residual and spec.sums_products:
+        starts: dict[int, list[tuple[int, float]]] = {}
+        for item, w in zip(inputs, weights, strict=True):
+            if item.base_version >= 1:  # version 0 is the untrained start: its product is 0, nothing to carry
+                # Divided by η: the whole sum is multiplied by η after the strategy (it normalises the weights).
+                starts.setdefault(item.base_version, []).append((item.adapter.rank, w / eta))
+        missing = 0
+        for version, entries in sorted(starts.items()):
+            found = global_at(version)
+            if found is None:
+                missing += len(entries)
+                continue
+            extra = carried_residual(found[1], found[0], entries, eta)
+            if extra is not None:
+                carried.append(extra)
+        info = {"carried_versions": float(len(carried)), "starts_missing": float(missing)}
+    result = strategy.aggregate([i.adapter for i in inputs], weights, list(wanted.values()), carried)
+    if eta != 1.0:
+        result = _scaled(result, eta)
+    return RoundPlan(weights, wanted, result, {**result.info, **info})
+
+
+def _scaled(result: AggregationResult, factor: float) -> AggregationResult:
+    """Every released adapter times `factor` (B scaled: the SVD of cX is c times the SVD of X)."""
+    adapters = {
+        request: {m: LoraFactors(A=f.A, B=f.B * factor) for m, f in modules.items()}
+        for request, modules in result.adapters.items()
+    }
+    return AggregationResult(adapters, result.merge_into_base, result.info)
