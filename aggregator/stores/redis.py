@@ -93,28 +93,33 @@ class RedisRoundStore(RoundStore):
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         self.r.set(payload_key, payload, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
-        return self._run_record(header, [payload_key], now, max_staleness, pins)
+        return self._run_record(header, payload_key, payload_key, now, max_staleness, pins, chunked=False)
 
     def _run_record(
         self,
         header: LoraUpdate,
-        payload_keys: list[str],
+        staged: str,
+        payload: str,
         now: float,
         max_staleness: int | None,
         pins: Mapping[str, str] | None,
+        *,
+        chunked: bool,
     ) -> RecordResult:
+        """The RECORD script (its KEYS and ARGV in its order): `staged` holds the bytes, `payload` is the key the
+        recorded update's bytes live under (the same key unless the update came in chunks)."""
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         done = self._record(
-            keys=[k.seen, k.version, k.update(rid), k.pins, *payload_keys],
+            keys=[k.seen, k.version, k.update(rid), k.pins, staged, payload, k.transfers_open, k.transfer_meta(rid)],
             args=[
                 rid,
                 header.model_dump_json(),
-                "",
                 repr(now),
                 k.namespace,
                 header.base_version,
                 -1 if max_staleness is None else max_staleness,
+                "1" if chunked else "0",
                 *(part for pin in sorted((pins or {}).items()) for part in pin),
             ],
         )
@@ -150,7 +155,6 @@ class RedisRoundStore(RoundStore):
                     k.seen,
                     k.transfer_meta(rid),
                     k.transfers_open,
-                    k.transfer(rid),
                     k.update(rid),
                     k.update_payload(rid, sha256),
                 ],
@@ -201,8 +205,7 @@ class RedisRoundStore(RoundStore):
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         final = k.update_payload(rid, header.payload.sha256)
-        keys = [k.transfer(rid), final, k.transfers_open, k.transfer_meta(rid)]
-        return self._run_record(header, keys, now, max_staleness, pins)
+        return self._run_record(header, k.transfer(rid), final, now, max_staleness, pins, chunked=True)
 
     def drop_transfer(self, client_id: str, update_id: str) -> None:
         k = self.keys
