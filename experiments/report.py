@@ -14,6 +14,7 @@ from experiments.runner import RunResult
 
 COLOURS = {
     "flexlora": "tab:red",
+    "flexlora-carry": "tab:orange",
     "fedit": "tab:blue",
     "fedit-top": "tab:cyan",
     "hetlora": "tab:green",
@@ -79,6 +80,66 @@ def markdown_table(results: Sequence[RunResult], metrics: Sequence[str], higher_
     return "\n".join(lines)
 
 
+def kept(result: RunResult, metric: str) -> float | None:
+    """How much of its best round a run keeps at the end: final / best of a score scored every round. A
+    log-likelihood is read as the likelihood exp(-nll) (the geometric-mean probability of an answer token), so
+    0.9 means the final model gives the answers 0.9 times the probability its best round gave."""
+    values = _scored(result, metric)
+    if len(values) < 2:
+        return None
+    if metric.endswith("nll"):
+        values = [math.exp(-v) for v in values]
+    best = max(values)
+    return values[-1] / best if best > 0 else None
+
+
+def stability_table(results: Sequence[RunResult], metrics: Sequence[str]) -> str:
+    """Per (distribution, strategy), the worst run's final / best (see `kept`) of each per-round metric."""
+    per_round = [m for m in metrics if results and all(len(_scored(r, m)) > 1 for r in results)]
+    if not per_round:
+        return ""
+    lines = [
+        "| distribution | strategy | " + " | ".join(f"kept {m} (worst seed)" for m in per_round) + " |",
+        "|" + "---|" * (2 + len(per_round)),
+    ]
+    for (distribution, strategy), runs in _groups(results).items():
+        cells = []
+        for m in per_round:
+            ratios = [k for r in runs if (k := kept(r, m)) is not None]
+            cells.append(f"{min(ratios):.3f}" if ratios else "–")
+        lines.append(f"| {distribution} | {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: Sequence[RunResult], metric: str, higher_is_better: bool) -> str:
+    """Final `metric` of each strategy minus each other strategy's, over the seeds both ran (they share the
+    clients, their data and the order they are sampled in, so the per-seed difference is the fair comparison):
+    mean ± standard error of the differences, and the seeds in parentheses. Positive is better."""
+    sign = -1.0 if lower_is_better(metric, higher_is_better) else 1.0
+    groups = _groups(results)
+    strategies = list(dict.fromkeys(r.strategy for r in results))
+    lines = [
+        "| distribution | strategy | " + " | ".join(f"− {s}" for s in strategies) + " |",
+        "|" + "---|" * (2 + len(strategies)),
+    ]
+    for distribution in dict.fromkeys(r.distribution for r in results):
+        for strategy in strategies:
+            mine = {r.seed: r.scores[-1][metric] for r in groups.get((distribution, strategy), [])}
+            if not mine:
+                continue
+            cells = []
+            for other in strategies:
+                theirs = {r.seed: r.scores[-1][metric] for r in groups.get((distribution, other), [])}
+                both = sorted(set(mine) & set(theirs))
+                if other == strategy or not both:
+                    cells.append("")
+                    continue
+                diffs = [sign * (mine[seed] - theirs[seed]) for seed in both]
+                cells.append(f"{_mean_se(diffs)} ({len(both)})")
+            lines.append(f"| {distribution} | {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: Sequence[RunResult], metrics: Sequence[str], out: Path, title: str) -> Path:
     """Score per round (mean over seeds): the first metric solid, the second dashed."""
     import matplotlib
@@ -125,17 +186,25 @@ def write_results(
     """`<stem>.json`, `<stem>.md` and `<stem>.png` under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, metrics, higher_is_better)
+    paired = paired_table(results, metrics[0], higher_is_better)
+    stability = stability_table(results, metrics)
     document = {
         "command": command,
         "settings": settings,
         "metrics": list(metrics),
         "higher_is_better": higher_is_better,
         "table": table,
+        "paired": paired,
+        "stability": stability,
         "runs": [r.to_json() for r in results],
     }
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text(f"{title}\n\n```\n{command}\n```\n\n{table}\n")
+    sections = [f"{title}\n\n```\n{command}\n```\n\n{table}\n"]
+    sections.append(f"Final {metrics[0]}, paired by seed (row minus column; positive is better):\n\n{paired}\n")
+    if stability:
+        sections.append(f"Final / best round of each run (a likelihood for `nll`), the worst seed:\n\n{stability}\n")
+    md_path.write_text("\n".join(sections))
     png_path = plot(results, metrics, out_dir / f"{stem}.png", title)
     return json_path, md_path, png_path

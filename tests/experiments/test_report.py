@@ -3,7 +3,9 @@ and scores that only some rounds carry (generation kept for the last round)."""
 
 from __future__ import annotations
 
-from experiments.report import markdown_table
+import math
+
+from experiments.report import kept, markdown_table, paired_table, stability_table
 from experiments.runner import RunResult
 
 
@@ -32,3 +34,20 @@ def test_a_score_only_some_rounds_carry_is_taken_from_those_rounds() -> None:
     scores = [{"nll": 4.0, "rouge": 0.1}, {"nll": 2.0}, {"nll": 3.0, "rouge": 0.3}]
     table = markdown_table([run(0, scores)], ["rouge", "nll"], higher_is_better=True)
     assert table.splitlines()[-1].endswith("| **0.300** | 0.300 | 3.000 | 2.000 |")
+
+
+def test_kept_reads_a_log_likelihood_as_a_probability() -> None:
+    # NLL 1.0 at best, 1.1 at the end: the answers keep exp(-0.1) ≈ 0.905 of their best probability.
+    result = run(0, [{"unseen_nll": 4.0}, {"unseen_nll": 1.0}, {"unseen_nll": 1.1}])
+    assert abs((kept(result, "unseen_nll") or 0) - math.exp(-0.1)) < 1e-12
+    assert kept(run(0, [{"exact": 0.0}, {"exact": 0.5}, {"exact": 0.25}]), "exact") == 0.5
+    assert "| flexlora | 0.905 |" in stability_table([result], ["unseen_nll"])
+
+
+def test_strategies_are_compared_seed_by_seed() -> None:
+    mine = [RunResult("flexlora", "uniform", s, {2: 1}, [{"r": 0.0}, {"r": v}]) for s, v in [(0, 0.5), (1, 0.3)]]
+    theirs = [RunResult("fedit", "uniform", s, {2: 1}, [{"r": 0.0}, {"r": v}]) for s, v in [(0, 0.4), (1, 0.1), (2, 9)]]
+    table = paired_table([*mine, *theirs], "r", higher_is_better=True)
+    # seeds 0 and 1 only: differences 0.1 and 0.2, mean 0.15, s.e. 0.05
+    assert "| uniform | flexlora |  | 0.150 ± 0.050 (2) |" in table
+    assert "| uniform | fedit | -0.150 ± 0.050 (2) |  |" in table
