@@ -16,6 +16,8 @@ import torch
 
 from aggregator.lowrank import NonFiniteError, SvdMode, top_svd
 from schemas.lora import LoraFactors
+from schemas.lora import RankRequest as RankRequest  # re-exported: the aggregator names it from here
+from schemas.lora import recut as recut  # the exact cut of a cut, shared with the edge client
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,6 @@ class ClientAdapter:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-@dataclass(frozen=True, order=True)
-class RankRequest:
-    """A rank and alpha some client needs its adapter cut at."""
-
-    rank: int
-    alpha: float
 
 
 def data_size_weights(num_samples: Sequence[int]) -> list[float]:
@@ -59,21 +53,6 @@ def cut(
     b[:, :k] = u[:, :k] * (s[:k] / scale)
     a[:k, :] = vh[:k, :]
     return LoraFactors(A=a.to(dtype), B=b.to(dtype))
-
-
-def recut(factors: Mapping[str, LoraFactors], source: RankRequest, target: RankRequest) -> dict[str, LoraFactors]:
-    """The rank-r cut of ΔW from a larger FlexLoRA cut of it: truncated SVDs nest, so B[:, :r] and A[:r]
-    (rescaled for the target's alpha) are exactly the target cut. Zero-padded above the source's rank."""
-    out = {}
-    keep = min(source.rank, target.rank)
-    ratio = (source.alpha / source.rank) / (target.alpha / target.rank)
-    for module, f in factors.items():
-        a = torch.zeros((target.rank, f.A.shape[1]), dtype=f.A.dtype)
-        b = torch.zeros((f.B.shape[0], target.rank), dtype=f.B.dtype)
-        a[:keep] = f.A[:keep]
-        b[:, :keep] = f.B[:, :keep] * ratio
-        out[module] = LoraFactors(A=a, B=b)
-    return out
 
 
 @dataclass(frozen=True)

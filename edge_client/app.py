@@ -21,6 +21,7 @@ from edge_client.data import task_examples
 from edge_client.datasets import DataError, load_jsonl
 from edge_client.metrics import ClientMetrics
 from edge_client.model import BaseModel, cache_dir, load_base_model, wrap_lora
+from edge_client.ranks import FixedRank
 from edge_client.settings import ClientSettings
 from edge_client.tasks import Example
 from edge_client.trainer import LocalTrainer, TrainConfig
@@ -39,7 +40,8 @@ def build_worker(
     data: LocalData | None = None,
 ) -> EdgeWorker:
     """`copy_base` keeps `base` untouched, so one loaded model can seed several clients in one process."""
-    choice = settings.resolved_rank()
+    policy = settings.rank_policy()
+    choice = policy(0)
     rank, alpha = choice.rank, settings.alpha_for(choice.rank)
     recipe = settings.recipe()
     log.info("%s trains at %s", settings.client_id, choice.reason)
@@ -72,6 +74,9 @@ def build_worker(
         chunk_bytes=settings.chunk_bytes,
         signing_key=bytes.fromhex(settings.signing_key) if settings.signing_key else None,
         follow_recipe=frozenset({"learning_rate", "schedule", "warmup_steps"}) - settings.recipe_given(),
+        # A fixed rank needs no asking; `auto` and a schedule are asked again before every round.
+        rank_policy=None if isinstance(policy, FixedRank) else policy,
+        alpha_for=settings.alpha_for,
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
 
@@ -184,14 +189,17 @@ def run_client(
 
     def after_round(outcome: RoundOutcome) -> None:
         log.info(
-            "%s round %d done: loss %.3f on %d samples, now at global version %d",
+            "%s round %d done at rank %d: loss %.3f on %d samples, now at global version %d",
             settings.client_id,
             worker.rounds_done,
+            outcome.update.rank,
             outcome.train.mean_loss,
             outcome.train.num_samples,
             outcome.release.version,
         )
-        metrics.round_done(outcome.train.mean_loss, outcome.release.version, outcome.train.start_score)
+        metrics.round_done(
+            outcome.train.mean_loss, outcome.release.version, outcome.train.start_score, rank=outcome.update.rank
+        )
         if on_round is not None:
             on_round(outcome)
 

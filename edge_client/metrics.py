@@ -37,8 +37,8 @@ class ClientMetrics:
         self._reconnects = Counter(
             "flexlora_client_reconnects", "Broker connections lost and re-made", names, registry=r
         )
-        rank_gauge = Gauge("flexlora_client_rank", "LoRA rank this device trains at", names, registry=r)
-        rank_gauge.labels(*self._labels).set(rank)
+        self._rank = Gauge("flexlora_client_rank", "LoRA rank this device trains at", names, registry=r)
+        self._rank.labels(*self._labels).set(rank)
         self._last_step: float | None = None
 
     def step(self, step: int) -> None:
@@ -48,8 +48,13 @@ class ClientMetrics:
             self._steps.labels(*self._labels).observe(now - self._last_step)
         self._last_step = now
 
-    def round_done(self, mean_loss: float, version: int, start_score: float | None = None) -> None:
+    def round_done(
+        self, mean_loss: float, version: int, start_score: float | None = None, *, rank: int | None = None
+    ) -> None:
+        """`rank`: what the round trained at (a rank policy may change it from round to round)."""
         self._rounds.labels(*self._labels).inc()
+        if rank is not None:
+            self._rank.labels(*self._labels).set(rank)
         if start_score is not None:
             self._score.labels(*self._labels).set(start_score)
         self._loss.labels(*self._labels).set(mean_loss)

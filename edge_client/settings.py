@@ -6,9 +6,10 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from edge_client.resources import RankChoice, parse_rank
+from edge_client.ranks import RankPolicy, rank_policy
+from edge_client.resources import RankChoice
 from edge_client.tasks import task_names
 from edge_client.worker import ADAPTER_TIMEOUT_S
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
@@ -23,6 +24,9 @@ class ClientSettings(RecipeSettings):
     client_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     model: str = "smollm2"
     rank: int | Literal["auto"] = Field(default=8, description="LoRA rank, or auto to pick it from the device")
+    rank_schedule: tuple[int, ...] = Field(
+        default=(), description="a rank per round, e.g. 8,16,32 (the last holds); overrides rank"
+    )
     lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the recipe's)")
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     tasks: tuple[str, ...] = ()
@@ -53,15 +57,28 @@ class ClientSettings(RecipeSettings):
             raise ValueError(f"unknown tasks {unknown}; choose from {task_names()}")
         return self
 
+    @field_validator("rank_schedule", mode="before")
+    @classmethod
+    def _schedule_from_text(cls, value: object) -> object:
+        if isinstance(value, str):  # "8,16,32" from a flag or FLEXLORA_RANK_SCHEDULE
+            return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+        return value
+
     @model_validator(mode="after")
     def _rank_in_range(self) -> ClientSettings:
         if self.rank != "auto" and not 1 <= self.rank <= 1024:
             raise ValueError(f"rank must be between 1 and 1024 or 'auto', got {self.rank}")
+        if any(not 1 <= r <= 1024 for r in self.rank_schedule):
+            raise ValueError(f"every rank of the schedule must be between 1 and 1024, got {list(self.rank_schedule)}")
         return self
 
+    def rank_policy(self) -> RankPolicy:
+        """What the device trains each round at: the schedule, `auto` measured again every round, or the rank."""
+        return rank_policy(self.rank, self.rank_schedule)
+
     def resolved_rank(self) -> RankChoice:
-        """The rank this device trains at: as given, or chosen from its memory and cores for `auto`."""
-        return parse_rank(self.rank)
+        """The rank of the first round: as given, the schedule's first, or chosen from the device for `auto`."""
+        return self.rank_policy()(0)
 
     def alpha_for(self, rank: int) -> float:
         """LoRA alpha: as set, else the recipe's for `rank` (rsLoRA by default: alpha / rank = 4 / √rank)."""

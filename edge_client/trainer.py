@@ -6,12 +6,13 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 from edge_client.data import IGNORE, Encoded, batches, collate, encode, format_prompt
-from edge_client.model import TextTokenizer, adapter_state, load_adapter_state
+from edge_client.model import TextTokenizer, adapter_state, load_adapter_state, wrap_lora
 from edge_client.tasks import Example, rouge_l
 from schemas.recipe import DEFAULT_RECIPE, Schedule, lr_multiplier
 
@@ -101,6 +102,15 @@ class LocalTrainer:
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.model, tensors)
+
+    def resize(self, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+        """Move to a fresh LoRA at `rank` and `alpha` on the same base model (peft's unload takes the LoRA
+        layers out without merging them); returns the fresh adapter (A initialised as peft does, B = 0)."""
+        targets = cast(LoraConfig, self.model.peft_config["default"]).target_modules
+        if not isinstance(targets, list | set | tuple):
+            raise TypeError(f"cannot resize a LoRA whose target_modules is {targets!r} (a pattern)")
+        self.model = wrap_lora(self.model.unload(), rank, alpha, sorted(targets), self.config.seed)
+        return self.adapter()
 
 
 @torch.no_grad()

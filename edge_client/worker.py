@@ -8,15 +8,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
+
 from broker.chunked import ChunkAssembler, publish_payload
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
+from edge_client.ranks import RankPolicy
 from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import Reason, SchemaError
-from schemas.lora import split_lora
+from schemas.lora import RankRequest, adapter_rank, join_lora, recut, split_lora
 from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
 from schemas.signing import SIGNATURE_KEY, sign
 from schemas.tensors import decode_tensors, encode_tensors
@@ -47,6 +50,10 @@ class EdgeConfig:
     # What of the federation's recipe (sent with every release) this client takes for its next local runs:
     # the schedule's fields it was not given itself. Its rank and alpha stay (releases are cut at them).
     follow_recipe: frozenset[str] = frozenset({"learning_rate", "schedule", "warmup_steps"})
+    # Asked before every round for the rank to train it at (edge_client.ranks); None: `rank` for life. A new
+    # rank trains at alpha_for(rank) (None: this config's lora_alpha at every rank).
+    rank_policy: RankPolicy | None = None
+    alpha_for: Callable[[int], float] | None = None
 
 
 class AdapterTimeout(TimeoutError):
@@ -77,6 +84,7 @@ class EdgeWorker:
         self.topology = Topology(config.federation)
         self.checkpoints = checkpoints
         self.version = 0  # the global version the local adapter comes from
+        self.rank, self.lora_alpha = config.rank, config.lora_alpha  # what the adapter held is trained at
         self.rounds_done = 0
         # An update trained but not yet answered by an adapter; kept across reconnects and restarts so
         # it is re-sent (same id, counted once) rather than lost or trained again.
@@ -93,6 +101,9 @@ class EdgeWorker:
         if saved is None:
             return
         if saved.adapter is not None:
+            rank = adapter_rank(saved.adapter)
+            if rank != self.rank:
+                self._resize(rank)
             self.trainer.load(saved.adapter)
         self.version, self.rounds_done = saved.version, saved.rounds_done
         if saved.pending is not None:
@@ -126,18 +137,20 @@ class EdgeWorker:
             dead_letter_exchange=self.topology.dead_letter_exchange,
         )
 
-    def join(self, stop: threading.Event | None = None) -> AdapterRelease | None:
+    def join(self, stop: threading.Event | None = None, *, again: bool = False) -> AdapterRelease | None:
         """Ask for the newest global adapter at this client's rank and load it if one comes in time, so a
-        device joining mid-run (or back from being offline) starts from the federation, not from zero."""
+        device joining mid-run (or back from being offline) starts from the federation, not from zero.
+        `again`: also the version held (at another rank: see `change_rank`)."""
         c = self.config
+        have = self.version - 1 if again else self.version
         request = JoinRequest(
             federation=c.federation,
             client_id=c.client_id,
-            rank=c.rank,
-            lora_alpha=c.lora_alpha,
+            rank=self.rank,
+            lora_alpha=self.lora_alpha,
             target_modules=c.target_modules,
             base_model_fingerprint=c.base_model_fingerprint,
-            have_version=self.version,
+            have_version=have,
         )
         header_json = request.model_dump_json()
         self.transport.publish(
@@ -146,7 +159,7 @@ class EdgeWorker:
             b"",
             {HEADER_KEY: header_json, **self._signed(header_json)},
         )
-        release = self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False)
+        release = self.wait_for_adapter(stop, timeout_s=c.join_wait_s, required=False, newer_than=have)
         # The mailbox may hold an older answer ahead of the join's (a round this client took part in before
         # it went away): take whatever newer adapters are queued behind it, so training starts from the newest.
         while release is not None and (newer := self.wait_for_adapter(stop, timeout_s=0.5, required=False)):
@@ -180,6 +193,10 @@ class EdgeWorker:
 
     def round(self, stop: threading.Event | None = None) -> RoundOutcome | None:
         if self.pending is None:
+            if self.config.rank_policy is not None:
+                choice = self.config.rank_policy(self.rounds_done)
+                if choice.rank != self.rank:
+                    self.change_rank(choice.rank, stop, reason=choice.reason)
             result = self.trainer.train()
             header, data = self.prepare(result)
             self.pending = (header, data, result)
@@ -200,6 +217,34 @@ class EdgeWorker:
         empty = TrainResult(float("nan"), 0, header.num_samples)
         return RoundOutcome(header, trained or empty, release)
 
+    def change_rank(self, rank: int, stop: threading.Event | None = None, *, reason: str = "") -> None:
+        """Train from now on at `rank`, starting from the global adapter held, cut exactly at the new rank: down,
+        by cutting what is held (FlexLoRA's cuts nest); up, by asking the federation for the newest global at
+        the new rank (a join), so the new directions are the global's next singular vectors. Where no answer
+        comes (the federation refuses the rank, or has no global yet), the held directions are kept and the
+        new ones start as a fresh LoRA's do (A initialised, B = 0)."""
+        old = RankRequest(self.rank, self.lora_alpha)
+        held = split_lora(self.trainer.adapter(), rank=old.rank, target_modules=self.config.target_modules)
+        fresh = split_lora(self._resize(rank), rank=rank, target_modules=self.config.target_modules)
+        log.info("%s changes rank %d -> %d: %s", self.config.client_id, old.rank, rank, reason or "asked")
+        if self.version < 1:
+            return  # nothing learned yet: the fresh LoRA is the start
+        if rank > old.rank and self.join(stop, again=True) is not None:
+            return
+        start = recut(held, old, RankRequest(rank, self.lora_alpha))
+        for module, f in start.items():
+            f.A[old.rank :] = fresh[module].A[old.rank :]  # zero rows would get no gradient: train them from init
+        self.trainer.load(join_lora(start))
+
+    def _resize(self, rank: int) -> dict[str, torch.Tensor]:
+        alpha = self.config.alpha_for(rank) if self.config.alpha_for is not None else self.lora_alpha
+        resize = getattr(self.trainer, "resize", None)
+        if resize is None:
+            raise TypeError(f"{type(self.trainer).__name__} cannot change its rank (it has no resize)")
+        fresh: dict[str, torch.Tensor] = resize(rank, alpha)
+        self.rank, self.lora_alpha = rank, alpha
+        return fresh
+
     def publish(self, result: TrainResult) -> LoraUpdate:
         """Prepare and send an update for `result` at once (no pending bookkeeping)."""
         header, data = self.prepare(result)
@@ -212,8 +257,8 @@ class EdgeWorker:
             federation=self.config.federation,
             client_id=self.config.client_id,
             base_version=self.version,
-            rank=self.config.rank,
-            lora_alpha=self.config.lora_alpha,
+            rank=self.rank,
+            lora_alpha=self.lora_alpha,
             num_samples=result.num_samples,
             target_modules=self.config.target_modules,
             base_model_fingerprint=self.config.base_model_fingerprint,
@@ -250,10 +295,16 @@ class EdgeWorker:
         )
 
     def wait_for_adapter(
-        self, stop: threading.Event | None = None, *, timeout_s: float | None = None, required: bool = True
+        self,
+        stop: threading.Event | None = None,
+        *,
+        timeout_s: float | None = None,
+        required: bool = True,
+        newer_than: int | None = None,
     ) -> AdapterRelease | None:
-        """Block until an adapter newer than the one held arrives, load it and ack it. On timeout, raise
-        AdapterTimeout if `required`, else return None."""
+        """Block until an adapter newer than the one held (or than `newer_than`) arrives, load it and ack it. On
+        timeout, raise AdapterTimeout if `required`, else return None."""
+        newer_than = self.version if newer_than is None else newer_than
         assert self._subscription is not None, "call setup() first"
         timeout_s = self.config.adapter_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -265,7 +316,7 @@ class EdgeWorker:
                 continue
             try:
                 release = parse_release(delivery.message.headers.get(HEADER_KEY))
-                if release.version <= self.version:
+                if release.version <= newer_than:
                     delivery.ack()  # a re-publish of what we hold already
                     continue
                 self._check_release(release)
@@ -274,7 +325,7 @@ class EdgeWorker:
                     delivery.ack()  # a chunk, kept in memory until its adapter is whole
                     continue
                 tensors = decode_tensors(payload, release.payload)
-                split_lora(tensors, rank=self.config.rank, target_modules=self.config.target_modules)
+                split_lora(tensors, rank=self.rank, target_modules=self.config.target_modules)
                 self.trainer.load(tensors)
             except (SchemaError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, SchemaError) else Reason.ADAPTER_MISMATCH
@@ -309,16 +360,16 @@ class EdgeWorker:
         recipe, c = release.recipe, self.config
         if recipe is None:
             return
-        if recipe.alpha(c.rank) != c.lora_alpha and not self._warned_alpha:
+        if recipe.alpha(self.rank) != self.lora_alpha and not self._warned_alpha:
             self._warned_alpha = True
             log.warning(
                 "%s trains at alpha %g; the federation's recipe (%s) gives %g at rank %d. Adapters are cut at this "
                 "client's alpha, so nothing is lost, but its steps are scaled unlike its peers'",
                 c.client_id,
-                c.lora_alpha,
+                self.lora_alpha,
                 recipe.scaling,
-                recipe.alpha(c.rank),
-                c.rank,
+                recipe.alpha(self.rank),
+                self.rank,
             )
         train = getattr(self.trainer, "config", None)
         if not isinstance(train, TrainConfig):
@@ -335,9 +386,9 @@ class EdgeWorker:
         c = self.config
         if release.client_id != c.client_id or release.federation != c.federation:
             raise SchemaError(f"adapter addressed to {release.federation}/{release.client_id}", reason=Reason.MISROUTED)
-        if release.rank != c.rank or release.lora_alpha != c.lora_alpha:
+        if release.rank != self.rank or release.lora_alpha != self.lora_alpha:
             raise SchemaError(
-                f"adapter cut at rank {release.rank}, alpha {release.lora_alpha}; this client trains rank {c.rank}",
+                f"adapter cut at rank {release.rank}, alpha {release.lora_alpha}; this client trains rank {self.rank}",
                 reason=Reason.RANK,
             )
         if release.base_model_fingerprint != c.base_model_fingerprint:

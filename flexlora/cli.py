@@ -186,7 +186,12 @@ def client(
     broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
     federation: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
-    rank: Annotated[str | None, typer.Option(help="LoRA rank this device trains at, or auto")] = None,
+    rank: Annotated[
+        str | None, typer.Option(help="LoRA rank this device trains at, or auto (measured before every round)")
+    ] = None,
+    rank_schedule: Annotated[
+        str | None, typer.Option(help="a rank per round, e.g. 8,16,32 (the last holds); overrides --rank")
+    ] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: the recipe's for the rank)")] = None,
     target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
     task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
@@ -225,6 +230,7 @@ def client(
                 federation=federation,
                 model=model,
                 rank=rank,
+                rank_schedule=rank_schedule,
                 lora_alpha=lora_alpha,
                 target_modules=tuple(target_module or ()),
                 tasks=tuple(task or ()),

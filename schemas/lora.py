@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,37 @@ class LoraFactors(NamedTuple):
 
     A: torch.Tensor
     B: torch.Tensor
+
+
+@dataclass(frozen=True, order=True)
+class RankRequest:
+    """A rank and alpha some client needs its adapter cut at."""
+
+    rank: int
+    alpha: float
+
+
+def recut(factors: Mapping[str, LoraFactors], source: RankRequest, target: RankRequest) -> dict[str, LoraFactors]:
+    """The rank-r cut of ΔW from a larger FlexLoRA cut of it: truncated SVDs nest, so B[:, :r] and A[:r]
+    (rescaled for the target's alpha) are exactly the target cut. Zero-padded above the source's rank."""
+    out = {}
+    keep = min(source.rank, target.rank)
+    ratio = (source.alpha / source.rank) / (target.alpha / target.rank)
+    for module, f in factors.items():
+        a = torch.zeros((target.rank, f.A.shape[1]), dtype=f.A.dtype)
+        b = torch.zeros((f.B.shape[0], target.rank), dtype=f.B.dtype)
+        a[:keep] = f.A[:keep]
+        b[:, :keep] = f.B[:, :keep] * ratio
+        out[module] = LoraFactors(A=a, B=b)
+    return out
+
+
+def adapter_rank(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The rank of a PEFT adapter state dict (its first lora_A's rows); ValueError when it holds none."""
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            return int(tensor.shape[0])
+    raise ValueError("no lora_A weight in the adapter")
 
 
 def lora_key(module: str, factor: str) -> str:

@@ -162,7 +162,38 @@ def test_detect_resources_returns_positive_values() -> None:
 def test_detect_resources_reads_cuda_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=24 * 1024**3))
-    assert detect_resources().accelerator_memory_gib == pytest.approx(24.0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (10 * 1024**3, 24 * 1024**3))
+    found = detect_resources()
+    assert found.accelerator_memory_gib == pytest.approx(24.0)
+    assert found.available_gib == pytest.approx(10.0)
+
+
+def test_the_tier_follows_the_memory_free_now_and_drops_on_battery() -> None:
+    roomy = DeviceResources(memory_gib=64.0, accelerator_memory_gib=None, cpu_count=8)
+    assert choose_rank(roomy).rank == 64
+    busy = DeviceResources(memory_gib=64.0, accelerator_memory_gib=None, cpu_count=8, available_gib=6.0)
+    assert choose_rank(busy).rank == 8 and "6.0 free" in choose_rank(busy).reason
+    unplugged = DeviceResources(memory_gib=64.0, accelerator_memory_gib=None, cpu_count=8, on_battery=True)
+    assert choose_rank(unplugged).rank == 32 and "battery" in choose_rank(unplugged).reason
+
+
+def test_battery_state_is_read_from_the_power_supply_class(tmp_path: Path) -> None:
+    assert resources._on_battery(tmp_path) is None  # no battery reports: unknown
+    (tmp_path / "AC").mkdir()
+    battery = tmp_path / "BAT0"
+    battery.mkdir()
+    (battery / "status").write_text("Charging\n", encoding="ascii")
+    assert resources._on_battery(tmp_path) is False
+    (battery / "status").write_text("Discharging\n", encoding="ascii")
+    assert resources._on_battery(tmp_path) is True
+
+
+def test_available_memory_is_read_from_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16777216 kB\nMemAvailable:    2097152 kB\n", encoding="ascii")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(resources, "MEMINFO", meminfo)
+    assert resources._available_gib() == pytest.approx(2.0)
 
 
 def test_ram_falls_back_to_proc_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
