@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from aggregator.rounds import RoundRecord
-from aggregator.status import summarise
+from aggregator.status import summarise_all
 
 
 def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
@@ -18,7 +18,7 @@ def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
     Raises ValueError when there are no rounds yet."""
     if not records:
         raise ValueError("no committed rounds yet: nothing to plot")
-    rounds = [summarise(r) for r in records]
+    rounds = summarise_all(records)
     versions = [s.version for s in rounds]
     ranks = sorted({rank for s in rounds for rank in s.rank_mix})
     fig = Figure(figsize=(8, 8), layout="constrained")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class RoundSummary:
     aggregate_seconds: float
     closed_at: float
     max_staleness: int
+    # Clients that trained this round at another rank than in their previous round: "client old→new".
+    rank_changes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,24 @@ class FederationStatus:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
-def summarise(record: RoundRecord) -> RoundSummary:
+def summarise_all(records: Sequence[RoundRecord]) -> list[RoundSummary]:
+    """Every round's summary, in order, with the rank changes since each client's previous round."""
+    last: dict[str, int] = {}
+    out = []
+    for record in records:
+        changes = []
+        for p in record.participants:
+            if p.client_id in last and last[p.client_id] != p.rank:
+                changes.append(f"{p.client_id} {last[p.client_id]}→{p.rank}")
+            last[p.client_id] = p.rank
+        out.append(summarise(record, changes))
+    return out
+
+
+def summarise(record: RoundRecord, rank_changes: list[str] | None = None) -> RoundSummary:
     ranks = collections.Counter(p.rank for p in record.participants)
     return RoundSummary(
+        rank_changes=list(rank_changes or ()),
         version=record.version,
         participants=len(record.participants),
         rank_mix=dict(sorted(ranks.items())),
@@ -124,7 +142,7 @@ def collect(
         aggregators=live,
         queues=queues,
         refusals=store.refusals(),
-        rounds=[summarise(r) for r in store.history()[-last_rounds:]] if last_rounds > 0 else [],
+        rounds=summarise_all(store.history())[-last_rounds:] if last_rounds > 0 else [],
     )
 
 
@@ -159,13 +177,15 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
     refusals = ", ".join(f"{reason} {n}" for reason, n in status.refusals.items()) or "none"
     console.print(f"dead-lettered by reason: {refusals}", highlight=False)
     rounds = Table(title=f"last {len(status.rounds)} round(s)", title_justify="left")
-    for column in ("version", "updates", "ranks", "held-out ROUGE-L", "train loss", "max staleness", "aggregate s"):
+    columns = ("version", "updates", "ranks", "rank changes", "held-out ROUGE-L", "train loss", "max staleness")
+    for column in (*columns, "aggregate s"):
         rounds.add_column(column, justify="right")
     for s in status.rounds:
         rounds.add_row(
             str(s.version),
             str(s.participants),
             " ".join(f"{rank}×{n}" for rank, n in s.rank_mix.items()),
+            ", ".join(s.rank_changes[:3]) + (f" +{len(s.rank_changes) - 3}" if len(s.rank_changes) > 3 else "") or "-",
             "-" if s.eval_score is None else f"{s.eval_score:.3f}",
             "-" if s.train_loss is None else f"{s.train_loss:.3f}",
             str(s.max_staleness),

@@ -9,6 +9,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.joining import global_adapter
 from aggregator.rounds import RoundPolicy, RoundStore
 from aggregator.service import AggregatorService
+from aggregator.status import summarise_all
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect
@@ -24,6 +26,7 @@ from broker.topology import Topology
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
 from edge_client.app import build_worker
+from edge_client.checkpoint import CheckpointStore
 from edge_client.model import tiny_model
 from edge_client.ranks import AutoRank, FixedRank, RankSchedule, rank_policy
 from edge_client.resources import DeviceResources
@@ -132,6 +135,26 @@ def test_a_scheduled_client_trains_each_round_at_its_rank_and_gets_its_adapter_t
     ranks = [next(p.rank for p in record.participants if p.client_id == "c1") for record in history]
     assert ranks == [4, 8, 2]
     assert grower.rank == 2 and grower.trainer.adapter()  # the last adapter it got back is at rank 2
+    # `flexlora status` and `flexlora history` show each change
+    assert [s.rank_changes for s in summarise_all(history)] == [[], ["c1 4→8"], ["c1 8→2"]]
+
+
+def test_a_device_restarted_after_a_rank_change_resumes_at_the_rank_it_saved(rig: Rig, tmp_path: Path) -> None:
+    first = rig.worker("c1", rank_schedule=(4, 8))
+    first.checkpoints = CheckpointStore(tmp_path)
+    _rounds([first, rig.worker("c2", rank=4)], 2)
+    # a new process whose schedule starts at 4 again: the saved adapter is at rank 8
+    again = build_worker(
+        ClientSettings(client_id="c1", federation=rig.federation, model="tiny", rank_schedule=(4, 8)),
+        rig.transport,
+        tiny_model(),
+        checkpoints=CheckpointStore(tmp_path),
+    )
+    assert again.rank == 8 and again.version == first.version
+    _close(
+        _products(_factors(again), RankRequest(8, again.lora_alpha)),
+        _products(_factors(first), RankRequest(8, first.lora_alpha)),
+    )
 
 
 def test_growing_starts_from_the_globals_next_directions_and_shrinking_cuts_what_is_held(rig: Rig) -> None:
