@@ -24,12 +24,12 @@ from schemas.tensors import encode_tensors
 # plain server step: the paper's), a `-top` variant of each single-rank one (every client at the top tier instead
 # of the lowest: the upper bound of a federation of only strong devices), and a `-carry` variant of each that
 # sums products (the server step that carries what a client could not hold, aggregator.planning).
+CARRY = "-carry"
 STRATEGIES = (
     {name: name for name in AGGREGATION_STRATEGIES}
     | {f"{name}-top": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.single_rank}
-    | {f"{name}-carry": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.sums_products}
+    | {f"{name}{CARRY}": name for name, spec in AGGREGATION_STRATEGIES.items() if spec.sums_products}
 )
-SERVER_STEPS = {name: ServerStep(carry_residual=True) for name in STRATEGIES if name.endswith("-carry")}
 # Those whose clients all train at one rank whatever the distribution: one run per seed stands for all.
 SINGLE_RANK = {
     name: max if name.endswith("-top") else min
@@ -85,6 +85,13 @@ class RunConfig:
     seed: int = 0
     broker_url: str = "memory://"
     redis_url: str = "memory://"
+    server_lr: float = 1.0  # of the -carry strategies
+
+    @property
+    def server_step(self) -> ServerStep:
+        if self.strategy.endswith(CARRY):
+            return ServerStep(carry_residual=True, server_lr=self.server_lr)
+        return PLAIN_STEP
 
     @property
     def eval_rank(self) -> int:
@@ -137,7 +144,7 @@ def run_one(
         config.eval_rank,
         broker_url=config.broker_url,
         redis_url=config.redis_url,
-        step=SERVER_STEPS.get(config.strategy, PLAIN_STEP),
+        step=config.server_step,
     )
     top = config.eval_rank
     top_alpha = workload.alpha(top)

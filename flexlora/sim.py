@@ -105,6 +105,18 @@ def _run_matrix(
         typer.echo(str(path))
 
 
+ServerLr = Annotated[
+    float,
+    typer.Option(min=0.01, help="server learning rate of the -carry strategies"),
+]
+
+
+def _server_step(server_lr: float) -> dict[str, float]:
+    """Run settings for the server step: recorded only when not the default, so runs made before the option
+    existed still merge with runs made after it."""
+    return {} if server_lr == 1.0 else {"server_lr": server_lr}
+
+
 @app.command()
 def linear(
     distribution: Distributions = None,
@@ -114,6 +126,7 @@ def linear(
     clients: Annotated[int, typer.Option(min=1, help="clients, one task each")] = 40,
     per_round: Annotated[int, typer.Option(min=1)] = 10,
     rounds: Annotated[int, typer.Option(min=1)] = 10,
+    server_lr: ServerLr = 1.0,
     broker_url: BrokerUrl = "direct://",
     redis_url: RedisUrl = "memory://",
     out: OutDir = Path("docs/experiments"),
@@ -139,6 +152,7 @@ def linear(
         rounds=rounds,
         broker_url=broker_url,
         redis_url=redis_url,
+        **_server_step(server_lr),
     )
 
 
@@ -174,6 +188,7 @@ def lm(
     generate_every: Annotated[
         int, typer.Option(min=1, help="generate after every this many rounds (always the base and the last)")
     ] = 1,
+    server_lr: ServerLr = 1.0,
     broker_url: BrokerUrl = "memory://",
     redis_url: RedisUrl = "memory://",
     out: OutDir = Path("docs/experiments"),
@@ -236,6 +251,7 @@ def lm(
         rounds=rounds,
         broker_url=broker_url,
         redis_url=redis_url,
+        **_server_step(server_lr),
     )
 
 
