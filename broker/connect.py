@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.errors import BrokerError
+from broker.tls import TlsFiles
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker, MemoryTransport
 
@@ -14,6 +15,7 @@ def connect(
     heartbeat: int = 30,
     connection_name: str = "flexlora",
     user_id: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> Transport:
     """A memory:// URL needs the MemoryBroker to join (there is no global one, so tests stay isolated)."""
     if url.startswith("memory://"):
@@ -24,5 +26,5 @@ def connect(
         # pika is imported only here, so the embedded default runs without a broker library loaded.
         from broker.transports.rabbitmq import RabbitMQTransport
 
-        return RabbitMQTransport(url, heartbeat=heartbeat, connection_name=connection_name)
+        return RabbitMQTransport(url, heartbeat=heartbeat, connection_name=connection_name, tls=tls)
     raise BrokerError(f"unsupported broker URL {url!r}: use amqp://user:pass@host:port/vhost or memory://")

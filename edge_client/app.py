@@ -121,7 +121,12 @@ def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Trans
         reraise=True,
     )
     def attempt() -> Transport:
-        return connect(settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=settings.client_id)
+        return connect(
+            settings.broker_url,
+            heartbeat=settings.heartbeat_s,
+            connection_name=settings.client_id,
+            tls=settings.tls_files(),
+        )
 
     return attempt()
 

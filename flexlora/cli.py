@@ -64,6 +64,9 @@ def _settings_error(exc: ValidationError) -> typer.Exit:
 def aggregator(
     broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
     redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+    tls_ca_file: Annotated[str | None, typer.Option(help="CA (PEM) that signs the servers' certificates")] = None,
+    tls_cert_file: Annotated[str | None, typer.Option(help="this process's certificate (PEM): mutual TLS")] = None,
+    tls_key_file: Annotated[str | None, typer.Option(help="its private key (PEM), unless in the cert file")] = None,
     federation: Annotated[str | None, typer.Option(help="namespace of queues and Redis keys")] = None,
     max_updates: Annotated[int | None, typer.Option(help="close a round at this many updates")] = None,
     min_updates: Annotated[int | None, typer.Option(help="fewest updates a deadline may close a round with")] = None,
@@ -132,6 +135,9 @@ def aggregator(
             **_given(
                 broker_url=broker_url,
                 redis_url=redis_url,
+                tls_ca_file=tls_ca_file,
+                tls_cert_file=tls_cert_file,
+                tls_key_file=tls_key_file,
                 federation=federation,
                 max_updates=max_updates,
                 min_updates=min_updates,
@@ -184,6 +190,9 @@ def aggregator(
 def client(
     client_id: Annotated[str | None, typer.Option(help="this device's id (unique in the federation)")] = None,
     broker_url: Annotated[str | None, typer.Option(help="amqp://user:pass@host:port/vhost")] = None,
+    tls_ca_file: Annotated[str | None, typer.Option(help="CA (PEM) that signs the servers' certificates")] = None,
+    tls_cert_file: Annotated[str | None, typer.Option(help="this process's certificate (PEM): mutual TLS")] = None,
+    tls_key_file: Annotated[str | None, typer.Option(help="its private key (PEM), unless in the cert file")] = None,
     federation: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
     rank: Annotated[
@@ -227,6 +236,9 @@ def client(
             **_given(
                 client_id=client_id,
                 broker_url=broker_url,
+                tls_ca_file=tls_ca_file,
+                tls_cert_file=tls_cert_file,
+                tls_key_file=tls_key_file,
                 federation=federation,
                 model=model,
                 rank=rank,
@@ -397,9 +409,9 @@ def status(
     from broker.errors import BrokerError
 
     settings = _read_settings(broker_url, redis_url, federation)
-    store = open_store(settings.redis_url, settings.federation)
+    store = open_store(settings.redis_url, settings.federation, tls=settings.tls_files())
     try:
-        transport = connect(settings.broker_url, connection_name="flexlora-status")
+        transport = connect(settings.broker_url, connection_name="flexlora-status", tls=settings.tls_files())
     except BrokerError as exc:
         console.print(f"[yellow]broker unreachable, queue depths left out:[/] {exc}", highlight=False)
         transport = None
@@ -428,7 +440,7 @@ def history(
     from aggregator.stores import open_store
 
     settings = _read_settings(None, redis_url, federation)
-    records = open_store(settings.redis_url, settings.federation).history()
+    records = open_store(settings.redis_url, settings.federation, tls=settings.tls_files()).history()
     try:
         path = plot_history(records, Path(out), f"federation {settings.federation}")
     except ValueError as exc:

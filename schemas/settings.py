@@ -10,9 +10,14 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from broker.tls import TlsFiles
 
 ENV_PREFIX = "FLEXLORA_"
 
@@ -22,6 +27,9 @@ KNOWN_NAMES = frozenset(
     {
         # both roles
         "broker_url",
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
         "federation",
         "heartbeat_s",
         "metrics_port",
@@ -105,8 +113,26 @@ class FlexloraSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
+    # TLS of every connection this role makes (amqps://, and rediss:// for aggregators; broker.tls).
+    tls_ca_file: Path | None = Field(default=None, description="CA (PEM) that signs the servers' certificates")
+    tls_cert_file: Path | None = Field(default=None, description="this process's certificate (PEM): mutual TLS")
+    tls_key_file: Path | None = Field(default=None, description="its private key (PEM), unless in tls_cert_file")
+
     @model_validator(mode="before")
     @classmethod
     def _no_unknown_environment(cls, data: object) -> object:
         check_environment()
         return data
+
+    @model_validator(mode="after")
+    def _tls_files_usable(self) -> FlexloraSettings:
+        self.tls_files()
+        return self
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files given (None when none is: the system's CAs verify amqps:// and rediss:// servers)."""
+        from broker.tls import TlsFiles
+
+        if self.tls_ca_file is None and self.tls_cert_file is None and self.tls_key_file is None:
+            return None
+        return TlsFiles(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)

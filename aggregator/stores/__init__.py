@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from aggregator.rounds import RoundStore
+from broker.tls import TlsFiles
 
 SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
 
-def open_store(url: str, federation: str) -> RoundStore:
+def open_store(url: str, federation: str, *, tls: TlsFiles | None = None) -> RoundStore:
     """The round store at `url` for `federation`: `memory://` is a fresh in-process store (the embedded default
     and tests; nothing is shared between processes), `redis://…` the shared one every aggregator uses."""
     if url.startswith("memory://"):
@@ -17,5 +18,5 @@ def open_store(url: str, federation: str) -> RoundStore:
     if url.startswith(SCHEMES[1:]):
         from aggregator.stores.redis import RedisRoundStore
 
-        return RedisRoundStore.from_url(url, federation)
+        return RedisRoundStore.from_url(url, federation, tls=tls)
     raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -33,6 +33,7 @@ from aggregator.stores.redis_scripts import (
     RECORD,
     RELEASE,
 )
+from broker.tls import TlsFiles
 from schemas.messages import LoraUpdate, parse_release, parse_update
 
 _ORPHAN_PAYLOAD_TTL_S = 24 * 3600
@@ -62,8 +63,16 @@ class RedisRoundStore(RoundStore):
         self._drop_update = client.register_script(DROP_UPDATE)
 
     @classmethod
-    def from_url(cls, url: str, federation: str, *, prefix: str = "flexlora") -> RedisRoundStore:
-        return cls(redis.Redis.from_url(url, decode_responses=False), federation, prefix=prefix)
+    def from_url(
+        cls, url: str, federation: str, *, prefix: str = "flexlora", tls: TlsFiles | None = None
+    ) -> RedisRoundStore:
+        """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs)."""
+        options: dict[str, Any] = {}
+        if url.startswith("rediss://"):
+            options = {k: v for k, v in (tls or TlsFiles()).redis_options().items() if v is not None}
+        elif tls is not None:
+            raise ValueError("TLS files were given but the Redis URL is redis://; use rediss:// to encrypt")
+        return cls(redis.Redis.from_url(url, decode_responses=False, **options), federation, prefix=prefix)
 
     def version(self) -> int:
         return int(cast(bytes | None, self.r.get(self.keys.version)) or 0)

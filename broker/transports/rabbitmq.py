@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -17,6 +18,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from broker.errors import BrokerError, ConnectionLost, DeliveryGone, PublishRefused
+from broker.tls import TlsFiles
 from broker.topology import BindingSpec, ExchangeSpec, QueueSpec, Spec
 from broker.transport import Delivery, Message, Subscription, Transport, dead_letter_headers
 from schemas.messages import REASON_KEY
@@ -55,11 +57,28 @@ class RabbitMQTransport(Transport):
         heartbeat: int = 30,
         connection_name: str = "flexlora",
         call_timeout: float = 60.0,
+        tls: TlsFiles | None = None,
     ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        external = tls is not None and tls.cert_file is not None and parts.password is None
+        if external:
+            # No password: the device logs in by its certificate (EXTERNAL). A user name in the URL (which must be
+            # the certificate's common name) is still what its messages say they come from; pika cannot parse a
+            # user without a password, so it is taken out of the URL here.
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.params = pika.URLParameters(url)
+        if url.startswith("amqps://"):
+            # Verified against the given CA (or the system's), host name included; pika's own default for
+            # amqps:// does not check the host name.
+            self.params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), server_hostname=self.params.host)
+        elif tls is not None:
+            raise BrokerError("TLS files were given but the broker URL is amqp://; use amqps:// to encrypt")
+        self.user_id: str | None = self.params.credentials.username or None
+        if external:
+            self.user_id = urllib.parse.unquote(parts.username) if parts.username else None
+            self.params.credentials = pika.credentials.ExternalCredentials()
         self.params.heartbeat = heartbeat
         self.params.client_properties = {"connection_name": connection_name}
-        self.user_id = self.params.credentials.username
         self.call_timeout = call_timeout
         self._conn: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None

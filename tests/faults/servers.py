@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pika
@@ -29,6 +30,15 @@ import redis
 RABBITMQ_SERVER = "rabbitmq-server"
 RABBITMQCTL = "rabbitmqctl"
 REDIS_SERVER = "redis-server"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's TLS files (PEM): the CA that verifies client certificates, and its own certificate and key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
 
 
 class ServerUnavailable(RuntimeError):
@@ -55,7 +65,14 @@ class OwnRabbitMQ:
     """A RabbitMQ node of the test's own. `started_in` is the last start-up time in seconds (measured to the
     first successful AMQP connection, and the management API answering when it is enabled)."""
 
-    def __init__(self, *, management: bool = False, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        management: bool = False,
+        start_timeout: float = 120.0,
+        tls: ServerTls | None = None,
+        external_auth: bool = False,
+    ) -> None:
         if shutil.which(RABBITMQ_SERVER) is None or shutil.which(RABBITMQCTL) is None:
             raise ServerUnavailable("rabbitmq-server is not installed")
         if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != "rabbitmq":
@@ -65,6 +82,10 @@ class OwnRabbitMQ:
         self.node = f"flexlora-{uuid.uuid4().hex[:10]}@localhost"
         self.port, self.dist_port = free_port(), free_port()
         self.management_port = free_port() if management else None
+        # A TLS listener beside the loopback TCP one (which only the start-up probe and rabbitmqctl-like set-up use);
+        # with external_auth, devices may log in by their certificate's common name (EXTERNAL).
+        self.tls, self.external_auth = tls, external_auth
+        self.tls_port = free_port() if tls is not None else None
         self.directory = Path(tempfile.mkdtemp(prefix="flexlora-rabbitmq-"))
         self.started_in = 0.0
         self.starts = 0
@@ -75,6 +96,12 @@ class OwnRabbitMQ:
     def url(self) -> str:
         """AMQP URL of the node's default (loopback-only) administrator."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def tls_url(self) -> str:
+        """amqps:// URL of the TLS listener (the guest administrator, allowed from loopback)."""
+        assert self.tls_port is not None, "started without TLS"
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/%2F"
 
     @property
     def management_url(self) -> str:
@@ -88,8 +115,27 @@ class OwnRabbitMQ:
         lines = [f"listeners.tcp.1 = 127.0.0.1:{self.port}", "log.console = false"]
         if self.management_port is not None:
             lines += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
+        if self.tls is not None:
+            for name, source in (("ca.pem", self.tls.ca_file), ("server.pem", self.tls.cert_file)):
+                shutil.copy(source, d / name)
+            shutil.copy(self.tls.key_file, d / "server.key")
+            lines += [
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {d / 'ca.pem'}",
+                f"ssl_options.certfile = {d / 'server.pem'}",
+                f"ssl_options.keyfile = {d / 'server.key'}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        if self.external_auth:
+            lines += ["auth_mechanisms.1 = PLAIN", "auth_mechanisms.2 = EXTERNAL", "ssl_cert_login_from = common_name"]
+        plugins = [
+            p
+            for p, on in (("rabbitmq_management", self.management), ("rabbitmq_auth_mechanism_ssl", self.external_auth))
+            if on
+        ]
         (d / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
-        (d / "plugins").write_text("[rabbitmq_management].\n" if self.management else "[].\n")
+        (d / "plugins").write_text(f"[{','.join(plugins)}].\n")
         if os.geteuid() == 0:
             shutil.chown(d, "rabbitmq", "rabbitmq")
             for path in d.rglob("*"):
@@ -161,6 +207,13 @@ class OwnRabbitMQ:
         except (OSError, ValueError):
             return None
 
+    def ctl(self, *args: str) -> str:
+        """Run `rabbitmqctl` against this node; its output."""
+        done = subprocess.run([RABBITMQCTL, "-n", self.node, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}")
+        return done.stdout
+
     def stop(self) -> None:
         """A clean shutdown (`rabbitmqctl stop`): queues and persistent messages are on disk."""
         if self._proc is None or self._proc.poll() is not None:
@@ -201,7 +254,9 @@ class OwnRabbitMQ:
 class OwnRedis:
     """A Redis of the test's own, optionally with an append-only file; restart() keeps its data folder."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec", tls: ServerTls | None = None
+    ) -> None:
         if shutil.which(REDIS_SERVER) is None:
             raise ServerUnavailable("redis-server is not installed")
         self.directory = directory
@@ -209,28 +264,39 @@ class OwnRedis:
         self.port = free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.tls = tls  # TLS only: no plain TCP port at all
         self.started_in = 0.0
         self.starts = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis.from_url(self.url, ssl_ca_certs=str(self.tls.ca_file))
         return redis.Redis.from_url(self.url)
 
     def _answers(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+            client = self.client()
+            client.connection_pool.connection_kwargs["socket_timeout"] = 1
+            return bool(client.ping())
         except redis.RedisError:
             return False
 
     def start(self) -> float:
         started = time.monotonic()
+        ports: list[str] = ["--port", str(self.port)]
+        if self.tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "optional"]
+            ports += ["--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file)]
+            ports += ["--tls-ca-cert-file", str(self.tls.ca_file)]
         cmd = [
             REDIS_SERVER,
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
+            *ports,
+            *("--bind", "127.0.0.1", "--dir", str(self.directory)),
             *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
             *("--appendfsync", self.appendfsync, "--logfile", str(self.directory / "redis.log")),
         ]
