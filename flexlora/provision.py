@@ -23,14 +23,38 @@ console = Console(stderr=True)
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
-def env_text(access: ClientAccess, federation: str, client_broker_url: str, signing_key: str | None = None) -> str:
-    """A client's credentials as FLEXLORA_* lines that `flexlora client` (or compose's env_file) reads."""
+def issue_certificates(out: Path, ca_cert: Path, ca_key: Path, client_ids: list[str], days: int) -> None:
+    """`<out>/<client>.pem` and `<client>.key` (mode 0600) for each client, signed by the CA, with `ca.pem` beside
+    them: the files a device's FLEXLORA_TLS_* settings name (its env file says so)."""
+    from broker.certificates import issue_device_certificate
+
+    authority, key = ca_cert.read_bytes(), ca_key.read_bytes()
+    for client_id in client_ids:
+        issued = issue_device_certificate(authority, key, client_id, days=days)
+        write_secret(out / f"{client_id}.key", issued.key_pem.decode())
+        (out / f"{client_id}.pem").write_bytes(issued.cert_pem)
+        console.print(f"{client_id}: TLS certificate (CN={client_id}, {days} days) → {out / (client_id + '.pem')}")
+    (out / "ca.pem").write_bytes(authority)
+
+
+def env_text(
+    access: ClientAccess, federation: str, client_broker_url: str, signing_key: str | None = None, *, tls: bool = False
+) -> str:
+    """A client's credentials as FLEXLORA_* lines that `flexlora client` (or compose's env_file) reads; with `tls`,
+    the certificate files `issue_certificates` wrote (to be copied beside the client)."""
+    files = (
+        f"FLEXLORA_TLS_CA_FILE=ca.pem\nFLEXLORA_TLS_CERT_FILE={access.client_id}.pem\n"
+        f"FLEXLORA_TLS_KEY_FILE={access.client_id}.key\n"
+        if tls
+        else ""
+    )
     return (
         f"# flexlora client {access.client_id} of federation {federation}: RabbitMQ user {access.username}. Secret.\n"
         f"FLEXLORA_BROKER_URL={access.broker_url(client_broker_url)}\n"
         f"FLEXLORA_FEDERATION={federation}\n"
         f"FLEXLORA_CLIENT_ID={access.client_id}\n"
         + (f"FLEXLORA_SIGNING_KEY={signing_key}\n" if signing_key is not None else "")
+        + files
     )
 
 
@@ -82,6 +106,12 @@ def provision(
         Path | None,
         typer.Option(help="also give each new client an HMAC key; the aggregators' keys file (FLEXLORA_SIGNING_KEYS)"),
     ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(help="the federation's CA certificate (PEM): also issue each client a TLS certificate"),
+    ] = None,
+    ca_key: Annotated[Path | None, typer.Option(help="the CA's private key (PEM), with --ca-cert")] = None,
+    cert_days: Annotated[int, typer.Option(min=1, help="how long issued certificates are valid")] = 365,
 ) -> None:
     """Create a least-privilege RabbitMQ user per client (write: the updates exchange; read: its own mailbox;
     configure: nothing), declare the federation's queues and each client's mailbox, and hand out credentials."""
@@ -110,6 +140,9 @@ def provision(
     if bad:  # the rule `flexlora client` applies to its own id
         console.print(f"[red]invalid client ids[/] {bad}: use letters, digits, '_', '.', '-' (at most 128)")
         raise typer.Exit(code=2)
+    if (ca_cert is None) != (ca_key is None) or (ca_cert is not None and out is None):
+        console.print("[red]--ca-cert and --ca-key go together, and need --out for the certificates[/]")
+        raise typer.Exit(code=2)
     vhost = vhost_of(settings.broker_url)
     template = without_credentials(client_broker_url or settings.broker_url)
     if vhost_of(template) != vhost:
@@ -125,13 +158,15 @@ def provision(
         console.print(f"[red]cannot provision:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from exc
     keys = signing_keys_for(signing_keys, accesses) if signing_keys is not None else {}
+    if ca_cert is not None and ca_key is not None and out is not None:
+        issue_certificates(out, ca_cert, ca_key, [a.client_id for a in accesses], cert_days)
     for access in accesses:
         where = out / f"{access.client_id}.env" if out is not None else None
         if access.outcome is Outcome.KEPT:
             note = "" if where is None or where.exists() else f"; {where} is missing: --rotate issues a new password"
             console.print(f"{access.client_id}: user {access.username} kept, permissions re-applied{note}")
             continue
-        text = env_text(access, settings.federation, template, keys.get(access.client_id))
+        text = env_text(access, settings.federation, template, keys.get(access.client_id), tls=ca_cert is not None)
         if where is None:
             typer.echo(text)
         else:

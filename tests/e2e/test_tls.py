@@ -1,6 +1,6 @@
 """A federation over TLS only: amqps:// to a RabbitMQ node and rediss:// to a Redis (no plain port at all) of the
 test's own, with a throwaway CA; servers are verified (a client trusting another CA is refused), and a device may
-log in by its certificate alone (EXTERNAL)."""
+log in by its certificate alone (EXTERNAL), as `flexlora provision --ca-cert` issues it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from aggregator.rounds import RoundPolicy
 from aggregator.service import AggregatorService
 from aggregator.stores import open_store
 from aggregator.stores.redis import RedisRoundStore
+from broker.certificates import issue_device_certificate
 from broker.connect import connect
 from broker.errors import BrokerError
 from broker.tls import TlsFiles
@@ -56,7 +57,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     d = tmp_path_factory.mktemp("tls")
     ca, other = trustme.CA(), trustme.CA()
     server = ca.issue_cert("localhost", "127.0.0.1")
-    device = ca.issue_cert(DEVICE, common_name=DEVICE)
+    # The device's certificate as `flexlora provision --ca-cert` issues it.
+    device = issue_device_certificate(ca.cert_pem.bytes(), ca.private_key_pem.bytes(), DEVICE)
     ca_file = _write(d, "ca.pem", ca.cert_pem.bytes())
     files = ServerTls(
         ca_file,
@@ -67,8 +69,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         TlsFiles(ca_file),
         TlsFiles(
             ca_file,
-            _write(d, "device.pem", b"".join(p.bytes() for p in device.cert_chain_pems)),
-            _write(d, "device.key", device.private_key_pem.bytes()),
+            _write(d, "device.pem", device.cert_pem),
+            _write(d, "device.key", device.key_pem),
         ),
         TlsFiles(_write(d, "other-ca.pem", other.cert_pem.bytes())),
     )
