@@ -25,7 +25,9 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    store = open_store(settings.redis_url, settings.federation, tls=settings.tls_files())
+    store = open_store(
+        settings.redis_url, settings.federation, tls=settings.tls_files(), replication=settings.replication()
+    )
     config = config_from_settings(settings)
     # One set of metrics for the process's life: counters keep counting across reconnects.
     metrics = AggregatorMetrics(settings.federation)
@@ -57,7 +59,9 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
 
 def check_health(settings: AggregatorSettings, host: str | None = None) -> tuple[bool, list[str]]:
     """Is an aggregator of this federation alive (on `host`, when given)? For compose health checks."""
-    store = open_store(settings.redis_url, settings.federation, tls=settings.tls_files())
+    store = open_store(
+        settings.redis_url, settings.federation, tls=settings.tls_files(), replication=settings.replication()
+    )
     live = store.health()
     mine = sorted(o for o in live if host is None or o.split(":", 1)[0] == host)
     return bool(mine), mine

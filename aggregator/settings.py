@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from aggregator.registry import SERVICE_STRATEGIES, served
 from aggregator.rounds import RoundPolicy
+from aggregator.stores.replication import Replication
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.recipe import RecipeSettings
@@ -51,6 +52,10 @@ class AggregatorSettings(RecipeSettings):
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
     signing_keys: Path | None = Field(default=None, description="JSON of client id -> hex HMAC key; signs required")
     transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")
+    min_replicas: int = Field(
+        default=0, ge=0, description="ack an update only once this many Redis replicas hold its record (WAIT)"
+    )
+    replica_timeout_s: float = Field(default=1.0, gt=0, description="how long to wait for them before retrying")
 
     @field_validator("strategy")
     @classmethod
@@ -66,6 +71,9 @@ class AggregatorSettings(RecipeSettings):
         if self.server_lr != 1.0 and not self.carry_residual:
             raise ValueError("server_lr scales the clients' changes: it needs carry_residual")
         return self
+
+    def replication(self) -> Replication:
+        return Replication(self.min_replicas, self.replica_timeout_s)
 
     def policy(self) -> RoundPolicy:
         return RoundPolicy(self.max_updates, self.min_updates, self.round_deadline_s)

@@ -92,6 +92,10 @@ def aggregator(
         float | None, typer.Option(help="drop a chunked update idle this long (reported, not counted)")
     ] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="ack an update only once this many Redis replicas hold its record (WAIT)")
+    ] = None,
+    replica_timeout_s: Annotated[float | None, typer.Option(help="how long to wait for them before retrying")] = None,
     min_rank: Annotated[int | None, typer.Option(help="refuse updates (and joins) below this rank")] = None,
     max_rank: Annotated[int | None, typer.Option(help="refuse updates (and joins) above this rank")] = None,
     max_update_norm: Annotated[float | None, typer.Option(help="refuse updates whose ‖ΔW‖_F exceeds this")] = None,
@@ -155,6 +159,8 @@ def aggregator(
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
                 heartbeat_s=heartbeat_s,
+                min_replicas=min_replicas,
+                replica_timeout_s=replica_timeout_s,
                 min_rank=min_rank,
                 max_rank=max_rank,
                 max_update_norm=max_update_norm,

@@ -54,6 +54,8 @@ KNOWN_NAMES = frozenset(
         "keep_versions",
         "max_update_bytes",
         "transfer_expiry_s",
+        "min_replicas",
+        "replica_timeout_s",
         "min_rank",
         "max_rank",
         "max_update_norm",

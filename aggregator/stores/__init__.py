@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from aggregator.rounds import RoundStore
+from aggregator.stores.replication import NO_WAIT, Replication
 from broker.tls import TlsFiles
 
 SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
 
-def open_store(url: str, federation: str, *, tls: TlsFiles | None = None) -> RoundStore:
+def open_store(
+    url: str, federation: str, *, tls: TlsFiles | None = None, replication: Replication | None = None
+) -> RoundStore:
     """The round store at `url` for `federation`: `memory://` is a fresh in-process store (the embedded default
     and tests; nothing is shared between processes), `redis://…` the shared one every aggregator uses."""
     if url.startswith("memory://"):
@@ -18,5 +21,5 @@ def open_store(url: str, federation: str, *, tls: TlsFiles | None = None) -> Rou
     if url.startswith(SCHEMES[1:]):
         from aggregator.stores.redis import RedisRoundStore
 
-        return RedisRoundStore.from_url(url, federation, tls=tls)
+        return RedisRoundStore.from_url(url, federation, tls=tls, replication=replication or NO_WAIT)
     raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")

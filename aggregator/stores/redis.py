@@ -33,6 +33,7 @@ from aggregator.stores.redis_scripts import (
     RECORD,
     RELEASE,
 )
+from aggregator.stores.replication import NO_WAIT, Replication
 from broker.tls import TlsFiles
 from schemas.messages import LoraUpdate, parse_release, parse_update
 
@@ -48,12 +49,26 @@ _RECORD_RESULTS = {
 }
 
 
+class NotReplicated(redis.exceptions.ConnectionError):
+    """A write reached the primary but not the replicas required in time. A store outage, for the caller: the
+    message it came from is held and retried, never acked, so a failover that loses the write loses nothing
+    that was acked (the redelivered message is recorded again, once)."""
+
+
 class RedisRoundStore(RoundStore):
     transient_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
-    def __init__(self, client: redis.Redis, federation: str, *, prefix: str = "flexlora") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        federation: str,
+        *,
+        prefix: str = "flexlora",
+        replication: Replication = NO_WAIT,
+    ) -> None:
         self.r = client
         self.keys = Keys(federation, prefix)
+        self.replication = replication
         self._record = client.register_script(RECORD)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -64,7 +79,13 @@ class RedisRoundStore(RoundStore):
 
     @classmethod
     def from_url(
-        cls, url: str, federation: str, *, prefix: str = "flexlora", tls: TlsFiles | None = None
+        cls,
+        url: str,
+        federation: str,
+        *,
+        prefix: str = "flexlora",
+        tls: TlsFiles | None = None,
+        replication: Replication = NO_WAIT,
     ) -> RedisRoundStore:
         """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs)."""
         options: dict[str, Any] = {}
@@ -72,7 +93,21 @@ class RedisRoundStore(RoundStore):
             options = {k: v for k, v in (tls or TlsFiles()).redis_options().items() if v is not None}
         elif tls is not None:
             raise ValueError("TLS files were given but the Redis URL is redis://; use rediss:// to encrypt")
-        return cls(redis.Redis.from_url(url, decode_responses=False, **options), federation, prefix=prefix)
+        client = redis.Redis.from_url(url, decode_responses=False, **options)
+        return cls(client, federation, prefix=prefix, replication=replication)
+
+    def _replicated(self, what: str) -> None:
+        """Wait until the required replicas hold every write made so far on this connection (WAIT); raise
+        NotReplicated when they do not within the timeout."""
+        need = self.replication.replicas
+        if need == 0:
+            return
+        got = int(self.r.wait(need, max(1, int(self.replication.timeout_s * 1000))))
+        if got < need:
+            raise NotReplicated(
+                f"{what} reached the primary but {got} of the {need} replica(s) required within "
+                f"{self.replication.timeout_s:g} s"
+            )
 
     def version(self) -> int:
         return int(cast(bytes | None, self.r.get(self.keys.version)) or 0)
@@ -135,6 +170,8 @@ class RedisRoundStore(RoundStore):
         result = int(done)
         if result == -1:
             raise TransferGone(f"payload of update {header.update_id} vanished before it was recorded")
+        if result in (0, 1):  # counted (now or before): the caller acks it next, so the record must be safe first
+            self._replicated(f"update {header.update_id}")
         return _RECORD_RESULTS[result]
 
     # --- chunked transfers ----------------------------------------------------------------------------------
@@ -194,6 +231,7 @@ class RedisRoundStore(RoundStore):
         pipe.pexpire(k.transfer(rid), ttl_ms)
         pipe.hlen(k.transfer(rid))
         added, _, have = pipe.execute()
+        self._replicated(f"chunk {index} of update {update_id}")  # acked next: a lost chunk would lose the update
         if int(have) >= count:
             return ChunkResult.COMPLETE
         return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE
@@ -327,6 +365,9 @@ class RedisRoundStore(RoundStore):
         done = int(self._commit(keys=keys, args=args))
         if done == -1:
             raise TransferGone(f"a staged adapter of version {version} expired before the commit")
+        if done == 1:
+            # Published next: a version that a failover could take back must not reach the clients.
+            self._replicated(f"version {version}")
         return done == 1
 
     def releases(self, version: int) -> dict[str, StoredRelease]:

@@ -255,7 +255,13 @@ class OwnRedis:
     """A Redis of the test's own, optionally with an append-only file; restart() keeps its data folder."""
 
     def __init__(
-        self, directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec", tls: ServerTls | None = None
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = True,
+        appendfsync: str = "everysec",
+        tls: ServerTls | None = None,
+        replica_of: int | None = None,
     ) -> None:
         if shutil.which(REDIS_SERVER) is None:
             raise ServerUnavailable("redis-server is not installed")
@@ -265,6 +271,7 @@ class OwnRedis:
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.tls = tls  # TLS only: no plain TCP port at all
+        self.replica_of = replica_of  # the port of the primary this one replicates (on loopback)
         self.started_in = 0.0
         self.starts = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -293,6 +300,8 @@ class OwnRedis:
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "optional"]
             ports += ["--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file)]
             ports += ["--tls-ca-cert-file", str(self.tls.ca_file)]
+        if self.replica_of is not None:
+            ports += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         cmd = [
             REDIS_SERVER,
             *ports,
