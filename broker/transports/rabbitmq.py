@@ -43,6 +43,33 @@ def _header_text(headers: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+def _parameters(
+    url: str, heartbeat: int, connection_name: str, tls: TlsFiles | None
+) -> tuple[pika.URLParameters, str | None]:
+    """pika's parameters for one broker address, and the user its messages say they come from."""
+    parts = urllib.parse.urlsplit(url)
+    external = tls is not None and tls.cert_file is not None and parts.password is None
+    if external:
+        # No password: the device logs in by its certificate (EXTERNAL). A user name in the URL (which must be
+        # the certificate's common name) is still what its messages say they come from; pika cannot parse a user
+        # without a password, so it is taken out of the URL here.
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    params = pika.URLParameters(url)
+    if url.startswith("amqps://"):
+        # Verified against the given CA (or the system's), host name included; pika's own default for amqps://
+        # does not check the host name.
+        params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), server_hostname=params.host)
+    elif tls is not None:
+        raise BrokerError("TLS files were given but the broker URL is amqp://; use amqps:// to encrypt")
+    user_id: str | None = params.credentials.username or None
+    if external:
+        user_id = urllib.parse.unquote(parts.username) if parts.username else None
+        params.credentials = pika.credentials.ExternalCredentials()
+    params.heartbeat = heartbeat
+    params.client_properties = {"connection_name": connection_name}
+    return params, user_id
+
+
 class RabbitMQTransport(Transport):
     """A pika BlockingConnection driven by its own thread, so heartbeats flow while callers train or run SVDs.
 
@@ -59,26 +86,12 @@ class RabbitMQTransport(Transport):
         call_timeout: float = 60.0,
         tls: TlsFiles | None = None,
     ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        external = tls is not None and tls.cert_file is not None and parts.password is None
-        if external:
-            # No password: the device logs in by its certificate (EXTERNAL). A user name in the URL (which must be
-            # the certificate's common name) is still what its messages say they come from; pika cannot parse a
-            # user without a password, so it is taken out of the URL here.
-            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self.params = pika.URLParameters(url)
-        if url.startswith("amqps://"):
-            # Verified against the given CA (or the system's), host name included; pika's own default for
-            # amqps:// does not check the host name.
-            self.params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), server_hostname=self.params.host)
-        elif tls is not None:
-            raise BrokerError("TLS files were given but the broker URL is amqp://; use amqps:// to encrypt")
-        self.user_id: str | None = self.params.credentials.username or None
-        if external:
-            self.user_id = urllib.parse.unquote(parts.username) if parts.username else None
-            self.params.credentials = pika.credentials.ExternalCredentials()
-        self.params.heartbeat = heartbeat
-        self.params.client_properties = {"connection_name": connection_name}
+        # Several addresses (of one cluster), separated by commas or spaces: tried in turn, on every (re)connect.
+        urls = [u for u in url.replace(",", " ").split() if u]
+        if not urls:
+            raise BrokerError("no broker URL given")
+        self.candidates = [_parameters(u, heartbeat, connection_name, tls) for u in urls]
+        self.params, self.user_id = self.candidates[0][0], self.candidates[0][1]
         self.call_timeout = call_timeout
         self._conn: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None
@@ -91,12 +104,15 @@ class RabbitMQTransport(Transport):
             self._ready.result(timeout=call_timeout)
         except FutureTimeout as exc:
             self._stopping.set()
-            raise ConnectionLost(f"timed out connecting to {self.params.host}:{self.params.port}") from exc
+            where = ", ".join(f"{p.host}:{p.port}" for p, _ in self.candidates)
+            raise ConnectionLost(f"timed out connecting to {where}") from exc
 
     # --- the I/O thread -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._conn = pika.BlockingConnection(self.params)
+            self._conn = pika.BlockingConnection([p for p, _ in self.candidates])
+            connected = self._conn._impl.params  # which address answered: its user is who messages come from
+            self.user_id = next((u for p, u in self.candidates if p is connected), self.user_id)
             self._publish_channel = self._conn.channel()
             self._publish_channel.confirm_delivery()
         except Exception as exc:
