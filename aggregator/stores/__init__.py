@@ -6,7 +6,7 @@ from aggregator.rounds import RoundStore
 from aggregator.stores.replication import NO_WAIT, Replication
 from broker.tls import TlsFiles
 
-SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 def open_store(

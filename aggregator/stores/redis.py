@@ -55,6 +55,30 @@ class NotReplicated(redis.exceptions.ConnectionError):
     that was acked (the redelivered message is recorded again, once)."""
 
 
+def sentinel_primary(url: str) -> redis.Redis:
+    """A client of the primary Redis Sentinel names for `redis+sentinel://h1:p1,h2:p2/<name>[/<db>]`; it asks the
+    sentinels again after a connection error, so a promoted replica is found without a restart."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    hosts = []
+    for address in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel address {address!r} in {url!r} is not host:port")
+        hosts.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(f"{url!r}: give the primary's name and optionally a db, e.g. .../mymaster/0")
+    password = unquote(parts.password) if parts.password else None
+    sentinels = Sentinel(hosts, socket_timeout=2.0, password=password)
+    db = int(path[1]) if len(path) == 2 else 0
+    primary: redis.Redis = sentinels.master_for(path[0], db=db, decode_responses=False, socket_timeout=5.0)
+    return primary
+
+
 class RedisRoundStore(RoundStore):
     transient_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -87,13 +111,18 @@ class RedisRoundStore(RoundStore):
         tls: TlsFiles | None = None,
         replication: Replication = NO_WAIT,
     ) -> RedisRoundStore:
-        """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs)."""
+        """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs).
+        `redis+sentinel://host:26379,host2:26379/<primary name>[/db]` finds the primary through Redis Sentinel
+        and follows it across failovers (without TLS for now)."""
         options: dict[str, Any] = {}
         if url.startswith("rediss://"):
             options = {k: v for k, v in (tls or TlsFiles()).redis_options().items() if v is not None}
         elif tls is not None:
-            raise ValueError("TLS files were given but the Redis URL is redis://; use rediss:// to encrypt")
-        client = redis.Redis.from_url(url, decode_responses=False, **options)
+            raise ValueError("TLS files were given but the Redis URL is not rediss://; use rediss:// to encrypt")
+        if url.startswith("redis+sentinel://"):
+            client = sentinel_primary(url)
+        else:
+            client = redis.Redis.from_url(url, decode_responses=False, **options)
         return cls(client, federation, prefix=prefix, replication=replication)
 
     def _replicated(self, what: str) -> None:

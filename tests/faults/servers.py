@@ -341,6 +341,56 @@ class OwnRedis:
         self.stop()
 
 
+class OwnSentinel:
+    """A Redis Sentinel of the test's own, monitoring a primary on loopback under `name`."""
+
+    def __init__(self, directory: Path, primary_port: int, *, name: str = "flexlora", quorum: int = 2) -> None:
+        if shutil.which(REDIS_SERVER) is None:
+            raise ServerUnavailable("redis-server is not installed")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.name = name
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f"dir {self.directory}",
+            f"logfile {self.directory / 'sentinel.log'}",
+            f"sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}",
+            f"sentinel down-after-milliseconds {name} 1000",
+            f"sentinel failover-timeout {name} 4000",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        (self.directory / "sentinel.conf").write_text("\n".join(lines) + "\n")  # Sentinel rewrites it as it learns
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1)
+
+    def start(self) -> None:
+        cmd = [REDIS_SERVER, str(self.directory / "sentinel.conf"), "--sentinel"]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait(self._answers, 30, "Redis Sentinel")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def primary_port(self) -> int | None:
+        try:
+            found = self.client().sentinel_get_master_addr_by_name(self.name)
+        except redis.RedisError:
+            return None
+        return int(found[1]) if isinstance(found, tuple) else None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(timeout=30)
+
+
 @contextmanager
 def own_rabbitmq(*, management: bool = False) -> Iterator[OwnRabbitMQ]:
     """A started private RabbitMQ node, stopped and removed afterwards."""
