@@ -45,9 +45,20 @@ def change_norm(after: Factors, after_scale: float, before: Factors | None, befo
 
 @dataclass(frozen=True)
 class ClientStep:
-    """One client's local run: its rank, ‖ΔW_k‖ sent, ‖ΔW_k − ΔW_start‖ (what the local run changed), loss."""
+    """One client's local run: its rank, ‖ΔW_k‖ sent, ‖ΔW_k − ΔW_start‖ (what the local run changed), loss, and
+    the share of the global it started from that its rank could not hold: ‖G − cut_r(G)‖_F / ‖G‖_F (what the
+    paper's sum of products drops for this client, and what `carry_residual` carries; 0 at the first round)."""
 
     rank: int
     norm: float
     change: float
     loss: float | None
+    start_tail: float = 0.0
+
+
+def tail_share(global_norm: float, start_norm: float) -> float:
+    """‖G − cut_r(G)‖ / ‖G‖ from ‖G‖ and ‖cut_r(G)‖: a truncated SVD is an orthogonal projection, so the
+    energies subtract exactly."""
+    if global_norm <= 0:
+        return 0.0
+    return math.sqrt(max(global_norm**2 - start_norm**2, 0.0)) / global_norm

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aggregator.planning import PLAIN_STEP, ServerStep
 from aggregator.registry import STRATEGIES as AGGREGATION_STRATEGIES
-from experiments.diagnostics import ClientStep, change_norm, module_norms, total
+from experiments.diagnostics import ClientStep, change_norm, module_norms, tail_share, total
 from experiments.federation import Factors, Federation, RoundOutput, make_federation
 from experiments.ranks import assign_ranks, sample_clients
 from schemas.lora import join_lora
@@ -168,7 +168,12 @@ def run_one(
                 trained = workload.train(client, rank, alpha, start)
                 scale = alpha / rank
                 sent = total(module_norms(trained.factors, scale))
-                steps.append(ClientStep(rank, sent, change_norm(trained.factors, scale, start, scale), trained.loss))
+                tail = 0.0
+                if start is not None and current is not None:
+                    whole = total(module_norms(current.factors, current.top.alpha / current.top.rank))
+                    tail = tail_share(whole, total(module_norms(start, scale)))
+                changed = change_norm(trained.factors, scale, start, scale)
+                steps.append(ClientStep(rank, sent, changed, trained.loss, tail))
                 data, info = encode_tensors(join_lora(trained.factors))
                 header = LoraUpdate(
                     federation=fed.name,
