@@ -111,7 +111,8 @@ class RabbitMQTransport(Transport):
     def _run(self) -> None:
         try:
             self._conn = pika.BlockingConnection([p for p, _ in self.candidates])
-            connected = self._conn._impl.params  # which address answered: its user is who messages come from
+            # Which address answered (pika keeps it on the connection it wraps): its user is who messages come from.
+            connected = getattr(getattr(self._conn, "_impl", None), "params", None)
             self.user_id = next((u for p, u in self.candidates if p is connected), self.user_id)
             self._publish_channel = self._conn.channel()
             self._publish_channel.confirm_delivery()

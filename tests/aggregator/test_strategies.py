@@ -255,7 +255,9 @@ def test_flexlora_strategy_forwards_mode_and_tolerance(monkeypatch: pytest.Monke
     result = FlexLoRA(mode="fast", tolerance=0.05, dtype=torch.float64).aggregate(
         clients, [1.0, 2.0], [RankRequest(2, 4.0)]
     )
-    assert [{k: v for k, v in kw.items() if k != "reports"} for kw in seen] == [{"mode": "fast", "tolerance": 0.05}]
+    assert [{k: v for k, v in kw.items() if k != "reports"} for kw in seen] == [
+        {"mode": "fast", "tolerance": 0.05, "carried": ()}
+    ]
     assert "max_certified_excess" in result.info
     assert result.adapters[RankRequest(2, 4.0)]["layers.0.q_proj"].A.dtype == torch.float64
 
@@ -286,7 +288,8 @@ def test_the_registry_is_the_one_place_that_names_strategies_and_their_capabilit
     assert {AggregatorSettings(strategy=n).strategy for n in SERVICE_STRATEGIES} == set(SERVICE_STRATEGIES)
     with pytest.raises(ValueError, match="an aggregator serves flexlora, fedit, hetlora"):
         AggregatorSettings(strategy="flora")
-    assert set(EXPERIMENTS) == set(STRATEGIES) | {"fedit-top"} and EXPERIMENTS["fedit-top"] == "fedit"
+    assert set(EXPERIMENTS) == set(STRATEGIES) | {"fedit-top", "flexlora-carry"}
+    assert EXPERIMENTS["fedit-top"] == "fedit" and EXPERIMENTS["flexlora-carry"] == "flexlora"
     assert {"fedit": min, "fedit-top": max} == SINGLE_RANK
 
 
@@ -399,5 +402,5 @@ def test_adding_a_strategy_is_one_class_and_one_registry_line(federation: str, m
 class UnweightedFlexLoRA(FlexLoRA):
     name = "toy"
 
-    def aggregate(self, clients: Any, weights: Any, requests: Any) -> Any:
-        return super().aggregate(clients, [1.0] * len(clients), requests)
+    def aggregate(self, clients: Any, weights: Any, requests: Any, carried: Any = ()) -> Any:
+        return super().aggregate(clients, [1.0] * len(clients), requests, carried)

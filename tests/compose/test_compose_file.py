@@ -253,10 +253,15 @@ def test_the_aggregator_can_be_scaled(services: dict[str, dict[str, Any]]) -> No
 
 
 def _cli_app() -> typer.Typer:
-    """The object pyproject's `flexlora` console script points at."""
+    """The Typer app pyproject's `flexlora` console script runs: the script is flexlora.entry:main, which checks
+    that no other package shadows ours (flexlora.packages) and then runs flexlora.cli's app."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attribute = scripts["flexlora"].partition(":")
-    app = getattr(importlib.import_module(module), attribute)
+    entry = importlib.import_module(module)
+    assert callable(getattr(entry, attribute))
+    assert "from flexlora.cli import app" in inspect.getsource(entry), "the entry point must run the CLI's app"
+    from flexlora.cli import app
+
     assert isinstance(app, typer.Typer)
     return app
 

@@ -4,7 +4,6 @@ log in by its certificate alone (EXTERNAL), as `flexlora provision --ca-cert` is
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from broker.topology import Topology
 from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
 from schemas.messages import HEADER_KEY, parse_release
 from tests.e2e.procs import wait_for
+from tests.edge_client.test_resilience import ServiceThread
 from tests.faults.servers import OwnRabbitMQ, OwnRedis, ServerTls, ServerUnavailable
 
 SMALL = SyntheticShape(layers=2, projections=(("self_attn.q_proj", 64, 48),))
@@ -97,23 +97,7 @@ def test_a_round_runs_over_tls_only_and_a_device_logs_in_by_its_certificate(serv
     store = open_store(servers.redis.url, federation, tls=ca)
     assert isinstance(store, RedisRoundStore)
     config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=2), poll_s=0.05)
-    service = AggregatorService(connect(servers.rabbit.tls_url, tls=ca), store, config)
-    service.setup()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        sub = service.subscribe()
-        try:
-            while not stop.is_set():
-                service.step(sub)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            sub.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    serving = ServiceThread(AggregatorService(connect(servers.rabbit.tls_url, tls=ca), store, config))
     # A device with a password over TLS, and one with its certificate only (no password in its URL).
     laptop = connect(servers.rabbit.tls_url, tls=ca)
     port = servers.rabbit.tls_port
@@ -139,13 +123,12 @@ def test_a_round_runs_over_tls_only_and_a_device_logs_in_by_its_certificate(serv
         counted = {p.client_id for p in store.history()[0].participants}
         assert counted == {"laptop-1", DEVICE}
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        serving.close()
         laptop.close()
         device.close()
-        service.transport.close()
+        serving.service.transport.close()
         store.wipe()
-    assert not errors, errors
+    assert not serving.errors, serving.errors
 
 
 def test_servers_are_verified_and_nothing_travels_in_clear(servers: Servers) -> None:

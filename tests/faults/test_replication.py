@@ -6,7 +6,6 @@ nothing twice. (Without the guard the update is acked at once and this scenario 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from broker.topology import Topology
 from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
 from tests.conftest import AMQP_URL
 from tests.e2e.procs import wait_for
+from tests.edge_client.test_resilience import ServiceThread
 from tests.faults.servers import OwnRedis, ServerUnavailable
 
 pytestmark = [pytest.mark.services]
@@ -29,31 +29,18 @@ SMALL = SyntheticShape(layers=1, projections=(("self_attn.q_proj", 32, 24),))
 WAIT = Replication(replicas=1, timeout_s=0.3)
 
 
-class Serving:
-    """An aggregator service on its own thread, over the shared RabbitMQ and a given Redis."""
+class Serving(ServiceThread):
+    """An aggregator service on its own thread, over the shared RabbitMQ and a given Redis; closing it closes its
+    connection, so whatever it held unacked goes back to the queue."""
 
     def __init__(self, federation: str, store: RedisRoundStore) -> None:
         config = AggregatorConfig(
             federation=federation, policy=RoundPolicy(max_updates=99), poll_s=0.05, store_retry_s=0.5
         )
-        self.service = AggregatorService(connect(AMQP_URL), store, config)
-        self.service.setup()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        sub = self.service.subscribe()
-        try:
-            while not self.stop.is_set():
-                self.service.step(sub)
-        finally:
-            sub.close()
+        super().__init__(AggregatorService(connect(AMQP_URL), store, config))
 
     def close(self) -> None:
-        """Stop consuming and close the connection: whatever it held unacked goes back to the queue."""
-        self.stop.set()
-        self.thread.join(timeout=30)
+        super().close()
         self.service.transport.close()
 
 
