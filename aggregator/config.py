@@ -51,8 +51,9 @@ class AggregatorConfig:
     global_rank: int = 64
     # The server step (aggregator.planning): average the clients' changes from the global each started from,
     # carrying what a client could not hold at its rank, and scale them by server_lr (strategies that sum
-    # products only: FlexLoRA; the others ignore it).
-    carry_residual: bool = False
+    # products only: FlexLoRA; the others ignore it). On by default, chosen by experiment (docs/experiments.md);
+    # False is the paper's plain sum of products.
+    carry_residual: bool = True
     server_lr: float = 1.0
     # Update payloads and releases of versions older than this many are dropped from the store (history,
     # update ids and membership stay); None keeps everything.

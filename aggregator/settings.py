@@ -44,7 +44,7 @@ class AggregatorSettings(RecipeSettings):
         default=None, gt=0, le=1, description="cap on one client's share of a round's weight"
     )
     carry_residual: bool = Field(
-        default=False, description="average clients' changes, keeping what a low-rank client cannot hold (flexlora)"
+        default=True, description="average clients' changes, keeping what a low-rank client cannot hold (flexlora)"
     )
     server_lr: float = Field(default=1.0, gt=0, description="server learning rate on the changes (carry_residual)")
     max_transfers_per_client: int = Field(default=4, ge=1, description="chunked updates under way per client")

@@ -80,20 +80,24 @@ def markdown_table(results: Sequence[RunResult], metrics: Sequence[str], higher_
     return "\n".join(lines)
 
 
-def kept(result: RunResult, metric: str) -> float | None:
-    """How much of its best round a run keeps at the end: final / best of a score scored every round. A
-    log-likelihood is read as the likelihood exp(-nll) (the geometric-mean probability of an answer token), so
-    0.9 means the final model gives the answers 0.9 times the probability its best round gave."""
+def kept(result: RunResult, metric: str, higher_is_better: bool = True) -> float | None:
+    """How much of its best round a run keeps at the end, 1.0 when the last round is the best: final / best of a
+    score scored every round (best / final of an error). A log-likelihood is read as the likelihood exp(-nll)
+    (the geometric-mean probability of an answer token), so 0.9 means the final model gives the answers 0.9
+    times the probability its best round gave."""
     values = _scored(result, metric)
     if len(values) < 2:
         return None
     if metric.endswith("nll"):
         values = [math.exp(-v) for v in values]
+    elif not higher_is_better:
+        best_error = min(values)
+        return best_error / values[-1] if values[-1] > 0 else 1.0
     best = max(values)
     return values[-1] / best if best > 0 else None
 
 
-def stability_table(results: Sequence[RunResult], metrics: Sequence[str]) -> str:
+def stability_table(results: Sequence[RunResult], metrics: Sequence[str], higher_is_better: bool = True) -> str:
     """Per (distribution, strategy), the worst run's final / best (see `kept`) of each per-round metric."""
     per_round = [m for m in metrics if results and all(len(_scored(r, m)) > 1 for r in results)]
     if not per_round:
@@ -105,7 +109,7 @@ def stability_table(results: Sequence[RunResult], metrics: Sequence[str]) -> str
     for (distribution, strategy), runs in _groups(results).items():
         cells = []
         for m in per_round:
-            ratios = [k for r in runs if (k := kept(r, m)) is not None]
+            ratios = [k for r in runs if (k := kept(r, m, higher_is_better)) is not None]
             cells.append(f"{min(ratios):.3f}" if ratios else "–")
         lines.append(f"| {distribution} | {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -187,7 +191,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, metrics, higher_is_better)
     paired = paired_table(results, metrics[0], higher_is_better)
-    stability = stability_table(results, metrics)
+    stability = stability_table(results, metrics, higher_is_better)
     document = {
         "command": command,
         "settings": settings,

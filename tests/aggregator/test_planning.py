@@ -166,7 +166,7 @@ def test_strategies_that_average_factors_ignore_the_server_step(first_global: St
 
 def test_a_server_lr_without_carrying_is_refused_at_start_up() -> None:
     with pytest.raises(ValueError, match="carry_residual"):
-        AggregatorConfig(federation="f", server_lr=0.5)
+        AggregatorConfig(federation="f", carry_residual=False, server_lr=0.5)
     with pytest.raises(ValueError, match="server_lr"):
         AggregatorConfig(federation="f", carry_residual=True, server_lr=0.0)
 

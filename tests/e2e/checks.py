@@ -21,36 +21,67 @@ def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray
     return out
 
 
+def _carried(store: RoundStore, version: int) -> bool:
+    """Did the round that made `version` take the server step that carries residuals (its record says so)?"""
+    record = next((r for r in store.history() if r.version == version), None)
+    return record is not None and "carried_versions" in record.metrics
+
+
+def _global_dense(store: RoundStore, version: int) -> dict[str, np.ndarray] | None:
+    """The global adapter committed at `version`, dense (None when there is none, or it was pruned)."""
+    release = store.releases(version).get(GLOBAL_RELEASE) if version >= 1 else None
+    if release is None:
+        return None
+    scale = release.header.lora_alpha / release.header.rank
+    got = _factors(decode_tensors(store.payload(release), release.header.payload))
+    return {m: scale * (f["B"] @ f["A"]) for m, f in got.items()}
+
+
+def _truncated(matrix: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    best: np.ndarray = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return best
+
+
 def dense_update(store: RoundStore, version: int) -> dict[str, np.ndarray]:
-    """ΔW of every module for the round that produced `version`, formed densely from what it recorded."""
-    recorded = store.round_updates(version - 1)
-    n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
-    per_client = [_factors(decode_tensors(store.payload(u))) for u in recorded]
-    return {
-        m.removeprefix("base_model.model."): sum(
-            pk * (u.header.lora_alpha / u.header.rank) * (f[m]["B"] @ f[m]["A"])
-            for pk, u, f in zip(n / n.sum(), recorded, per_client, strict=True)
-        )
-        for m in sorted(per_client[0])
-    }
+    """`_dense` by module path (without PEFT's `base_model.model.` prefix)."""
+    return {m.removeprefix("base_model.model."): d for m, d in _dense(store, version).items()}
 
 
-def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float = 1e-4) -> int:
-    """Every release of `version` is the best rank-r cut of Σ p_k (α_k/r_k) B_k A_k over exactly the
-    updates its round recorded. Returns how many releases were checked."""
+def _dense(store: RoundStore, version: int) -> dict[str, np.ndarray]:
+    """ΔW of every module for the round that produced `version`, formed densely from what it recorded: Σ p_k
+    (α_k/r_k) B_k A_k, plus, where the round carried residuals, Σ p_k (G_k − cut_{r_k}(G_k)) with G_k the global
+    update k started from (aggregator.planning's server step, recomputed here by numpy SVDs)."""
     recorded = store.round_updates(version - 1)
-    assert recorded, f"round {version - 1} recorded no updates"
     n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
     p = n / n.sum()
     per_client = [_factors(decode_tensors(store.payload(u))) for u in recorded]
-    modules = sorted(per_client[0])
     dense = {
         m: sum(
             pk * (u.header.lora_alpha / u.header.rank) * (f[m]["B"] @ f[m]["A"])
             for pk, u, f in zip(p, recorded, per_client, strict=True)
         )
-        for m in modules
+        for m in sorted(per_client[0])
     }
+    if _carried(store, version):
+        for pk, u in zip(p, recorded, strict=True):
+            start = _global_dense(store, u.header.base_version)
+            if start is None:
+                continue
+            for m in dense:
+                g = start[m]
+                dense[m] = dense[m] + pk * (g - _truncated(g, u.header.rank))
+    return dense
+
+
+def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float = 1e-4) -> int:
+    """Every release of `version` is the best rank-r cut of Σ p_k (α_k/r_k) B_k A_k over exactly the
+    updates its round recorded (with the residuals it carried, see `dense_update`). Returns how many releases
+    were checked."""
+    recorded = store.round_updates(version - 1)
+    assert recorded, f"round {version - 1} recorded no updates"
+    dense = _dense(store, version)
+    modules = sorted(dense)
     svds = {m: np.linalg.svd(d, full_matrices=False) for m, d in dense.items()}
     releases = store.releases(version)
     participants = set(releases) - {GLOBAL_RELEASE}

@@ -42,6 +42,8 @@ def test_kept_reads_a_log_likelihood_as_a_probability() -> None:
     assert abs((kept(result, "unseen_nll") or 0) - math.exp(-0.1)) < 1e-12
     assert kept(run(0, [{"exact": 0.0}, {"exact": 0.5}, {"exact": 0.25}]), "exact") == 0.5
     assert "| flexlora | 0.905 |" in stability_table([result], ["unseen_nll"])
+    # an error (lower is better): best 0.1, final 0.2 keeps half
+    assert kept(run(0, [{"err": 1.0}, {"err": 0.1}, {"err": 0.2}]), "err", higher_is_better=False) == 0.5
 
 
 def test_strategies_are_compared_seed_by_seed() -> None:
