@@ -160,6 +160,7 @@ def run_one(
     try:
         for round_index in range(config.rounds):
             version = 0 if current is None else current.version
+            whole = result.global_norm[-1] if result.global_norm else 0.0  # ‖G‖ of the global the clients start from
             steps: list[ClientStep] = []
             for client in sample_clients(config.clients, config.per_round, round_index, config.seed):
                 rank = ranks[client]
@@ -168,10 +169,7 @@ def run_one(
                 trained = workload.train(client, rank, alpha, start)
                 scale = alpha / rank
                 sent = total(module_norms(trained.factors, scale))
-                tail = 0.0
-                if start is not None and current is not None:
-                    whole = total(module_norms(current.factors, current.top.alpha / current.top.rank))
-                    tail = tail_share(whole, total(module_norms(start, scale)))
+                tail = tail_share(whole, total(module_norms(start, scale))) if start is not None else 0.0
                 changed = change_norm(trained.factors, scale, start, scale)
                 steps.append(ClientStep(rank, sent, changed, trained.loss, tail))
                 data, info = encode_tensors(join_lora(trained.factors))
