@@ -1,4 +1,10 @@
-"""Every Redis key of a federation, under one namespace, so several federations can share one Redis."""
+"""Every Redis key of a federation, under one namespace, so several federations can share one Redis.
+
+The namespace carries the federation as a Redis Cluster hash tag (`flexlora:{name}:…`): only the part between
+the braces is hashed, so every key of a federation lives in one slot. The Lua scripts touch several keys in
+one atomic step and a transaction reads several together, which Redis Cluster allows only within one slot; a
+federation is therefore served by one primary of a cluster, and many federations spread over its primaries.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,12 @@ class Keys:
 
     @property
     def namespace(self) -> str:
-        """The prefix of every key; Lua scripts build per-round keys from it, matching the methods below."""
+        """The prefix of every key (hash-tagged by the federation: one Redis Cluster slot for all of them)."""
+        return f"{self.prefix}:{{{self.federation}}}:"
+
+    @property
+    def legacy_namespace(self) -> str:
+        """The prefix before keys were hash-tagged; aggregator.stores.redis moves such keys on start-up."""
         return f"{self.prefix}:{self.federation}:"
 
     def _k(self, *parts: str | int) -> str:
@@ -51,6 +62,10 @@ class Keys:
     @property
     def transfers_open(self) -> str:  # sorted set: record id -> when its transfer expires unless a chunk comes
         return self._k("transfers")
+
+    @property
+    def transfer_owners(self) -> str:  # hash: record id -> client, of every open transfer (bounds per client)
+        return self._k("transfer-owners")
 
     def staged(self, name: str) -> str:  # hash of chunks written before a commit adopts (renames) it
         return self._k("staged", name)

@@ -6,7 +6,15 @@ from aggregator.rounds import RoundStore
 from aggregator.stores.replication import NO_WAIT, Replication
 from broker.tls import TlsFiles
 
-SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://")
+SCHEMES = (
+    "memory://",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 
 def open_store(

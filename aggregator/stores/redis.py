@@ -30,6 +30,7 @@ from aggregator.stores.redis_scripts import (
     DROP_UPDATE,
     EXPIRE_TRANSFER,
     OPEN_TRANSFER,
+    PUT_CHUNK,
     RECORD,
     RELEASE,
 )
@@ -39,6 +40,7 @@ from schemas.messages import LoraUpdate, parse_release, parse_update
 
 _ORPHAN_PAYLOAD_TTL_S = 24 * 3600
 _TRANSFER_GRACE_S = 60.0
+_READ_AGAIN = 100  # a script that says its caller's read is stale is retried this often (each a commit)
 _RECORD_RESULTS = {
     0: RecordResult.DUPLICATE,
     1: RecordResult.RECORDED,
@@ -79,6 +81,36 @@ def sentinel_primary(url: str) -> redis.Redis:
     return primary
 
 
+def cluster_client(url: str, options: Mapping[str, Any]) -> redis.Redis:
+    """A Redis Cluster client for `redis+cluster://h1:p1,h2:p2[/]` (`rediss+cluster://` over TLS): any of the
+    nodes will do to start, the client learns the slots' owners and follows them when they move."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.cluster import ClusterNode, RedisCluster
+
+    parts = urlsplit(url)
+    nodes = []
+    for address in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster node {address!r} in {url!r} is not host:port")
+        nodes.append(ClusterNode(host, int(port)))
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"{url!r}: Redis Cluster has only database 0")
+    password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
+    tls = {"ssl": True, **options} if parts.scheme == "rediss+cluster" else {}
+    client = RedisCluster(
+        startup_nodes=nodes, decode_responses=False, password=password, username=username, socket_timeout=5.0, **tls
+    )
+    return cast(redis.Redis, client)
+
+
+class OlderLayoutInUse(RuntimeError):
+    """An aggregator of a release before hash-tagged keys still serves the federation: moving its keys now would
+    split the federation between two layouts."""
+
+
 class RedisRoundStore(RoundStore):
     transient_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -100,6 +132,47 @@ class RedisRoundStore(RoundStore):
         self._open_transfer = client.register_script(OPEN_TRANSFER)
         self._expire_transfer = client.register_script(EXPIRE_TRANSFER)
         self._drop_update = client.register_script(DROP_UPDATE)
+        self._put_chunk = client.register_script(PUT_CHUNK)
+        self.adopted = self._adopt_older_layout()
+
+    def _adopt_older_layout(self) -> int:
+        """Move a federation's keys from the layout before hash tags (`flexlora:<name>:…`) to this one
+        (`flexlora:{<name>}:…`), once, on the first start of this release; returns how many keys moved. The
+        version goes last, so a start that dies half-way is finished by the next one. Refuses while an
+        aggregator of the older release is alive (its health key): stop them all first."""
+        k = self.keys
+        old = k.legacy_namespace
+        if old == k.namespace or not self.r.exists(old + "version", old + "seen", old + "history"):
+            return 0
+        alive = [key.decode()[len(old + "health:") :] for key in self.r.scan_iter(match=old + "health:*")]
+        if alive:
+            raise OlderLayoutInUse(
+                f"aggregator(s) {', '.join(sorted(alive))} of an older release still serve federation "
+                f"{k.federation!r} with the keys before hash tags; stop every aggregator, wait for their health "
+                "keys to expire, then start this release (it moves the keys once)"
+            )
+        if self.r.exists(old + "version") and self.r.exists(k.version):
+            raise OlderLayoutInUse(
+                f"federation {k.federation!r} has keys in both layouts ({old}version and {k.version}): an older "
+                "and a newer aggregator both served it; move or wipe one by hand"
+            )
+        moved = 0
+        for raw in list(self.r.scan_iter(match=old + "*", count=500)):
+            key = raw.decode()
+            if key != old + "version":
+                moved += self._move(key, k.namespace + key[len(old) :])
+        for raw in list(self.r.scan_iter(match=k.namespace + "update:*", count=500)):
+            # An update's hash names the key of its payload: point it at the moved key.
+            payload = cast(bytes | None, self.r.hget(raw, "payload")) if self.r.type(raw) == b"hash" else None
+            if payload is not None and payload.decode().startswith(old):
+                self.r.hset(raw, "payload", k.namespace + payload.decode()[len(old) :])
+        return moved + self._move(old + "version", k.version)
+
+    def _move(self, key: str, to: str) -> int:
+        try:
+            return int(bool(self.r.renamenx(key, to)))
+        except redis.exceptions.ResponseError:  # gone: another aggregator starting at once moved it
+            return 0
 
     @classmethod
     def from_url(
@@ -113,30 +186,49 @@ class RedisRoundStore(RoundStore):
     ) -> RedisRoundStore:
         """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs).
         `redis+sentinel://host:26379,host2:26379/<primary name>[/db]` finds the primary through Redis Sentinel
-        and follows it across failovers (without TLS for now)."""
+        and follows it across failovers (without TLS for now). `redis+cluster://host:7000,host:7001` (or
+        `rediss+cluster://`) uses a Redis Cluster; a federation's keys share one slot."""
         options: dict[str, Any] = {}
-        if url.startswith("rediss://"):
+        if url.startswith(("rediss://", "rediss+cluster://")):
             options = {k: v for k, v in (tls or TlsFiles()).redis_options().items() if v is not None}
         elif tls is not None:
             raise ValueError("TLS files were given but the Redis URL is not rediss://; use rediss:// to encrypt")
         if url.startswith("redis+sentinel://"):
             client = sentinel_primary(url)
+        elif url.startswith(("redis+cluster://", "rediss+cluster://")):
+            if replication.replicas:
+                # WAIT covers the writes of the connection it is sent on; a cluster client's pipeline does not
+                # keep a keyless command on the connection of the script before it.
+                raise ValueError(
+                    "min_replicas (Redis WAIT) is not supported on Redis Cluster: use Sentinel for a replicated "
+                    "store whose acks wait for a replica, or set min_replicas=0"
+                )
+            client = cluster_client(url, options)
         else:
             client = redis.Redis.from_url(url, decode_responses=False, **options)
         return cls(client, federation, prefix=prefix, replication=replication)
 
-    def _replicated(self, what: str) -> None:
-        """Wait until the required replicas hold every write made so far on this connection (WAIT); raise
-        NotReplicated when they do not within the timeout."""
+    def _replicated_call(
+        self, script: Any, keys: Sequence[str], args: Sequence[Any], what: str, safe_when: tuple[int, ...] | None
+    ) -> Any:
+        """Run `script`; when it answers one of `safe_when` (None: whatever it answers), a write the caller acks
+        or publishes next, wait
+        until the required replicas hold it (WAIT) or raise NotReplicated. The script and the WAIT go down one
+        connection: WAIT covers only the writes of the connection it is sent on, and another thread of this
+        process may take a pooled connection in between."""
         need = self.replication.replicas
         if need == 0:
-            return
-        got = int(self.r.wait(need, max(1, int(self.replication.timeout_s * 1000))))
-        if got < need:
+            return script(keys=keys, args=args)
+        pipe = self.r.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.wait(need, max(1, int(self.replication.timeout_s * 1000)))
+        done, got = pipe.execute()
+        if (safe_when is None or int(done) in safe_when) and int(got) < need:
             raise NotReplicated(
                 f"{what} reached the primary but {got} of the {need} replica(s) required within "
                 f"{self.replication.timeout_s:g} s"
             )
+        return done
 
     def version(self) -> int:
         return int(cast(bytes | None, self.r.get(self.keys.version)) or 0)
@@ -183,24 +275,21 @@ class RedisRoundStore(RoundStore):
         recorded update's bytes live under (the same key unless the update came in chunks)."""
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
-        done = self._record(
-            keys=[k.seen, k.version, k.update(rid), k.pins, staged, payload, k.transfers_open, k.transfer_meta(rid)],
-            args=[
-                rid,
-                header.model_dump_json(),
-                repr(now),
-                k.namespace,
-                header.base_version,
-                -1 if max_staleness is None else max_staleness,
-                "1" if chunked else "0",
-                *(part for pin in sorted((pins or {}).items()) for part in pin),
-            ],
-        )
+        pins_args = [part for pin in sorted((pins or {}).items()) for part in pin]
+        for _ in range(_READ_AGAIN):
+            expected = self.version()
+            keys = [k.seen, k.version, k.update(rid), k.pins, staged, payload, k.transfers_open, k.transfer_meta(rid)]
+            keys += [k.round_updates(expected), k.round_opened(expected), k.transfer_owners]
+            args = [rid, header.model_dump_json(), repr(now), str(expected), header.base_version]
+            args += [-1 if max_staleness is None else max_staleness, "1" if chunked else "0", *pins_args]
+            done = self._replicated_call(self._record, keys, args, f"update {header.update_id}", (0, 1))
+            if int(done) != 6:  # 6: a commit moved the version between the read and the script
+                break
+        else:
+            raise redis.exceptions.ConnectionError(f"the round moved on {_READ_AGAIN} times while recording")
         result = int(done)
         if result == -1:
             raise TransferGone(f"payload of update {header.update_id} vanished before it was recorded")
-        if result in (0, 1):  # counted (now or before): the caller acks it next, so the record must be safe first
-            self._replicated(f"update {header.update_id}")
         return _RECORD_RESULTS[result]
 
     # --- chunked transfers ----------------------------------------------------------------------------------
@@ -220,7 +309,6 @@ class RedisRoundStore(RoundStore):
     ) -> ChunkResult:
         k = self.keys
         rid = record_id(client_id, update_id)
-        meta_prefix, meta_suffix = k.transfer_meta("\0").split("\0")
         per_client, total = max_open or (0, 0)
         # The chunks outlive the deadline a little, so the reaper (not Redis) is what drops and reports them.
         ttl_ms = int((expiry_s + _TRANSFER_GRACE_S) * 1000)
@@ -232,19 +320,9 @@ class RedisRoundStore(RoundStore):
                     k.transfers_open,
                     k.update(rid),
                     k.update_payload(rid, sha256),
+                    k.transfer_owners,
                 ],
-                args=[
-                    rid,
-                    signature,
-                    client_id,
-                    count,
-                    repr(now + expiry_s),
-                    ttl_ms,
-                    per_client,
-                    total,
-                    meta_prefix,
-                    meta_suffix,
-                ],
+                args=[rid, signature, client_id, count, repr(now + expiry_s), ttl_ms, per_client, total],
             )
         )
         if state == 0:
@@ -255,12 +333,9 @@ class RedisRoundStore(RoundStore):
             return ChunkResult.REPLAY
         if state == -3:
             return ChunkResult.BUSY
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hsetnx(k.transfer(rid), str(index), body)
-        pipe.pexpire(k.transfer(rid), ttl_ms)
-        pipe.hlen(k.transfer(rid))
-        added, _, have = pipe.execute()
-        self._replicated(f"chunk {index} of update {update_id}")  # acked next: a lost chunk would lose the update
+        # Acked next: a chunk a failover could take back would lose the update, so it is made safe first.
+        what = f"chunk {index} of update {update_id}"
+        added, have = self._replicated_call(self._put_chunk, [k.transfer(rid)], [str(index), body, ttl_ms], what, None)
         if int(have) >= count:
             return ChunkResult.COMPLETE
         return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE
@@ -288,6 +363,7 @@ class RedisRoundStore(RoundStore):
         rid = record_id(client_id, update_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.zrem(k.transfers_open, rid)
+        pipe.hdel(k.transfer_owners, rid)
         pipe.delete(k.transfer(rid), k.transfer_meta(rid))
         pipe.execute()
 
@@ -297,7 +373,8 @@ class RedisRoundStore(RoundStore):
         out = []
         for raw in due:
             rid = raw.decode()
-            got = self._expire_transfer(keys=[k.transfers_open, k.transfer(rid), k.transfer_meta(rid)], args=[rid])
+            keys = [k.transfers_open, k.transfer(rid), k.transfer_meta(rid), k.transfer_owners]
+            got = self._expire_transfer(keys=keys, args=[rid])
             if got:
                 received, client, count = got
                 out.append(ExpiredTransfer(split_record_id(rid)[1], bytes(client).decode(), int(received), int(count)))
@@ -371,32 +448,25 @@ class RedisRoundStore(RoundStore):
             h = rel.header
             adapters[k.adapter(version, h.rank, h.lora_alpha)] = rel.payload
             headers += [h.client_id, h.model_dump_json()]
+        keys = [k.version, k.fence(lease.round_id), k.lease(lease.round_id), k.unpublished, k.history]
+        keys += [k.releases(version), k.round_updates(lease.round_id)]
+        keys += [k.round_updates(version), k.round_opened(version)]
         args: list[str | bytes | int] = [
             str(lease.round_id),
             str(lease.token),
             consumed,
             record.model_dump_json(),
             repr(now),
-            k.namespace,
             len(adapters),
         ]
         for key, payload in adapters.items():
-            args += [key, "b", payload.key] if isinstance(payload, Blob) else [key, "v", payload]
+            keys += [key, payload.key] if isinstance(payload, Blob) else [key, key]
+        args += [b"" if isinstance(payload, Blob) else payload for payload in adapters.values()]
         args += headers
-        keys = [
-            k.version,
-            k.fence(lease.round_id),
-            k.lease(lease.round_id),
-            k.unpublished,
-            k.history,
-            k.releases(version),
-        ]
-        done = int(self._commit(keys=keys, args=args))
+        # Published next: a version that a failover could take back must not reach the clients.
+        done = int(self._replicated_call(self._commit, keys, args, f"version {version}", (1,)))
         if done == -1:
             raise TransferGone(f"a staged adapter of version {version} expired before the commit")
-        if done == 1:
-            # Published next: a version that a failover could take back must not reach the clients.
-            self._replicated(f"version {version}")
         return done == 1
 
     def releases(self, version: int) -> dict[str, StoredRelease]:
@@ -479,8 +549,14 @@ class RedisRoundStore(RoundStore):
     def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
         k = self.keys
         rid = record_id(client_id, update_id)
-        keys = [k.version, k.round_updates(round_id), k.update(rid)]
-        return int(self._drop_update(keys=keys, args=[str(round_id), rid])) == 1
+        for _ in range(_READ_AGAIN):
+            payload = cast(bytes | None, self.r.hget(k.update(rid), "payload"))
+            # No payload: the update is not recorded; its own payload key (never written) keeps the script simple.
+            keys = [k.version, k.round_updates(round_id), k.update(rid), payload.decode() if payload else k.update(rid)]
+            done = int(self._drop_update(keys=keys, args=[str(round_id), rid]))
+            if done != -1:
+                return done == 1
+        raise redis.exceptions.ConnectionError(f"update {update_id} changed {_READ_AGAIN} times while dropping it")
 
     def wipe(self) -> int:
         """Delete every key of this federation (tests and `reset`); returns how many went."""

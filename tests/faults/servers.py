@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -49,6 +50,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port for a Redis Cluster node: at most 55535, with the port 10000 above it (its cluster bus) free
+    too."""
+    for _ in range(500):
+        port = random.randrange(20000, 55536)
+        with socket.socket() as node, socket.socket() as bus:
+            try:
+                node.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise ServerUnavailable("no free port pair for a Redis Cluster node")
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
@@ -262,12 +278,14 @@ class OwnRedis:
         appendfsync: str = "everysec",
         tls: ServerTls | None = None,
         replica_of: int | None = None,
+        cluster: bool = False,
     ) -> None:
         if shutil.which(REDIS_SERVER) is None:
             raise ServerUnavailable("redis-server is not installed")
+        self.cluster = cluster  # a node of a Redis Cluster (OwnRedisCluster joins the nodes)
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_cluster_port() if cluster else free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.tls = tls  # TLS only: no plain TCP port at all
@@ -302,6 +320,9 @@ class OwnRedis:
             ports += ["--tls-ca-cert-file", str(self.tls.ca_file)]
         if self.replica_of is not None:
             ports += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        if self.cluster:
+            ports += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.directory / "nodes.conf")]
+            ports += ["--cluster-node-timeout", "2000"]
         cmd = [
             REDIS_SERVER,
             *ports,
@@ -316,6 +337,12 @@ class OwnRedis:
             raise ServerUnavailable(f"redis-server exited: {self.log_tail()}")
         self.started_in = time.monotonic() - started
         return self.started_in
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("this Redis is not running")
+        return self._proc.pid
 
     def log_tail(self, chars: int = 2000) -> str:
         path = self.directory / "redis.log"
@@ -339,6 +366,42 @@ class OwnRedis:
 
     def close(self) -> None:
         self.stop()
+
+
+class OwnRedisCluster:
+    """A Redis Cluster of the test's own: `primaries` nodes on loopback, the 16384 slots spread over them by
+    `redis-cli --cluster create`, no replicas."""
+
+    def __init__(self, directory: Path, *, primaries: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            raise ServerUnavailable("redis-cli is not installed")
+        self.nodes = [OwnRedis(directory / f"node{i}", appendonly=False, cluster=True) for i in range(primaries)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def _ok(self) -> bool:
+        try:
+            return all(node.client().cluster("info")["cluster_state"] == "ok" for node in self.nodes)
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait(self._ok, 60, "the Redis Cluster's slots to be served")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
 
 
 class OwnSentinel:
