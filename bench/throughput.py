@@ -164,6 +164,7 @@ def aggregators(
     command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet", "--federation", fed]
     command += ["--max-updates", str(max_updates), "--svd-mode", svd_mode]
     command += ["--broker-url", args.broker_url, "--redis-url", args.redis_url]
+    command += getattr(args, "aggregator_flags", [])  # what another benchmark adds (bench/guarantees.py)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
