@@ -57,9 +57,10 @@ class NotReplicated(redis.exceptions.ConnectionError):
     that was acked (the redelivered message is recorded again, once)."""
 
 
-def sentinel_primary(url: str) -> redis.Redis:
+def sentinel_primary(url: str, tls: Mapping[str, Any] | None = None) -> redis.Redis:
     """A client of the primary Redis Sentinel names for `redis+sentinel://h1:p1,h2:p2/<name>[/<db>]`; it asks the
-    sentinels again after a connection error, so a promoted replica is found without a restart."""
+    sentinels again after a connection error, so a promoted replica is found without a restart. With `tls`
+    (redis-py's ssl_* options; `rediss+sentinel://`) both the sentinels and the primary are reached over TLS."""
     from urllib.parse import unquote, urlsplit
 
     from redis.sentinel import Sentinel
@@ -75,9 +76,13 @@ def sentinel_primary(url: str) -> redis.Redis:
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(f"{url!r}: give the primary's name and optionally a db, e.g. .../mymaster/0")
     password = unquote(parts.password) if parts.password else None
-    sentinels = Sentinel(hosts, socket_timeout=2.0, password=password)
+    secure = {} if tls is None else {"ssl": True, **tls}
+    # The password is the primary's; sentinels are asked without one (as before TLS was possible).
+    sentinels = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0, **secure})
     db = int(path[1]) if len(path) == 2 else 0
-    primary: redis.Redis = sentinels.master_for(path[0], db=db, decode_responses=False, socket_timeout=5.0)
+    primary: redis.Redis = sentinels.master_for(
+        path[0], db=db, decode_responses=False, socket_timeout=5.0, password=password, **secure
+    )
     return primary
 
 
@@ -186,15 +191,17 @@ class RedisRoundStore(RoundStore):
     ) -> RedisRoundStore:
         """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs).
         `redis+sentinel://host:26379,host2:26379/<primary name>[/db]` finds the primary through Redis Sentinel
-        and follows it across failovers (without TLS for now). `redis+cluster://host:7000,host:7001` (or
+        and follows it across failovers (`rediss+sentinel://`: over TLS). `redis+cluster://host:7000,host:7001` (or
         `rediss+cluster://`) uses a Redis Cluster; a federation's keys share one slot."""
         options: dict[str, Any] = {}
-        if url.startswith(("rediss://", "rediss+cluster://")):
+        if url.startswith(("rediss://", "rediss+cluster://", "rediss+sentinel://")):
             options = {k: v for k, v in (tls or TlsFiles()).redis_options().items() if v is not None}
         elif tls is not None:
             raise ValueError("TLS files were given but the Redis URL is not rediss://; use rediss:// to encrypt")
         if url.startswith("redis+sentinel://"):
             client = sentinel_primary(url)
+        elif url.startswith("rediss+sentinel://"):
+            client = sentinel_primary(url, options)
         elif url.startswith(("redis+cluster://", "rediss+cluster://")):
             if replication.replicas:
                 # WAIT covers the writes of the connection it is sent on; a cluster client's pipeline does not

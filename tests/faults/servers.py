@@ -320,6 +320,8 @@ class OwnRedis:
             ports += ["--tls-ca-cert-file", str(self.tls.ca_file)]
         if self.replica_of is not None:
             ports += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            if self.tls is not None:  # its primary has no plain port either
+                ports += ["--tls-replication", "yes"]
         if self.cluster:
             ports += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.directory / "nodes.conf")]
             ports += ["--cluster-node-timeout", "2000"]
@@ -407,15 +409,29 @@ class OwnRedisCluster:
 class OwnSentinel:
     """A Redis Sentinel of the test's own, monitoring a primary on loopback under `name`."""
 
-    def __init__(self, directory: Path, primary_port: int, *, name: str = "flexlora", quorum: int = 2) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        primary_port: int,
+        *,
+        name: str = "flexlora",
+        quorum: int = 2,
+        tls: ServerTls | None = None,
+    ) -> None:
         if shutil.which(REDIS_SERVER) is None:
             raise ServerUnavailable("redis-server is not installed")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.name = name
+        self.tls = tls  # TLS only, to its clients and to the Redis servers it watches
+        ports = [f"port {self.port}"]
+        if tls is not None:
+            ports = ["port 0", f"tls-port {self.port}", "tls-replication yes", "tls-auth-clients optional"]
+            ports += [f"tls-cert-file {tls.cert_file}", f"tls-key-file {tls.key_file}"]
+            ports += [f"tls-ca-cert-file {tls.ca_file}"]
         lines = [
-            f"port {self.port}",
+            *ports,
             "bind 127.0.0.1",
             f"dir {self.directory}",
             f"logfile {self.directory / 'sentinel.log'}",
@@ -428,6 +444,8 @@ class OwnSentinel:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def client(self) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(port=self.port, socket_timeout=1, ssl=True, ssl_ca_certs=str(self.tls.ca_file))
         return redis.Redis(port=self.port, socket_timeout=1)
 
     def start(self) -> None:

@@ -2,25 +2,29 @@
 primary through the sentinels (`redis+sentinel://`) and waits for a replica on every record (`min_replicas`).
 The primary is SIGKILLed in the middle of a burst of updates; Sentinel promotes the replica, the aggregator
 follows it, and the old primary comes back as the new one's replica. Every update published is counted once:
-0 lost, 0 counted twice, 0 unexpected."""
+0 lost, 0 counted twice, 0 unexpected. The same again with TLS only: no plain port on any Redis or Sentinel,
+replication and Sentinel's own connections over TLS too (`rediss+sentinel://`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import trustme
 
 from aggregator.stores.redis import RedisRoundStore
 from aggregator.stores.replication import Replication
 from broker.connect import connect
+from broker.tls import TlsFiles
 from broker.topology import Topology
 from edge_client.synthetic import publish_update, synthetic_update
 from tests.conftest import AMQP_URL
 from tests.e2e.procs import wait_for
-from tests.faults.servers import OwnRedis, OwnSentinel, ServerUnavailable
+from tests.faults.servers import OwnRedis, OwnSentinel, ServerTls, ServerUnavailable
 from tests.faults.test_replication import SMALL, Serving
 
 pytestmark = [pytest.mark.services]
@@ -32,22 +36,36 @@ class Ha:
     primary: OwnRedis
     replica: OwnRedis
     sentinels: list[OwnSentinel]
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{NAME}/0"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{NAME}/0"
 
 
-@pytest.fixture
-def ha(tmp_path: Path) -> Iterator[Ha]:
+def _server_tls(directory: Path) -> ServerTls:
+    """A throwaway CA and a certificate for loopback, as PEM files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    files = ServerTls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files.ca_file.write_bytes(ca.cert_pem.bytes())
+    files.cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    files.key_file.write_bytes(cert.private_key_pem.bytes())
+    return files
+
+
+@contextmanager
+def _ha(tmp_path: Path, tls: ServerTls | None) -> Iterator[Ha]:
     try:
-        primary = OwnRedis(tmp_path / "primary", appendonly=False)
+        primary = OwnRedis(tmp_path / "primary", appendonly=False, tls=tls)
         primary.start()
     except ServerUnavailable as exc:
         pytest.skip(f"no private Redis here: {exc}")
-    replica = OwnRedis(tmp_path / "replica", appendonly=False, replica_of=primary.port)
+    replica = OwnRedis(tmp_path / "replica", appendonly=False, replica_of=primary.port, tls=tls)
     replica.start()
-    sentinels = [OwnSentinel(tmp_path / f"sentinel-{i}", primary.port, name=NAME) for i in range(3)]
+    sentinels = [OwnSentinel(tmp_path / f"sentinel-{i}", primary.port, name=NAME, tls=tls) for i in range(3)]
     try:
         for s in sentinels:
             s.start()
@@ -61,12 +79,18 @@ def ha(tmp_path: Path) -> Iterator[Ha]:
             )
 
         wait_for(ready, 60, "the replica in sync and every sentinel knowing the others")
-        yield Ha(primary, replica, sentinels)
+        yield Ha(primary, replica, sentinels, TlsFiles(tls.ca_file) if tls else None)
     finally:
         for s in sentinels:
             s.close()
         replica.close()
         primary.close()
+
+
+@pytest.fixture(params=["plain", "tls"])
+def ha(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ha]:
+    with _ha(tmp_path, _server_tls(tmp_path / "pki") if request.param == "tls" else None) as servers:
+        yield servers
 
 
 def _counted(store: RedisRoundStore) -> list[str]:
@@ -76,7 +100,7 @@ def _counted(store: RedisRoundStore) -> list[str]:
 def test_the_primary_killed_mid_burst_sentinel_promotes_the_replica_and_nothing_is_lost(
     federation: str, amqp_cleanup: list[str], ha: Ha
 ) -> None:
-    store = RedisRoundStore.from_url(ha.url, federation, replication=Replication(replicas=1, timeout_s=0.5))
+    store = RedisRoundStore.from_url(ha.url, federation, tls=ha.tls, replication=Replication(replicas=1, timeout_s=0.5))
     topology = Topology(federation)
     serving = Serving(federation, store)
     client = connect(AMQP_URL)
