@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from aggregator.registry import SERVICE_STRATEGIES, STRATEGIES
-from flexlora.provision import provision
+from flexlora.provision import provision, server_certs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -457,6 +457,7 @@ def history(
 
 # Registered here, written in its own module (which imports its work only when it runs).
 app.command()(provision)
+app.command("server-certs")(server_certs)
 
 
 from flexlora.sim import app as sim_app  # noqa: E402 - registered last, next to the commands above

@@ -172,3 +172,37 @@ def provision(
         else:
             write_secret(where, text)
         console.print(f"{access.client_id}: user {access.username} {access.outcome.value} → {where or 'stdout'}")
+
+
+def server_certs(
+    host: Annotated[list[str], typer.Argument(help="every name or address the servers are dialled by")],
+    out: Annotated[Path, typer.Option(help="write ca.pem, server.pem and server.key (and a new ca.key) here")],
+    ca_cert: Annotated[Path | None, typer.Option(help="sign with this CA (PEM); default: a new CA in --out")] = None,
+    ca_key: Annotated[Path | None, typer.Option(help="the CA's private key (PEM), with --ca-cert")] = None,
+    cert_days: Annotated[int, typer.Option(min=1, help="how long the server certificate is valid")] = 825,
+) -> None:
+    """Issue one TLS certificate for a deployment's servers (RabbitMQ nodes, Redis, Sentinels) naming every host
+    given, signed by the federation's CA (a new one unless --ca-cert/--ca-key are given). The same CA then
+    signs devices' certificates: `flexlora provision --ca-cert <out>/ca.pem --ca-key <out>/ca.key`."""
+    from broker.certificates import issue_server_certificate, new_authority
+
+    if (ca_cert is None) != (ca_key is None):
+        console.print("[red]give both --ca-cert and --ca-key, or neither (a new CA)[/]")
+        raise typer.Exit(code=2)
+    out.mkdir(parents=True, exist_ok=True)
+    if ca_cert is None or ca_key is None:
+        authority = new_authority()
+        authority_pem, authority_key = authority.cert_pem, authority.key_pem
+        write_secret(out / "ca.key", authority_key.decode())
+        console.print(f"new CA → {out / 'ca.pem'} (its key {out / 'ca.key'}: keep it off the servers)")
+    else:
+        authority_pem, authority_key = ca_cert.read_bytes(), ca_key.read_bytes()
+    try:
+        issued = issue_server_certificate(authority_pem, authority_key, host, days=cert_days)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    (out / "ca.pem").write_bytes(authority_pem)
+    (out / "server.pem").write_bytes(issued.cert_pem)
+    write_secret(out / "server.key", issued.key_pem.decode())
+    console.print(f"server certificate for {', '.join(host)} ({cert_days} days) → {out / 'server.pem'}")

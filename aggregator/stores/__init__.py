@@ -12,6 +12,7 @@ SCHEMES = (
     "rediss://",
     "unix://",
     "redis+sentinel://",
+    "rediss+sentinel://",
     "redis+cluster://",
     "rediss+cluster://",
 )

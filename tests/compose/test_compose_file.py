@@ -74,6 +74,15 @@ def _dockerfile_env(dockerfile: Path) -> dict[str, str]:
     return values
 
 
+def password_matches(user: dict[str, Any], password: str) -> bool:
+    """A definitions file's user entry has this password: rabbit_password_hashing_sha256 is
+    base64(salt + sha256(salt + password)), with a 4-byte salt."""
+    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    raw = base64.b64decode(user["password_hash"], validate=True)
+    salt, digest = raw[:4], raw[4:]
+    return digest == hashlib.sha256(salt + password.encode()).digest()
+
+
 def _field_names(env: dict[str, str]) -> set[str]:
     return {key[len(ENV_PREFIX) :].lower() for key in env if key.startswith(ENV_PREFIX)}
 
@@ -453,11 +462,7 @@ def test_the_definitions_user_is_the_one_in_the_broker_url(
     assert isinstance(params.credentials, pika.PlainCredentials)
     username, password = params.credentials.username, params.credentials.password
     (user,) = [u for u in definitions["users"] if u["name"] == username]
-    # rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)), with a 4-byte salt.
-    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
-    raw = base64.b64decode(user["password_hash"], validate=True)
-    salt, digest = raw[:4], raw[4:]
-    assert digest == hashlib.sha256(salt + password.encode()).digest(), "the URL's password does not match the hash"
+    assert password_matches(user, password), "the URL's password does not match the hash"
     assert "administrator" in user["tags"], "the management UI needs the administrator tag"
     (permission,) = [p for p in definitions["permissions"] if p["user"] == username and p["vhost"] == "/"]
     topology = Topology(FEDERATION)

@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 import trustme
 
+from aggregator.stores import open_store
 from aggregator.stores.redis import RedisRoundStore
 from aggregator.stores.replication import Replication
 from broker.connect import connect
@@ -100,7 +101,8 @@ def _counted(store: RedisRoundStore) -> list[str]:
 def test_the_primary_killed_mid_burst_sentinel_promotes_the_replica_and_nothing_is_lost(
     federation: str, amqp_cleanup: list[str], ha: Ha
 ) -> None:
-    store = RedisRoundStore.from_url(ha.url, federation, tls=ha.tls, replication=Replication(replicas=1, timeout_s=0.5))
+    store = open_store(ha.url, federation, tls=ha.tls, replication=Replication(replicas=1, timeout_s=0.5))
+    assert isinstance(store, RedisRoundStore)  # as the aggregator opens it
     topology = Topology(federation)
     serving = Serving(federation, store)
     client = connect(AMQP_URL)
