@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -65,7 +66,7 @@ def test_a_server_certificate_from_a_new_ca_serves_tls_for_the_names_it_carries_
     except ServerUnavailable as exc:
         pytest.skip(str(exc))
     try:
-        verified = {"ssl": True, "ssl_ca_certs": str(files.ca_file), "socket_timeout": 5}
+        verified: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(files.ca_file), "socket_timeout": 5}
         assert redis.Redis(host="localhost", port=server.port, **verified).ping()
         with pytest.raises(redis.exceptions.ConnectionError, match=r"(?i)certificate|hostname|IP address"):
             redis.Redis(host="127.0.0.1", port=server.port, **verified).ping()  # not a name it carries
