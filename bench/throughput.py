@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import signal
 import subprocess
 import sys
@@ -32,7 +31,8 @@ from broker.connect import connect
 from broker.topology import QueueSpec, Topology
 from broker.transport import Transport
 from edge_client.synthetic import SyntheticShape, publish_update, rank_mix, synthetic_update
-from schemas.messages import HEADER_KEY, LoraUpdate
+from experiments import rawpika
+from schemas.messages import LoraUpdate
 
 PREFETCH = int(AggregatorSettings.model_fields["prefetch"].default)
 INGESTION_TARGET = 0.8
@@ -61,75 +61,20 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs =
     return time.monotonic()
 
 
-def _raw_consumer(url: str, queue: str, count: int, ready: Any, done: Any) -> None:
-    """Child process: ack `count` messages one by one, then report when the last ack went out."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    channel = conn.channel()
-    channel.basic_qos(prefetch_count=PREFETCH)
-    acked = 0
-
-    def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
-        nonlocal acked
-        ch.basic_ack(method.delivery_tag)
-        acked += 1
-        if acked == count:
-            ch.stop_consuming()
-
-    channel.basic_consume(queue, on_message, auto_ack=False)
-    ready.set()
-    channel.start_consuming()
-    # CLOCK_MONOTONIC is system-wide on Linux, so the parent can subtract its own reading from this one.
-    done.put(time.monotonic())
-    conn.close()
-
-
 def raw_baseline(args: argparse.Namespace, header_json: str, payload: bytes) -> dict[str, Any]:
-    queue = f"flexlora.{new_federation()}.raw"
-    params = pika.URLParameters(args.broker_url)
-    # A process, not a thread: publisher and consumer would otherwise share one GIL, flattering the ratio.
-    ctx = mp.get_context("spawn")
-    ready, done = ctx.Event(), ctx.Queue()
-    consumer = ctx.Process(target=_raw_consumer, args=(args.broker_url, queue, args.messages, ready, done))
-    conn = pika.BlockingConnection(params)
-    try:
-        channel = conn.channel()
-        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.confirm_delivery()
-        consumer.start()
-        if not ready.wait(60):
-            raise TimeoutError("the raw consumer did not start")
-        properties = [
-            pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent,
-                content_type="application/vnd.safetensors",
-                headers={HEADER_KEY: header_json},
-                message_id=str(uuid.uuid4()),
-                user_id=params.credentials.username,
-            )
-            for _ in range(args.messages)
-        ]
-        started = time.monotonic()
-        for props in properties:
-            channel.basic_publish("", queue, payload, props, mandatory=True)
-        finished: float = done.get(timeout=args.timeout)
-        consumer.join(10)
-    finally:
-        if consumer.is_alive():
-            consumer.kill()
-        if consumer.pid is not None:
-            consumer.join()
-        if conn.is_open:
-            conn.close()
-        cleanup = pika.BlockingConnection(params)  # fresh: the publishing one may be what failed
-        cleanup.channel().queue_delete(queue)
-        cleanup.close()
-    seconds = finished - started
+    raw = rawpika.move(
+        args.broker_url,
+        [len(payload)] * args.messages,
+        header_json=header_json,
+        prefetch=PREFETCH,
+        timeout_s=args.timeout,
+    )
     return {
-        "queue": queue,
-        "messages": args.messages,
-        "seconds": seconds,
-        "messages_per_s": args.messages / seconds,
-        "payload_mb_per_s": args.messages * len(payload) / 1e6 / seconds,
+        "queue": raw.queue,
+        "messages": raw.messages,
+        "seconds": raw.seconds,
+        "messages_per_s": raw.messages / raw.seconds,
+        "payload_mb_per_s": raw.mb_per_s,
     }
 
 
