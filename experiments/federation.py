@@ -22,6 +22,7 @@ from aggregator.stores import open_store
 from aggregator.strategies import get_strategy, get_weighting
 from broker.connect import connect
 from broker.topology import QueueSpec, Topology
+from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
 from edge_client.synthetic import publish_update
 from schemas.lora import LoraFactors, split_lora
@@ -188,9 +189,13 @@ class ServiceFederation:
             raise RuntimeError(f"the aggregator failed: {self._errors[0]!r}") from self._errors[0]
 
     def submit(self, header: LoraUpdate, payload: bytes) -> None:
-        self._check()
-        self._clients.add(header.client_id)
+        self.expect(header.client_id)
         publish_update(self.transport, self.topology, header, payload)
+
+    def expect(self, client_id: str) -> None:
+        """`client_id` takes part (an update of its is published by other means): its mailbox goes on close."""
+        self._check()
+        self._clients.add(client_id)
 
     def wait_commit(self, timeout_s: float = 600.0) -> tuple[RoundRecord, dict[str, StoredRelease]]:
         deadline = time.monotonic() + timeout_s
@@ -217,11 +222,13 @@ class ServiceFederation:
             record=record,
         )
 
-    def receive(self, client_ids: Iterable[str], version: int, timeout_s: float = 600.0) -> None:
+    def receive(
+        self, client_ids: Iterable[str], version: int, timeout_s: float = 600.0, *, transport: Transport | None = None
+    ) -> None:
         """Take each client's adapter of `version` from its mailbox, as the device would (ack, check the
-        header); raises TimeoutError if one does not arrive."""
+        header), over `transport` (default: the federation's own); raises TimeoutError if one does not arrive."""
         for client_id in client_ids:
-            sub = self.transport.subscribe(
+            sub = (transport or self.transport).subscribe(
                 self.topology.adapter_queue(client_id),
                 prefetch=1,
                 dead_letter_exchange=self.topology.dead_letter_exchange,

@@ -1,21 +1,31 @@
 """Load mode: many synthetic-update clients (updates of real shapes, no training) federated through the real
-aggregator service, embedded or over RabbitMQ and Redis; measures each round's turnaround."""
+aggregator service, embedded or over RabbitMQ and Redis; measures each round's turnaround, the memory it took
+(Redis `used_memory`, this process's RSS: it runs the aggregator and the publishers), and, over RabbitMQ, the
+floor: raw pika moving the same bytes once each way (the round's updates in, its adapters out)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
 from rich.console import Console
 
 from aggregator.lowrank import SvdMode
-from edge_client.synthetic import SyntheticShape, synthetic_update
+from broker.connect import connect
+from broker.transport import Transport
+from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
+from experiments import rawpika
 from experiments.federation import ServiceFederation
 from experiments.ranks import assign_ranks, sample_clients, scaled_ranks
 from experiments.runner import progress_bar
+from schemas.messages import LoraUpdate
 
 SMOLLM2_HIDDEN = 576
 
@@ -34,6 +44,8 @@ class LoadConfig:
     redis_url: str = "memory://"
     seed: int = 0
     federation: str | None = None  # default: a fresh load-<hex> name
+    publishers: int = 4  # connections publishing a round's updates side by side (over RabbitMQ)
+    raw_every: int = 10  # measure the raw-pika floor on round 1 and every raw_every-th round after (0: never)
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,10 @@ class LoadRound:
     commit_s: float  # first publish until the round is committed
     turnaround_s: float  # first publish until every participant took its adapter from its mailbox
     aggregate_s: float  # the finaliser's own time (read updates, aggregate, encode, commit)
+    adapters_mb: float = 0.0  # the adapters the participants took from their mailboxes
+    redis_used_peak_mb: float | None = None  # Redis used_memory, the most seen during the round
+    rss_peak_mb: float = 0.0  # this process's resident memory, the most seen during the round
+    raw_s: float | None = None  # raw pika moving the round's bytes once each way, where measured
 
 
 @dataclass
@@ -53,11 +69,26 @@ class LoadReport:
     rounds: list[LoadRound] = field(default_factory=list)
     wall_s: float = 0.0
 
+    def raw_mb_per_s(self) -> float | None:
+        """The raw-pika floor's rate over the rounds where it was measured."""
+        measured = [r for r in self.rounds if r.raw_s is not None]
+        if not measured:
+            return None
+        return sum(r.payload_mb + r.adapters_mb for r in measured) / sum(r.raw_s or 0.0 for r in measured)
+
     def summary(self) -> dict[str, float]:
         turn = [r.turnaround_s for r in self.rounds]
+        rate = self.raw_mb_per_s()
+        moved_mb = sum(r.payload_mb + r.adapters_mb for r in self.rounds)
+        redis_peaks = [r.redis_used_peak_mb for r in self.rounds if r.redis_used_peak_mb is not None]
         return {
             "rounds": float(len(self.rounds)),
             "wall_s": self.wall_s,
+            # The floor for the whole run: every round's bytes at the rate raw pika reached where measured.
+            "raw_total_s": moved_mb / rate if rate else float("nan"),
+            "wall_to_raw": self.wall_s * rate / moved_mb if rate and moved_mb else float("nan"),
+            "redis_used_peak_mb": max(redis_peaks, default=float("nan")),
+            "rss_peak_mb": max((r.rss_peak_mb for r in self.rounds), default=float("nan")),
             "turnaround_median_s": statistics.median(turn) if turn else float("nan"),
             "turnaround_max_s": max(turn, default=float("nan")),
             "aggregate_median_s": statistics.median([r.aggregate_s for r in self.rounds]) if turn else float("nan"),
@@ -75,6 +106,98 @@ class LoadReport:
 
 def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 1e6
+
+
+class MemorySampler:
+    """Samples Redis `used_memory` (when the store is Redis) and this process's RSS every `every_s` on its own
+    thread; `take()` returns the most seen since the last take."""
+
+    def __init__(self, redis_url: str, every_s: float = 0.05) -> None:
+        self._redis = redis.Redis.from_url(redis_url) if redis_url.startswith(("redis://", "rediss://")) else None
+        self._every = every_s
+        self._lock = threading.Lock()
+        self._peaks: tuple[float | None, float] = (None, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            used = None
+            if self._redis is not None:
+                with contextlib.suppress(redis.RedisError):
+                    used = int(self._redis.info("memory")["used_memory"]) / 1e6
+            rss = _rss_mb()
+            with self._lock:
+                redis_peak, rss_peak = self._peaks
+                if used is not None:
+                    redis_peak = used if redis_peak is None else max(redis_peak, used)
+                self._peaks = (redis_peak, max(rss_peak, rss))
+
+    def take(self) -> tuple[float | None, float]:
+        with self._lock:
+            peaks, self._peaks = self._peaks, (None, 0.0)
+        return peaks
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._redis is not None:
+            self._redis.close()
+
+
+class Publishers:
+    """`count` broker connections publishing a round's updates side by side, so the load generator is not the
+    bottleneck it measures (one connection with confirms waits for each message in turn)."""
+
+    def __init__(self, fed: ServiceFederation, count: int) -> None:
+        self.fed = fed
+        self.transports: list[Transport] = []
+        if not fed.embedded:
+            self.transports = [connect(fed.broker_url, connection_name=f"{fed.name}-load-{i}") for i in range(count)]
+        self.pool = ThreadPoolExecutor(max(1, len(self.transports)))
+
+    def publish(self, updates: list[tuple[LoraUpdate, bytes]]) -> None:
+        if not self.transports:
+            for header, payload in updates:
+                self.fed.submit(header, payload)
+            return
+        for header, _ in updates:
+            self.fed.expect(header.client_id)
+        shares = [updates[i :: len(self.transports)] for i in range(len(self.transports))]
+        done = [
+            self.pool.submit(self._send, transport, share)
+            for transport, share in zip(self.transports, shares, strict=True)
+        ]
+        for future in done:
+            future.result()
+
+    def receive(self, client_ids: list[str], version: int) -> None:
+        """Every participant takes its adapter, the mailboxes shared out over the connections."""
+        if not self.transports:
+            self.fed.receive(client_ids, version)
+            return
+        shares = [client_ids[i :: len(self.transports)] for i in range(len(self.transports))]
+        done = [
+            self.pool.submit(self.fed.receive, share, version, transport=transport)
+            for transport, share in zip(self.transports, shares, strict=True)
+        ]
+        for future in done:
+            future.result()
+
+    def _send(self, transport: Transport, share: list[tuple[LoraUpdate, bytes]]) -> None:
+        for header, payload in share:
+            publish_update(transport, self.fed.topology, header, payload)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for transport in self.transports:
+            transport.close()
 
 
 def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
@@ -95,53 +218,74 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
         prefix="load",
         name=config.federation,
     )
+    publishers = Publishers(fed, config.publishers)
+    sampler = MemorySampler(config.redis_url)
     try:
         with progress_bar(console) as progress:
             bar = progress.add_task("rounds", total=config.rounds)
             for t in range(config.rounds):
                 chosen = sample_clients(config.clients, config.per_round, t, config.seed)
+                sampler.take()
                 first = time.monotonic()
-                payload_bytes = 0
-                for c in chosen:
-                    header, payload = synthetic_update(
-                        fed.name, f"client-{c}", ranks[c], t, shape=shape, seed=_seed(config.seed, t, c)
-                    )
-                    fed.submit(header, payload)
-                    payload_bytes += len(payload)
+                updates = [
+                    synthetic_update(fed.name, f"client-{c}", ranks[c], t, shape=shape, seed=_seed(config.seed, t, c))
+                    for c in chosen
+                ]
+                publishers.publish(updates)
                 published = time.monotonic()
-                record, _ = fed.wait_commit()
+                record, releases = fed.wait_commit()
                 committed = time.monotonic()
-                fed.receive([f"client-{c}" for c in chosen], record.version)
+                publishers.receive([f"client-{c}" for c in chosen], record.version)
                 done = time.monotonic()
+                redis_peak, rss_peak = sampler.take()
+                sizes = [len(payload) for _, payload in updates]
+                sizes += [releases[f"client-{c}"].header.payload.size for c in chosen]
+                raw = None
+                if not fed.embedded and config.raw_every and t % config.raw_every == 0:
+                    raw = rawpika.move(config.broker_url, sizes).seconds
                 chosen_ranks = [ranks[c] for c in chosen]
                 report.rounds.append(
                     LoadRound(
                         version=record.version,
                         ranks={r: chosen_ranks.count(r) for r in sorted(set(chosen_ranks))},
-                        payload_mb=payload_bytes / 1e6,
+                        payload_mb=sum(sizes[: len(updates)]) / 1e6,
                         publish_s=published - first,
                         commit_s=committed - first,
                         turnaround_s=done - first,
                         aggregate_s=record.aggregate_seconds,
+                        adapters_mb=sum(sizes[len(updates) :]) / 1e6,
+                        redis_used_peak_mb=redis_peak,
+                        rss_peak_mb=rss_peak,
+                        raw_s=raw,
                     )
                 )
+                del updates
                 progress.update(bar, advance=1, description=f"round {t + 1}: turnaround {done - first:.1f} s")
     finally:
+        sampler.close()
+        publishers.close()
         fed.close()
     report.wall_s = time.monotonic() - started
     return report
 
 
+def _mb(value: float) -> str:
+    return "–" if value != value else f"{value:.0f} MB"  # NaN: not measured (the embedded store)
+
+
 def markdown(report: LoadReport) -> str:
     s = report.summary()
     c = report.config
+    raw = "–" if s["raw_total_s"] != s["raw_total_s"] else f"{s['raw_total_s']:.0f} s ({s['wall_to_raw']:.1f}×)"
     return "\n".join(
         [
-            "| clients | per round | rounds | ranks (tiers) | wall | turnaround median / max | aggregate median "
-            "| publish median | MB per round |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| clients | per round | rounds | ranks (tiers) | wall | raw pika, same bytes (wall ×) "
+            "| turnaround median / max | aggregate median | publish median | MB per round "
+            "| Redis used_memory peak | RSS peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {c.clients} | {c.per_round} | {len(report.rounds)} | {c.distribution} {list(c.tiers)} "
-            f"| {s['wall_s']:.0f} s | {s['turnaround_median_s']:.2f} / {s['turnaround_max_s']:.2f} s "
-            f"| {s['aggregate_median_s']:.2f} s | {s['publish_median_s']:.2f} s | {s['payload_mb_per_round']:.0f} |",
+            f"| {s['wall_s']:.0f} s | {raw} | {s['turnaround_median_s']:.2f} / {s['turnaround_max_s']:.2f} s "
+            f"| {s['aggregate_median_s']:.2f} s | {s['publish_median_s']:.2f} s | {s['payload_mb_per_round']:.0f} "
+            f"| {_mb(s['redis_used_peak_mb'])} | {_mb(s['rss_peak_mb'])} |",
         ]
     )

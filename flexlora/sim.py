@@ -266,10 +266,15 @@ def load(
     svd_mode: Annotated[str, typer.Option(help="exact or fast")] = "exact",
     broker_url: Annotated[str, typer.Option(help="memory:// (embedded) or amqp://…")] = "memory://",
     redis_url: RedisUrl = "memory://",
+    publishers: Annotated[int, typer.Option(min=1, help="connections publishing (and receiving) side by side")] = 4,
+    raw_every: Annotated[
+        int, typer.Option(min=0, help="measure raw pika on the same bytes on round 1 and every N-th (0: never)")
+    ] = 10,
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
 ) -> None:
-    """Synthetic-update clients (real shapes, no training) through the aggregator; per-round turnaround."""
+    """Synthetic-update clients (real shapes, no training) through the aggregator; per-round turnaround, memory,
+    and the raw-pika floor for the same bytes."""
     import json
 
     from experiments.load import LoadConfig, markdown, run_load
@@ -291,6 +296,8 @@ def load(
         svd_mode="fast" if svd_mode == "fast" else "exact",
         broker_url=broker_url,
         redis_url=redis_url,
+        publishers=publishers,
+        raw_every=raw_every,
     )
     report = run_load(config)
     table = markdown(report)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.topology import Topology
-from experiments.load import LoadConfig, run_load
+from experiments.load import LoadConfig, markdown, run_load
 from flexlora.cli import app
 from tests.conftest import AMQP_URL, REDIS_URL
 
@@ -91,7 +91,13 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
     )
     report = run_load(config)
     assert [r.version for r in report.rounds] == [1, 2]
-    assert all(r.payload_mb > 0 and r.aggregate_s > 0 for r in report.rounds)
+    assert all(r.payload_mb > 0 and r.aggregate_s > 0 and r.adapters_mb > 0 for r in report.rounds)
+    # Memory per round, and the raw-pika floor on the first round (raw_every 10), extrapolated to the run.
+    assert all((r.redis_used_peak_mb or 0) > 0 and r.rss_peak_mb > 0 for r in report.rounds)
+    assert report.rounds[0].raw_s is not None and report.rounds[0].raw_s > 0 and report.rounds[1].raw_s is None
+    summary = report.summary()
+    assert 0 < summary["raw_total_s"] < summary["wall_s"] and summary["wall_to_raw"] > 1
+    assert "raw pika" in markdown(report) and "MB" in markdown(report)
     # The run cleans up after itself: no keys of the federation are left in Redis.
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
 
