@@ -7,7 +7,7 @@ chunks in the store (a Blob), which the commit adopts, and publishing streams th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from broker.chunked import publish_chunks, publish_payload
 from broker.topology import Topology
 from broker.transport import Transport
 from schemas.lora import LoraFactors, join_lora
-from schemas.messages import AdapterRelease, LoraUpdate, PayloadInfo
+from schemas.messages import SHARED_RELEASE, AdapterRelease, LoraUpdate, PayloadInfo
 from schemas.recipe import Recipe
 from schemas.safetensors_stream import describe, encode_pieces, iter_chunks
 
@@ -82,30 +82,57 @@ def build_releases(
 
 
 def send_release(
-    transport: Transport, topology: Topology, store: RoundStore, release: StoredRelease, *, chunk_bytes: int
+    transport: Transport,
+    topology: Topology,
+    store: RoundStore,
+    release: StoredRelease,
+    *,
+    chunk_bytes: int,
+    recipients: Sequence[str] = (),
 ) -> None:
-    """Publish one client's adapter to its mailbox, chunked if it is large (message ids name the version)."""
+    """Publish an adapter to its client's mailbox, chunked if it is large (message ids name the version). With
+    `recipients`, the one release goes to every one of their mailboxes (the broker shares the body) under a
+    header that names none of them."""
     h = release.header
-    message_id = f"{h.federation}:{h.version}:{h.client_id}"
+    if recipients:
+        h = h.model_copy(update={"client_id": SHARED_RELEASE})
+        message_id = f"{h.federation}:{h.version}:cut-{h.payload.sha256[:32]}"
+        first, *others = recipients
+    else:
+        message_id = f"{h.federation}:{h.version}:{h.client_id}"
+        first, others = h.client_id, []
     header_json = h.model_dump_json()
     if isinstance(release.payload, Blob):
         publish_chunks(
             transport,
             topology.adapters_exchange,
-            h.client_id,
+            first,
             header_json,
             store.iter_blob(release.payload),
             h.payload,
             message_id,
+            bcc=others,
         )
         return
     publish_payload(
         transport,
         topology.adapters_exchange,
-        h.client_id,
+        first,
         header_json,
         release.payload,
         h.payload,
         message_id=message_id,
         chunk_bytes=chunk_bytes,
+        bcc=others,
     )
+
+
+def shared_cuts(releases: Mapping[str, StoredRelease]) -> list[tuple[StoredRelease, list[str]]]:
+    """The releases of one version grouped by what they carry (the same cut, the same header but for the client):
+    each group is published once, to all of its clients' mailboxes. FlexLoRA's cuts nest, so a round has as many
+    groups as distinct ranks, however many clients it had."""
+    groups: dict[str, tuple[StoredRelease, list[str]]] = {}
+    for client_id, release in sorted(releases.items()):
+        key = release.header.model_dump_json(exclude={"client_id", "created_at"})
+        groups.setdefault(key, (release, []))[1].append(client_id)
+    return list(groups.values())

@@ -19,7 +19,7 @@ from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
 from aggregator.planning import RoundInput, aggregate_round
-from aggregator.releasing import build_releases, release_template, send_release
+from aggregator.releasing import build_releases, release_template, send_release, shared_cuts
 from aggregator.rounds import (
     GLOBAL_RELEASE,
     Lease,
@@ -282,28 +282,47 @@ class AggregatorService:
         """Publish a committed version's adapters, unless another aggregator holds the claim to do it."""
         if not self.store.claim_publish(version, self.config.owner, self.config.lease_s):
             return
-        for client_id, release in sorted(self.store.releases(version).items()):
-            if client_id == GLOBAL_RELEASE:
+        releases = {c: r for c, r in self.store.releases(version).items() if c != GLOBAL_RELEASE}
+        # One message per distinct cut, routed by the broker to every mailbox that takes it.
+        for release, clients in shared_cuts(releases):
+            ready = [c for c in clients if self._mailbox_ready(version, c)]
+            if not ready:
                 continue
             try:
-                self.send_adapter(release)
+                send_release(
+                    self.transport,
+                    self.topology,
+                    self.store,
+                    release,
+                    chunk_bytes=self.config.chunk_bytes,
+                    recipients=ready,
+                )
             except ConnectionLost:
                 raise
             except BrokerError:
-                # One mailbox refusing (deleted, or declared with other arguments) must not hold back the others'
-                # adapters, nor fail every publication again: declare it afresh next time; a join catches it up.
-                self._declared_clients.discard(client_id)
-                log.exception("could not publish version %d to %s; skipping its mailbox", version, client_id)
+                # Refused as a whole (no mailbox took it): declare them afresh next time; joins catch them up.
+                self._declared_clients.difference_update(ready)
+                log.exception("could not publish version %d at rank %d", version, release.header.rank)
                 continue
-            self.metrics.published()
+            for _ in ready:
+                self.metrics.published()
         self.store.mark_published(version)
 
-    def send_adapter(self, release: StoredRelease) -> None:
-        client_id = release.header.client_id
-        if client_id not in self._declared_clients:
+    def _mailbox_ready(self, version: int, client_id: str) -> bool:
+        """Declare a client's mailbox once; a mailbox refusing (declared with other arguments) must not hold back
+        the others' adapters, nor fail every publication again: it is tried afresh next time, a join catches it
+        up."""
+        if client_id in self._declared_clients:
+            return True
+        try:
             self.transport.declare(self.topology.client(client_id))
-            self._declared_clients.add(client_id)
-        send_release(self.transport, self.topology, self.store, release, chunk_bytes=self.config.chunk_bytes)
+        except ConnectionLost:
+            raise
+        except BrokerError:
+            log.exception("could not publish version %d to %s; skipping its mailbox", version, client_id)
+            return False
+        self._declared_clients.add(client_id)
+        return True
 
     def answer_join(self, release: StoredRelease) -> None:
         """Send a join's answer into the client's mailbox without declaring it (PublishRefused if there is none)."""

@@ -32,16 +32,18 @@ def publish_payload(
     message_id: str,
     chunk_bytes: int,
     extra_headers: Mapping[str, str] | None = None,
+    bcc: Sequence[str] = (),
 ) -> int:
     """Publish a message header with its payload, as one message or as chunks; returns the messages sent.
-    Chunk `i` gets the message id `<message_id>:<i>`, so a re-send is recognisably the same chunk."""
+    Chunk `i` gets the message id `<message_id>:<i>`, so a re-send is recognisably the same chunk. `bcc`: more
+    routing keys every message also goes to (Transport.publish)."""
     if info.size <= chunk_bytes:
         body = payload if isinstance(payload, bytes) else b"".join(_pieces(payload))
         headers = {HEADER_KEY: header_json, **(extra_headers or {})}
-        transport.publish(exchange, routing_key, body, headers, message_id=message_id)
+        transport.publish(exchange, routing_key, body, headers, message_id=message_id, bcc=bcc)
         return 1
     chunks = iter_chunks(_pieces(payload), chunk_bytes)
-    return publish_chunks(transport, exchange, routing_key, header_json, chunks, info, message_id, extra_headers)
+    return publish_chunks(transport, exchange, routing_key, header_json, chunks, info, message_id, extra_headers, bcc)
 
 
 def _pieces(payload: bytes | bytearray | Sequence[memoryview]) -> list[memoryview]:
@@ -57,6 +59,7 @@ def publish_chunks(
     info: PayloadInfo,
     message_id: str,
     extra_headers: Mapping[str, str] | None = None,
+    bcc: Sequence[str] = (),
 ) -> int:
     """Publish a payload already cut into chunks of one size (the first chunk's; the last may be shorter),
     one chunk in memory at a time; returns the chunks sent."""
@@ -75,7 +78,7 @@ def publish_chunks(
             sha256=hashlib.sha256(chunk).hexdigest(),
         )
         headers = {HEADER_KEY: header_json, CHUNK_KEY: chunk_header.model_dump_json(), **(extra_headers or {})}
-        transport.publish(exchange, routing_key, chunk, headers, message_id=f"{message_id}:{index}")
+        transport.publish(exchange, routing_key, chunk, headers, message_id=f"{message_id}:{index}", bcc=bcc)
     return count
 
 

@@ -98,8 +98,11 @@ class Transport(abc.ABC):
         headers: Mapping[str, str],
         *,
         message_id: str | None = None,
+        bcc: Sequence[str] = (),
     ) -> None:
-        """Publish persistently and wait for the broker's confirm; PublishRefused if unroutable or nacked."""
+        """Publish persistently and wait for the broker's confirm; PublishRefused if unroutable or nacked. `bcc`:
+        more routing keys the one message also goes to (RabbitMQ's sender-selected distribution: the broker keeps
+        one body for every queue it reaches, and no recipient sees the list)."""
 
     @abc.abstractmethod
     def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:

@@ -20,7 +20,7 @@ from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import Reason, SchemaError
 from schemas.lora import RankRequest, adapter_rank, join_lora, recut, split_lora
-from schemas.messages import HEADER_KEY, AdapterRelease, JoinRequest, LoraUpdate, parse_release
+from schemas.messages import HEADER_KEY, SHARED_RELEASE, AdapterRelease, JoinRequest, LoraUpdate, parse_release
 from schemas.signing import SIGNATURE_KEY, sign
 from schemas.tensors import decode_tensors, encode_tensors
 
@@ -384,7 +384,8 @@ class EdgeWorker:
 
     def _check_release(self, release: AdapterRelease) -> None:
         c = self.config
-        if release.client_id != c.client_id or release.federation != c.federation:
+        # A release shared by every participant at its cut names none of them (the broker routed it here).
+        if release.client_id not in (c.client_id, SHARED_RELEASE) or release.federation != c.federation:
             raise SchemaError(f"adapter addressed to {release.federation}/{release.client_id}", reason=Reason.MISROUTED)
         if release.rank != self.rank or release.lora_alpha != self.lora_alpha:
             raise SchemaError(

@@ -26,7 +26,7 @@ from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
 from edge_client.synthetic import publish_update
 from schemas.lora import LoraFactors, split_lora
-from schemas.messages import HEADER_KEY, LoraUpdate, parse_release
+from schemas.messages import HEADER_KEY, SHARED_RELEASE, LoraUpdate, parse_release
 from schemas.recipe import DEFAULT_RECIPE
 from schemas.tensors import decode_tensors
 
@@ -244,7 +244,7 @@ class ServiceFederation:
                         continue
                     release = parse_release(delivery.message.headers.get(HEADER_KEY))
                     delivery.ack()
-                    if release.version >= version and release.client_id == client_id:
+                    if release.version >= version and release.client_id in (client_id, SHARED_RELEASE):
                         break
             finally:
                 sub.close()

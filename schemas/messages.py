@@ -87,8 +87,14 @@ def _check_scale(alpha: float, rank: int) -> None:
         raise ValueError(f"lora_alpha / rank = {alpha / rank:.4g} is outside [{MIN_SCALE:g}, {MAX_SCALE:g}]")
 
 
+# The client id of a release shared by several clients: no client can have it (client ids start alphanumeric).
+SHARED_RELEASE = "_shared"
+
+
 class AdapterRelease(_Strict):
-    """The global adapter of `version`, cut to one client's rank and alpha."""
+    """The global adapter of `version`, cut to one client's rank and alpha. `client_id` SHARED_RELEASE: one
+    message shared by every participant cut the same way, routed by the broker to each of their mailboxes (the
+    recipients are not named in it, so no client learns who else took part)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["adapter"] = "adapter"

@@ -62,16 +62,16 @@ class MemoryBroker:
                     raise BrokerError(f"binding {spec} names an undeclared exchange or queue")
                 self.bindings.add((spec.exchange, spec.routing_key, spec.queue))
 
-    def route(self, exchange: str, message: Message) -> int:
-        """Enqueue to every bound queue; returns how many queues took it (0 = unroutable)."""
+    def route(self, exchange: str, message: Message, also: Sequence[str] = ()) -> int:
+        """Enqueue to every bound queue (bound by the message's routing key or one of `also`, as RabbitMQ's BCC);
+        returns how many queues took it (0 = unroutable). Each queue gets the message once."""
+        keys = {message.routing_key, *also}
         with self.cond:
             kind = self.exchanges.get(exchange)
             if kind is None:
                 raise PublishRefused(f"no exchange {exchange!r}")
             targets = sorted(
-                q
-                for (ex, key, q) in self.bindings
-                if ex == exchange and (kind == "fanout" or key == message.routing_key)
+                {q for (ex, key, q) in self.bindings if ex == exchange and (kind == "fanout" or key in keys)}
             )
             for name in targets:
                 self._enqueue(self.queues[name], message, 0)
@@ -202,6 +202,7 @@ class MemoryTransport(Transport):
         headers: Mapping[str, str],
         *,
         message_id: str | None = None,
+        bcc: Sequence[str] = (),
     ) -> None:
         message = Message(
             body=bytes(body),
@@ -210,7 +211,7 @@ class MemoryTransport(Transport):
             routing_key=routing_key,
             user_id=self.user_id,
         )
-        if self.broker.route(exchange, message) == 0:
+        if self.broker.route(exchange, message, also=bcc) == 0:
             raise PublishRefused(f"unroutable: no queue bound to {exchange!r} with key {routing_key!r}")
 
     def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:

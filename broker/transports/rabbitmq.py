@@ -194,11 +194,15 @@ class RabbitMQTransport(Transport):
 
         self._call(run)
 
-    def _properties(self, headers: Mapping[str, str], message_id: str | None) -> BasicProperties:
+    def _properties(
+        self, headers: Mapping[str, str], message_id: str | None, bcc: Sequence[str] = ()
+    ) -> BasicProperties:
+        # BCC: RabbitMQ routes the message by these keys too and strips the header before delivering it.
+        routing: dict[str, Any] = {"BCC": list(bcc)} if bcc else {}
         return BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/vnd.safetensors",
-            headers=dict(headers),
+            headers={**headers, **routing},
             message_id=message_id,
             # RabbitMQ refuses a user_id that differs from the connection's user, so it is trustworthy.
             user_id=self.user_id,
@@ -219,8 +223,9 @@ class RabbitMQTransport(Transport):
         headers: Mapping[str, str],
         *,
         message_id: str | None = None,
+        bcc: Sequence[str] = (),
     ) -> None:
-        properties = self._properties(headers, message_id)
+        properties = self._properties(headers, message_id, bcc)
         self._call(lambda: self._publish_now(exchange, routing_key, body, properties))
 
     def subscribe(self, queue: str, *, prefetch: int, dead_letter_exchange: str) -> Subscription:

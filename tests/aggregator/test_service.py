@@ -442,3 +442,51 @@ def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> No
     assert all(getattr(config, name) == given[name] for name in shared - {"signing_keys"})
     assert config.policy.max_updates == 3 and config.recipe.learning_rate == 1e-4
     assert config.signing_keys == {"c1": bytes.fromhex("ab" * 32)}
+
+
+@pytest.mark.parametrize("backend", ["memory", "services"])
+def test_a_rounds_adapters_go_out_once_per_distinct_cut_and_reach_every_participant(
+    request: pytest.FixtureRequest, federation: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from schemas.messages import SHARED_RELEASE, parse_release
+
+    clients = {"c1": 2, "c2": 2, "c3": 4, "c4": 4, "c5": 4}
+    if backend == "memory":
+        transport: Transport = connect("memory://", memory=MemoryBroker())
+        store: RoundStore = MemoryRoundStore()
+    else:
+        request.getfixturevalue("amqp_cleanup").extend(Topology(federation).adapter_queue(c) for c in clients)
+        transport = connect(AMQP_URL)
+        store = RedisRoundStore.from_url(REDIS_URL, federation)
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=len(clients)), poll_s=0.05)
+    rig = Rig(transport, store, AggregatorService(transport, store, config), Topology(federation))
+    rig.service.setup()
+    sent: list[tuple[str, str, tuple[str, ...]]] = []
+    publish = transport.publish
+
+    def counting(exchange: str, routing_key: str, *args: Any, **kwargs: Any) -> None:
+        if exchange == rig.topo.adapters_exchange:
+            sent.append((routing_key, kwargs.get("message_id") or "", tuple(kwargs.get("bcc", ()))))
+        publish(exchange, routing_key, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "publish", counting)
+    try:
+        for seed, (client, rank) in enumerate(clients.items()):
+            _valid(rig, client, rank, seed)
+        _serve_until(rig, threading.Event())
+        assert len(sent) == 2  # one message per rank, not one per client
+        assert sorted(len(bcc) + 1 for _, _, bcc in sent) == [2, 3]
+        for client, rank in clients.items():
+            sub = transport.subscribe(rig.topo.adapter_queue(client), prefetch=1, dead_letter_exchange="")
+            delivery = sub.get(10)
+            assert delivery is not None, f"{client} got no adapter"
+            release = parse_release(delivery.message.headers[HEADER_KEY])
+            assert (release.version, release.rank, release.client_id) == (1, rank, SHARED_RELEASE)
+            assert f'"{client}"' not in delivery.message.headers[HEADER_KEY]  # nobody is named in it
+            assert len(delivery.message.body) == release.payload.size
+            delivery.ack()
+            sub.close()
+    finally:
+        transport.close()
+        if isinstance(store, RedisRoundStore):
+            store.wipe()

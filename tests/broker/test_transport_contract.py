@@ -199,3 +199,22 @@ def test_delete_removes_queues_with_their_messages(transport: Transport, topo: T
     transport.delete(topo.client("c2"))
     with pytest.raises(BrokerError):
         transport.queue_depth(topo.adapter_queue("c2"))
+
+
+def test_one_publish_with_bcc_reaches_every_named_mailbox_once_and_none_sees_the_list(
+    transport: Transport, topo: Topology
+) -> None:
+    transport.declare([*topo.client("c1"), *topo.client("c2")])
+    transport.publish(topo.adapters_exchange, "c1", b"shared", {"h": "v"}, message_id="cut-1", bcc=["c2", "c1"])
+    for client in ("c1", "c2"):
+        sub = transport.subscribe(
+            topo.adapter_queue(client), prefetch=5, dead_letter_exchange=topo.dead_letter_exchange
+        )
+        delivery = sub.get(5)
+        assert delivery is not None and delivery.message.body == b"shared"
+        assert delivery.message.message_id == "cut-1" and dict(delivery.message.headers) == {"h": "v"}
+        delivery.ack()
+        assert sub.get(0.3) is None  # once, though c1 was named twice
+        sub.close()
+    with pytest.raises(PublishRefused):  # routed nowhere: refused, as any unroutable publish
+        transport.publish(topo.adapters_exchange, "nobody", b"x", {}, bcc=["nobody-either"])
