@@ -20,6 +20,37 @@ RankPattern = tuple[tuple[str, int], ...]
 AlphaPattern = tuple[tuple[str, float], ...]
 
 
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+# Named rank patterns (ranks per module, keyed as peft's rank_pattern). paper-type2: the FlexLoRA paper's
+# per-module tier, 30 on the attention projections and 200 on the MLP's (LLaMA module names).
+RANK_PATTERNS: dict[str, dict[str, int]] = {
+    "paper-type2": {**dict.fromkeys(_ATTENTION, 30), **dict.fromkeys(_MLP, 200)},
+}
+
+
+def parse_rank_pattern(text: str) -> dict[str, int]:
+    """`q_proj=30,gate_proj=200` (module name or tail = rank, in order: the first matching key wins, as in peft),
+    or the name of a preset in RANK_PATTERNS; '' or 'none' for none."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return {}
+    if text.lower() in RANK_PATTERNS:
+        return dict(RANK_PATTERNS[text.lower()])
+    out: dict[str, int] = {}
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value.isdigit():
+            presets = ", ".join(sorted(RANK_PATTERNS))
+            raise ValueError(f"rank pattern entry {part!r} is not module=rank (or give a preset: {presets})")
+        if key in out:
+            raise ValueError(f"rank pattern names {key!r} twice")
+        out[key] = int(value)
+    return out
+
+
 @lru_cache(maxsize=65536)
 def pattern_key(keys: tuple[str, ...], module: str) -> str | None:
     """The first of `keys` peft would apply to `module`, or None when none matches."""
