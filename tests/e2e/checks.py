@@ -67,8 +67,9 @@ def dense_update(store: RoundStore, version: int) -> dict[str, np.ndarray]:
 
 def _dense(store: RoundStore, version: int) -> dict[str, np.ndarray]:
     """ΔW of every module for the round that produced `version`, formed densely from what it recorded: Σ p_k
-    (α_k/r_k) B_k A_k (each module at its own rank and alpha where a client has rank patterns), plus, where the round carried residuals, Σ p_k (G_k − cut_{r_k}(G_k)) with G_k the global
-    update k started from (aggregator.planning's server step, recomputed here by numpy SVDs)."""
+    (α_k/r_k) B_k A_k (each module at its own rank and alpha where a client has rank patterns), plus, where the
+    round carried residuals, Σ p_k (G_k − cut_{r_k}(G_k)) with G_k the global update k started
+    from (aggregator.planning's server step, recomputed here by numpy SVDs)."""
     recorded = store.round_updates(version - 1)
     n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
     p = n / n.sum()
