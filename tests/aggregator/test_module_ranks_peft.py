@@ -30,7 +30,9 @@ def _saved(request: RankRequest, seed: int, path: Path) -> dict[str, np.ndarray]
     with torch.no_grad():
         for name, layer in model.named_modules():
             if isinstance(layer, LoraLinear):
-                layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+                b = layer.lora_B["default"].weight
+                assert isinstance(b, torch.Tensor)
+                b.copy_(torch.randn(tuple(b.shape), generator=g))
                 deltas[name.removeprefix(PEFT_PREFIX)] = layer.get_delta_weight("default").double().numpy()
     model.save_pretrained(str(path))
     return deltas
