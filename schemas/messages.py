@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.errors import HeaderError
 from schemas.ranks import RankRequest
@@ -67,6 +76,15 @@ class _Ranked(_Strict):
     lora_alpha: Alpha
     rank_pattern: RankPatternField = Field(default_factory=dict)
     alpha_pattern: AlphaPatternField = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_patterns(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A uniform message is written as before patterns existed, so peers that predate them still read it.
+        data: dict[str, Any] = handler(self)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not data.get(name):
+                data.pop(name, None)
+        return data
 
     @property
     def request(self) -> RankRequest:
