@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig
 
 from schemas.errors import SchemaError
-from schemas.lora import PEFT_PREFIX, LoraFactors, join_lora, split_lora
+from schemas.lora import PEFT_PREFIX, LoraFactors, RankRequest, join_lora, split_lora
 from schemas.tensors import decode_tensors, encode_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -26,8 +26,6 @@ PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 _UNSUPPORTED = (
     "use_dora",
     "use_rslora",
-    "rank_pattern",
-    "alpha_pattern",
     "modules_to_save",
     "fan_in_fan_out",
     "lora_bias",
@@ -63,6 +61,14 @@ class PeftAdapter:
     target_modules: tuple[str, ...]
     base_model_name_or_path: str | None
     config: dict[str, Any]
+    # peft's rank_pattern / alpha_pattern: modules whose rank or alpha is not `rank` / `alpha` (schemas.ranks).
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request(self) -> RankRequest:
+        """The ranks per module the adapter was trained at."""
+        return RankRequest.of(self.rank, self.alpha, self.rank_pattern, self.alpha_pattern)
 
 
 def read_adapter(path: Path) -> PeftAdapter:
@@ -72,9 +78,10 @@ def read_adapter(path: Path) -> PeftAdapter:
         raise AdapterFileError(f"{path}: not a directory")
     config = _read_config(path)
     rank, alpha, targets = _check_config(path, config)
+    rank_pattern, alpha_pattern = _check_patterns(path, config)
     tensors = _read_tensors(path)
     try:
-        factors = split_lora(_normalise_keys(tensors), rank=rank)
+        factors = split_lora(_normalise_keys(tensors), rank=RankRequest.of(rank, alpha, rank_pattern, alpha_pattern))
     except SchemaError as exc:
         raise AdapterFileError(f"{path}: {exc}") from exc
     regex = isinstance(config.get("target_modules"), str)
@@ -89,7 +96,20 @@ def read_adapter(path: Path) -> PeftAdapter:
         # A regex names no modules by itself; what the tensors adapt is what the adapter targets.
         targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in factors}))
     base = config.get("base_model_name_or_path")
-    return PeftAdapter(factors, rank, alpha, targets, str(base) if base else None, config)
+    return PeftAdapter(factors, rank, alpha, targets, str(base) if base else None, config, rank_pattern, alpha_pattern)
+
+
+def _check_patterns(path: Path, config: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, float]]:
+    """rank_pattern and alpha_pattern of a config (absent or null: none), checked for positive numbers."""
+    out: list[dict[str, Any]] = []
+    for name, kind in (("rank_pattern", int), ("alpha_pattern", int | float)):
+        value = config.get(name) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0 for k, v in value.items()
+        ):
+            raise AdapterFileError(f"{path}: {name} must map module names to positive numbers, got {value!r}")
+        out.append({k: (v if name == "rank_pattern" else float(v)) for k, v in value.items()})
+    return out[0], out[1]
 
 
 def write_adapter(
@@ -101,15 +121,20 @@ def write_adapter(
     *,
     base_model_name_or_path: str | None = None,
     template_config: Mapping[str, Any] | None = None,
+    pattern: RankRequest | None = None,
 ) -> None:
-    """Write a directory that `PeftModel.from_pretrained` loads: adapter_config.json and adapter_model.safetensors."""
+    """Write a directory that `PeftModel.from_pretrained` loads: adapter_config.json and adapter_model.safetensors.
+    `pattern`: ranks per module (its rank_pattern and alpha_pattern go into the config; `rank` and `alpha` are
+    the default)."""
     path = Path(path)
     if not factors:
         raise AdapterFileError(f"{path}: no LoRA factors to write")
+    request = RankRequest(rank, alpha, pattern.rank_pattern, pattern.alpha_pattern) if pattern else None
     for module, (a, b) in factors.items():
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        r = request.at(module).rank if request is not None else rank
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFileError(
-                f"{path}: module {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank {rank}"
+                f"{path}: module {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank {r}"
             )
     template = dict(template_config or {})
     inherited = {k: template[k] for k in _INHERITED if template.get(k) is not None}
@@ -127,6 +152,8 @@ def write_adapter(
         fan_in_fan_out=False,
         inference_mode=True,
         base_model_name_or_path=base_model_name_or_path,
+        rank_pattern=dict(request.rank_pattern) if request is not None else {},
+        alpha_pattern={k: int(a) if a.is_integer() else a for k, a in request.alpha_pattern} if request else {},
         **inherited,
     ).to_dict()
     data, _ = encode_tensors(join_lora({m: LoraFactors(f.A, f.B) for m, f in factors.items()}))

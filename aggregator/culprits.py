@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 
-from aggregator.flexlora import RankRequest
 from aggregator.participants import client_adapters
 from aggregator.rounds import RecordedUpdate, RoundStore
 from aggregator.strategies import Strategy
@@ -42,7 +41,7 @@ def find_culprits(
             own = json.dumps({m: list(s) for m, s in module_shapes(client.factors).items()}, sort_keys=True)
             if shapes is not None and own != shapes:
                 raise ValueError("its module shapes are not the federation's")
-            strategy.aggregate([client], [1.0], [RankRequest(h.rank, h.lora_alpha)])
+            strategy.aggregate([client], [1.0], [h.request])
         except store.transient_errors:
             raise
         except Exception as exc:

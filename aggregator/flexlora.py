@@ -18,19 +18,42 @@ from aggregator.lowrank import NonFiniteError, SvdMode, top_svd
 from schemas.lora import LoraFactors
 from schemas.lora import RankRequest as RankRequest  # re-exported: the aggregator names it from here
 from schemas.lora import recut as recut  # the exact cut of a cut, shared with the edge client
+from schemas.ranks import AlphaPattern, RankPattern
 
 
 @dataclass(frozen=True)
 class ClientAdapter:
-    """One client's LoRA factors for every module, with the rank and alpha it trained them at."""
+    """One client's LoRA factors for every module, with the rank and alpha it trained them at: `rank` and
+    `alpha` for every module, unless the patterns (peft's rank_pattern / alpha_pattern, schemas.ranks) give a
+    module its own."""
 
     factors: Mapping[str, LoraFactors]
     rank: int
     alpha: float
+    rank_pattern: RankPattern = ()
+    alpha_pattern: AlphaPattern = ()
+
+    @classmethod
+    def of(cls, factors: Mapping[str, LoraFactors], request: RankRequest) -> ClientAdapter:
+        return cls(factors, request.rank, request.alpha, request.rank_pattern, request.alpha_pattern)
+
+    @property
+    def request(self) -> RankRequest:
+        """The ranks this client trained at (and needs its release cut at)."""
+        return RankRequest(self.rank, self.alpha, self.rank_pattern, self.alpha_pattern)
+
+    def at(self, module: str) -> RankRequest:
+        """The rank and alpha of one module."""
+        return self.request.at(module)
 
     @property
     def scale(self) -> float:
+        """alpha / rank of the modules no pattern names (every module's without patterns)."""
         return self.alpha / self.rank
+
+    def scale_at(self, module: str) -> float:
+        r = self.at(module)
+        return r.alpha / r.rank
 
 
 def data_size_weights(num_samples: Sequence[int]) -> list[float]:
@@ -94,18 +117,21 @@ def validate_inputs(
     if not requests:
         raise AggregationError("no ranks requested")
     for j, req in enumerate(requests):
-        if req.rank < 1:
-            raise AggregationError(f"request {j} asks for rank {req.rank}; ranks must be >= 1")
-        if not math.isfinite(req.alpha) or req.alpha <= 0:
-            raise AggregationError(f"request {j} (rank {req.rank}) has alpha {req.alpha}; alpha must be finite and > 0")
+        if min(req.all_ranks()) < 1:
+            raise AggregationError(f"request {j} asks for {req.describe()}; ranks must be >= 1")
+        alphas = [req.alpha, *(a for _, a in req.alpha_pattern)]
+        if not all(math.isfinite(a) and a > 0 for a in alphas):
+            raise AggregationError(f"request {j} ({req.describe()}) has alphas {alphas}; alpha must be finite and > 0")
     modules = set(clients[0].factors)
     if not modules:
         raise AggregationError("client 0 adapts no modules")
     shapes: dict[str, tuple[int, int]] = {}
     for k, client in enumerate(clients):
-        if client.rank < 1 or not math.isfinite(client.alpha) or client.alpha <= 0:
+        request = client.request
+        alphas = [request.alpha, *(a for _, a in request.alpha_pattern)]
+        if min(request.all_ranks()) < 1 or not all(math.isfinite(a) and a > 0 for a in alphas):
             raise AggregationError(
-                f"client {k} declares rank {client.rank} and alpha {client.alpha}; need >= 1 and > 0"
+                f"client {k} declares {request.describe()} and alphas {alphas}; need ranks >= 1 and alphas > 0"
             )
         if set(client.factors) != modules:
             missing = sorted(modules - set(client.factors))
@@ -118,9 +144,11 @@ def validate_inputs(
             where = f"client {k}, module {module!r}"
             if a.ndim != 2 or b.ndim != 2:
                 raise AggregationError(f"{where}: factors must be 2-D, got A {tuple(a.shape)} and B {tuple(b.shape)}")
-            if a.shape[0] != client.rank or b.shape[1] != client.rank:
+            declared = request.at(module).rank
+            if a.shape[0] != declared or b.shape[1] != declared:
+                how = "" if request.uniform else " (the module's rank by the client's rank pattern)"
                 raise AggregationError(
-                    f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match the declared rank {client.rank}"
+                    f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match the declared rank {declared}{how}"
                 )
             shape = (int(b.shape[0]), int(a.shape[1]))
             if shapes.setdefault(module, shape) != shape:
@@ -172,25 +200,27 @@ def flexlora(
     """
     everyone = [*clients, *carried]
     normalised, modules = validate_inputs(everyone, [*weights, *(0.0 for _ in carried)], requests, check_finite=False)
-    coeffs = [w * c.scale for c, w in zip(clients, normalised[: len(clients)], strict=True)]
-    coeffs += [c.scale for c in carried]
+    weights_of = [*normalised[: len(clients)], *(1.0 for _ in carried)]
     clients = everyone
     unique = sorted(set(requests))
-    k = max(req.rank for req in unique)
-    total_rank = sum(c.rank for c in clients)
     out: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in unique}
-    groups: dict[tuple[int, int], list[str]] = {}
+    # Modules batch together when they agree on shape, on every client's rank and on the ranks cut from them:
+    # one group per shape when every rank is uniform, one per (shape, tier) with rank patterns.
+    groups: dict[_Group, list[str]] = {}
     for module in modules:
         ref = clients[0].factors[module]
-        groups.setdefault((int(ref.B.shape[0]), int(ref.A.shape[1])), []).append(module)
+        cuts = tuple(sorted({req.at(module).rank for req in unique}))
+        key = _Group(int(ref.B.shape[0]), int(ref.A.shape[1]), tuple(c.at(module).rank for c in clients), cuts)
+        groups.setdefault(key, []).append(module)
     if batch_bytes is None:
-        stacked = sum(8 * total_rank * sum(shape) * len(names) for shape, names in groups.items())
+        stacked = sum(8 * g.total_rank * (g.d_out + g.d_in) * len(names) for g, names in groups.items())
         batch_bytes = min(512 * 2**20, max(32 * 2**20, stacked // 16))
-    for (d_out, d_in), names in groups.items():
+    for group, names in groups.items():
+        d_out, d_in, total_rank = group.d_out, group.d_in, group.total_rank
         per_batch = min(len(names), max(1, batch_bytes // (8 * total_rank * (d_out + d_in))))
         # Fast mode stacks in float32 (the clients' own precision) so its big products run at float32 speed.
         work = torch.float32 if mode == "fast" else torch.float64
-        # One pair of buffers per shape, reused by every batch: fresh ones page-fault on every 4 KiB each time
+        # One pair of buffers per group, reused by every batch: fresh ones page-fault on every 4 KiB each time
         # (measured at LLaMA-7B shapes, 11 batches of 0.5 GB: the exact path went from 32.8 s to 25.2 s).
         p_buffer = torch.empty((per_batch, d_out, total_rank), dtype=work)
         q_buffer = torch.empty((per_batch, total_rank, d_in), dtype=work)
@@ -199,28 +229,42 @@ def flexlora(
             p, q = p_buffer[: len(chunk)], q_buffer[: len(chunk)]
             for m, module in enumerate(chunk):
                 offset = 0
-                for client, coeff in zip(clients, coeffs, strict=True):
+                for client, w, rank in zip(clients, weights_of, group.client_ranks, strict=True):
                     a, b = client.factors[module]
                     # In place: no full-size temporaries per client (this loop moves every byte of input).
-                    p[m, :, offset : offset + client.rank].copy_(b).mul_(coeff)
-                    q[m, offset : offset + client.rank].copy_(a)
-                    offset += client.rank
+                    p[m, :, offset : offset + rank].copy_(b).mul_(w * client.scale_at(module))
+                    q[m, offset : offset + rank].copy_(a)
+                    offset += rank
             try:
-                result = top_svd(p, q, k, mode=mode, certify_ranks=[r.rank for r in unique], tolerance=tolerance)
+                result = top_svd(p, q, max(group.cuts), mode=mode, certify_ranks=list(group.cuts), tolerance=tolerance)
             except NonFiniteError:
                 raise _name_nonfinite(clients, chunk) from None
             for m, module in enumerate(chunk):
                 for req in unique:
-                    out[req][module] = cut(result.U[m], result.S[m], result.Vh[m], req, dtype)
+                    out[req][module] = cut(result.U[m], result.S[m], result.Vh[m], req.at(module), dtype)
                 if reports is not None:
                     reports.append(ModuleReport(module, result.paths[m], total_rank, result.excess[m]))
     return out
 
 
+@dataclass(frozen=True)
+class _Group:
+    """What modules batched into one SVD call share."""
+
+    d_out: int
+    d_in: int
+    client_ranks: tuple[int, ...]
+    cuts: tuple[int, ...]
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.client_ranks)
+
+
 def carried_residual(
     global_factors: Mapping[str, LoraFactors],
     source: RankRequest,
-    starts: Sequence[tuple[int, float]],
+    starts: Sequence[tuple[RankRequest, float]],
     server_lr: float = 1.0,
 ) -> ClientAdapter | None:
     """What a round must add back so that it averages the clients' changes instead of their products.
@@ -230,23 +274,35 @@ def carried_residual(
     Σ_k w_k P_k shrinks every direction of G by the weight of the clients too small to hold it. The round
     wanted instead is Σ_k w_k (G + η Δ_k) = η Σ_k w_k P_k + Σ_j c_j σ_j u_j v_jᵀ with
     c_j = Σ_k w_k ((1 − η) + η [j ≥ r_k]): one adapter of G's own factors with B's columns scaled by c_j
-    (η is the server learning rate; η = 1 gives plain averaging of changes). `starts` holds (r_k, w_k) for
-    the clients that started from this G, their weights already multiplied by whatever the round gives them.
-    None when nothing needs carrying (every c_j is 0).
+    (η is the server learning rate; η = 1 gives plain averaging of changes). `starts` holds (the ranks of, w_k)
+    for the clients that started from this G, their weights already multiplied by whatever the round gives
+    them; with rank patterns r_k (so c_j) is per module. None when nothing needs carrying (every c_j is 0).
     """
-    rank = source.rank
-    c = torch.zeros(rank, dtype=torch.float64)
-    index = torch.arange(rank)
-    for r, w in starts:
-        c += w * ((1.0 - server_lr) + server_lr * (index >= r).to(torch.float64))
-    kept = torch.nonzero(c).flatten()
-    if kept.numel() == 0:
+    coeffs: dict[str, torch.Tensor] = {}
+    for module in global_factors:
+        s = source.at(module)
+        c = torch.zeros(s.rank, dtype=torch.float64)
+        index = torch.arange(s.rank)
+        for request, w in starts:
+            r = request.at(module).rank
+            c += w * ((1.0 - server_lr) + server_lr * (index >= r).to(torch.float64))
+        # The carried adapter has one scale, G's default one; a module of G at another scale folds the ratio in.
+        coeffs[module] = c * ((s.alpha / s.rank) / (source.alpha / source.rank))
+    nonzero = [torch.nonzero(c).flatten() for c in coeffs.values()]
+    nonzero = [n for n in nonzero if n.numel()]
+    if not nonzero:
         return None
-    lo, hi = int(kept[0]), int(kept[-1]) + 1
-    coeff = c[lo:hi]
-    factors = {
-        module: LoraFactors(A=f.A[lo:hi].clone(), B=(f.B[:, lo:hi].to(torch.float64) * coeff).to(f.B.dtype))
-        for module, f in global_factors.items()
-    }
+    # One span of columns for every module (zero columns where a module carries less): one rank, one scale.
+    lo, hi = min(int(n[0]) for n in nonzero), max(int(n[-1]) + 1 for n in nonzero)
+    factors = {}
+    for module, f in global_factors.items():
+        coeff = torch.zeros(hi - lo, dtype=torch.float64)
+        top = min(hi, coeffs[module].shape[0])
+        coeff[: max(0, top - lo)] = coeffs[module][lo:top]
+        a = torch.zeros((hi - lo, f.A.shape[1]), dtype=f.A.dtype)
+        b = torch.zeros((f.B.shape[0], hi - lo), dtype=f.B.dtype)
+        a[: max(0, top - lo)] = f.A[lo:top]
+        b[:, : max(0, top - lo)] = (f.B[:, lo:top].to(torch.float64) * coeff[: max(0, top - lo)]).to(f.B.dtype)
+        factors[module] = LoraFactors(A=a, B=b)
     # Keep G's scale (alpha / rank) on a rank of hi - lo.
     return ClientAdapter(factors, hi - lo, source.alpha / source.rank * (hi - lo))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aggregator.flexlora import RankRequest, recut
 from aggregator.rounds import GLOBAL_RELEASE, RoundStore, StoredRelease
-from aggregator.validation import PIN_FINGERPRINT, Limits
+from aggregator.validation import PIN_FINGERPRINT, Limits, check_rank_bounds
 from schemas.errors import Reason, SchemaError
 from schemas.lora import LoraFactors, join_lora, split_lora
 from schemas.messages import AdapterRelease, JoinRequest
@@ -18,8 +18,10 @@ def global_adapter(store: RoundStore, version: int) -> tuple[RankRequest, dict[s
     if source is None:
         return None
     h = source.header
-    factors = split_lora(decode_tensors(store.payload(source), h.payload), rank=h.rank, target_modules=h.target_modules)
-    return RankRequest(h.rank, h.lora_alpha), factors
+    factors = split_lora(
+        decode_tensors(store.payload(source), h.payload), rank=h.request, target_modules=h.target_modules
+    )
+    return h.request, factors
 
 
 def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None = None) -> StoredRelease | None:
@@ -27,12 +29,8 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
     pins anything (only accepted updates do), and asks for no rank outside the federation's bounds or above
     the stored global cut's: a 277-byte request must not make the aggregator build a huge adapter."""
     limits = limits or Limits()
-    if request.rank < limits.min_rank or (limits.max_rank is not None and request.rank > limits.max_rank):
-        raise SchemaError(
-            f"join at rank {request.rank} is outside the federation's bounds [{limits.min_rank}, "
-            f"{limits.max_rank or '∞'}]",
-            reason=Reason.RANK,
-        )
+    wanted = request.request
+    check_rank_bounds(wanted, limits, "join at ")
     pinned = store.pinned(PIN_FINGERPRINT)
     if pinned is not None and pinned != request.base_model_fingerprint:
         raise SchemaError("join request for another base model than the federation's", reason=Reason.BASE_MODEL)
@@ -45,26 +43,27 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
         # Strategies without a global SVD cut (fedit, hetlora): hand out a participant's release of the
         # same rank and alpha when there is one.
         source = next(
-            (
-                r
-                for r in releases.values()
-                if (r.header.rank, r.header.lora_alpha) == (request.rank, request.lora_alpha)
-            ),
+            (r for r in releases.values() if r.header.request == wanted),
             None,
         )
         if source is None:
             return None
     h = source.header
-    if request.rank > h.rank:
-        raise SchemaError(
-            f"join at rank {request.rank} is above the federation's global adapter's rank {h.rank}", reason=Reason.RANK
-        )
     if set(h.target_modules) != set(request.target_modules):
         raise SchemaError(
             f"join request adapts {request.target_modules}, the federation {h.target_modules}", reason=Reason.MODULES
         )
-    factors = split_lora(decode_tensors(store.payload(source), h.payload), rank=h.rank, target_modules=h.target_modules)
-    cut = recut(factors, RankRequest(h.rank, h.lora_alpha), RankRequest(request.rank, request.lora_alpha))
+    factors = split_lora(
+        decode_tensors(store.payload(source), h.payload), rank=h.request, target_modules=h.target_modules
+    )
+    held = h.request.ranks(factors)
+    above = sorted(m for m, r in wanted.ranks(factors).items() if r > held[m])
+    if above:
+        what = f"rank {request.rank}" if wanted.uniform else f"{wanted.describe()} (on {above[:3]})"
+        raise SchemaError(
+            f"join at {what} is above the federation's global adapter's rank {h.rank}", reason=Reason.RANK
+        )
+    cut = recut(factors, h.request, wanted)
     data, info = encode_tensors(join_lora(cut))
     header = AdapterRelease(
         federation=h.federation,
@@ -72,6 +71,8 @@ def join_release(store: RoundStore, request: JoinRequest, limits: Limits | None 
         client_id=request.client_id,
         rank=request.rank,
         lora_alpha=request.lora_alpha,
+        rank_pattern=request.rank_pattern,
+        alpha_pattern=request.alpha_pattern,
         target_modules=h.target_modules,
         base_model_fingerprint=h.base_model_fingerprint,
         strategy=h.strategy,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from schemas.ranks import RankRequest
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -90,8 +92,10 @@ class Keys:
     def pruned_below(self) -> str:  # int: versions below this have had their payloads pruned
         return self._k("pruned-below")
 
-    def adapter(self, version: int, rank: int, alpha: float) -> str:  # safetensors of one cut, shared by clients
-        return self._k("adapter", version, rank, repr(float(alpha)))
+    def adapter(self, version: int, request: RankRequest) -> str:  # safetensors of one cut, shared by clients
+        # Cuts with rank patterns get their digest appended; uniform ones keep the key they always had.
+        parts = (request.tag,) if request.tag else ()
+        return self._k("adapter", version, request.rank, repr(float(request.alpha)), *parts)
 
     @property
     def unpublished(self) -> str:  # set of committed versions whose adapters are not yet all published

@@ -24,8 +24,8 @@ def client_adapters(store: RoundStore, recorded: list[RecordedUpdate]) -> list[C
             factors = LazyFactors(store, item.payload)
         else:
             tensors = decode_tensors(item.payload)
-            factors = split_lora(tensors, rank=h.rank, target_modules=h.target_modules, check_values=False)
-        clients.append(ClientAdapter(factors, h.rank, h.lora_alpha))
+            factors = split_lora(tensors, rank=h.request, target_modules=h.target_modules, check_values=False)
+        clients.append(ClientAdapter.of(factors, h.request))
     return clients
 
 

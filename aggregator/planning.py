@@ -56,7 +56,8 @@ class RoundInput:
 
     @property
     def request(self) -> RankRequest:
-        return RankRequest(self.adapter.rank, self.adapter.alpha)
+        """The ranks (per module, with patterns) this client trained at, so its release is cut at."""
+        return self.adapter.request
 
 
 @dataclass(frozen=True)
@@ -90,17 +91,19 @@ def aggregate_round(
     wanted = {i.client_id: i.request for i in inputs}
     spec = strategy_spec(strategy.name)
     if spec.nested_cuts:
-        top = max(global_rank, *(r.rank for r in wanted.values()))
+        # The global cut is uniform, at the largest rank any module of any client is cut at.
+        modules = list(inputs[0].adapter.factors) if inputs else []
+        top = max(global_rank, *(r.max_rank(modules) for r in wanted.values()))
         wanted[GLOBAL_RELEASE] = RankRequest(top, recipe.alpha(top))
     carried: list[ClientAdapter] = []
     info: dict[str, float] = {}
     eta = step.server_lr
     if step.carry_residual and spec.sums_products:
-        starts: dict[int, list[tuple[int, float]]] = {}
+        starts: dict[int, list[tuple[RankRequest, float]]] = {}
         for item, w in zip(inputs, weights, strict=True):
             if item.base_version >= 1:  # version 0 is the untrained start: its product is 0, nothing to carry
                 # Divided by η: the whole sum is multiplied by η after the strategy (it normalises the weights).
-                starts.setdefault(item.base_version, []).append((item.adapter.rank, w / eta))
+                starts.setdefault(item.base_version, []).append((item.request, w / eta))
         missing = 0
         for version, entries in sorted(starts.items()):
             found = global_at(version)

@@ -70,6 +70,8 @@ def build_releases(
             client_id=client_id,
             rank=req.rank,
             lora_alpha=req.alpha,
+            rank_pattern=dict(req.rank_pattern),
+            alpha_pattern=dict(req.alpha_pattern),
             target_modules=template.target_modules,
             base_model_fingerprint=template.base_model_fingerprint,
             num_updates=num_updates,

@@ -259,20 +259,23 @@ class FedIT:
         carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
         p, modules = validate_inputs(clients, weights, requests, carried)
-        ranks = sorted({c.rank for c in clients} | {r.rank for r in requests})
-        if len(ranks) > 1:
-            raise StrategyError(
-                f"FedIT averages A and B entrywise, so every client and request needs one rank; got ranks {ranks}. "
-                "The bucket-effect baseline is every client trained at the smallest rank."
-            )
-        adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in sorted(set(requests))}
+        unique = sorted(set(requests))
+        for module in modules:
+            ranks = sorted({c.at(module).rank for c in clients} | {r.at(module).rank for r in unique})
+            if len(ranks) > 1:
+                raise StrategyError(
+                    f"FedIT averages A and B entrywise, so every client and request needs one rank on each module; "
+                    f"module {module!r} has ranks {ranks}. Rank patterns work where every client has the same one. "
+                    "The bucket-effect baseline is every client trained at the smallest rank."
+                )
+        adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in unique}
         for module in modules:
             a = _weighted_sum(p, [_f64(c.factors[module].A) for c in clients])
             # Folding each client's alpha/rank into B lets clients with different alphas share one average.
-            sb = _weighted_sum(p, [c.scale * _f64(c.factors[module].B) for c in clients])
+            sb = _weighted_sum(p, [c.scale_at(module) * _f64(c.factors[module].B) for c in clients])
             for req in adapters:
-                s_out = req.alpha / req.rank
-                adapters[req][module] = LoraFactors(A=a.to(self.dtype), B=(sb / s_out).to(self.dtype))
+                at = req.at(module)
+                adapters[req][module] = LoraFactors(A=a.to(self.dtype), B=(sb / (at.alpha / at.rank)).to(self.dtype))
         return AggregationResult(adapters=adapters)
 
 
@@ -296,11 +299,14 @@ class HetLoRA:
         carried: Sequence[ClientAdapter] = (),
     ) -> AggregationResult:
         p, modules = validate_inputs(clients, weights, requests, carried)
-        r_max = max(c.rank for c in clients)
         adapters: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in sorted(set(requests))}
+        largest = 0
         for module in modules:
+            # Padded to the largest rank on this module: with rank patterns each module has its own.
+            r_max = max(c.at(module).rank for c in clients)
+            largest = max(largest, r_max)
             a_k = [_f64(c.factors[module].A) for c in clients]
-            sb_k = [c.scale * _f64(c.factors[module].B) for c in clients]
+            sb_k = [c.scale_at(module) * _f64(c.factors[module].B) for c in clients]
             norms = [pk * _frobenius_of_product(b, a) for pk, a, b in zip(p, a_k, sb_k, strict=True)]
             # All-zero products (e.g. round 0, where PEFT initialises B to 0) carry no norm signal; use p alone.
             total = math.fsum(norms)
@@ -313,13 +319,14 @@ class HetLoRA:
                 a[:r] += qk * ak
                 sb[:, :r] += qk * bk
             for req in adapters:
-                keep = min(req.rank, r_max)
-                a_out = torch.zeros((req.rank, d_in), dtype=torch.float64)
-                b_out = torch.zeros((d_out, req.rank), dtype=torch.float64)
+                at = req.at(module)
+                keep = min(at.rank, r_max)
+                a_out = torch.zeros((at.rank, d_in), dtype=torch.float64)
+                b_out = torch.zeros((d_out, at.rank), dtype=torch.float64)
                 a_out[:keep] = a[:keep]
-                b_out[:, :keep] = sb[:, :keep] / (req.alpha / req.rank)
+                b_out[:, :keep] = sb[:, :keep] / (at.alpha / at.rank)
                 adapters[req][module] = LoraFactors(A=a_out.to(self.dtype), B=b_out.to(self.dtype))
-        return AggregationResult(adapters=adapters, info={"max_rank": float(r_max)})
+        return AggregationResult(adapters=adapters, info={"max_rank": float(largest)})
 
 
 @dataclass(frozen=True)
@@ -327,7 +334,8 @@ class FLoRA:
     """Stack the factors so B_s A_s = Σ p_k s_k B_k A_k exactly, at rank R = Σ r_k.
 
     The result is one adapter under RankRequest(R, R), whatever ranks were requested: alpha = R makes PEFT's
-    scale alpha/r equal 1, so B_s is stored as is. `merge_into_base` is True: each client merges this adapter
+    scale alpha/r equal 1, so B_s is stored as is. With rank patterns, R_m = Σ r_k,m differs per module and the
+    request carries patterns saying so. `merge_into_base` is True: each client merges this adapter
     into its base weights and starts a fresh LoRA at its own rank. Clients with weight 0 add only zero
     columns, so they are left out of the stack.
     """
@@ -344,16 +352,19 @@ class FLoRA:
     ) -> AggregationResult:
         p, modules = validate_inputs(clients, weights, requests, carried)
         kept = [(pk, c) for pk, c in zip(p, clients, strict=True) if pk > 0]
-        stacked_rank = sum(c.rank for _, c in kept)
         stacked: dict[str, LoraFactors] = {}
+        ranks: dict[str, RankRequest] = {}
         for module in modules:
-            b = torch.cat([(pk * c.scale) * _f64(c.factors[module].B) for pk, c in kept], dim=1)
+            b = torch.cat([(pk * c.scale_at(module)) * _f64(c.factors[module].B) for pk, c in kept], dim=1)
             a = torch.cat([_f64(c.factors[module].A) for _, c in kept], dim=0)
             stacked[module] = LoraFactors(A=a.to(self.dtype), B=b.to(self.dtype))
+            # With rank patterns each module stacks to its own rank R_m (alpha R_m: scale 1 there too).
+            ranks[module] = RankRequest(int(a.shape[0]), float(a.shape[0]))
+        request = RankRequest.exact(ranks)
         return AggregationResult(
-            adapters={RankRequest(stacked_rank, float(stacked_rank)): stacked},
+            adapters={request: stacked},
             merge_into_base=True,
-            info={"stacked_rank": float(stacked_rank)},
+            info={"stacked_rank": float(max(r.rank for r in ranks.values()))},
         )
 
 

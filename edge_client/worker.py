@@ -21,6 +21,7 @@ from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import Reason, SchemaError
 from schemas.lora import RankRequest, adapter_rank, join_lora, recut, split_lora
 from schemas.messages import HEADER_KEY, SHARED_RELEASE, AdapterRelease, JoinRequest, LoraUpdate, parse_release
+from schemas.ranks import AlphaPattern, RankPattern
 from schemas.signing import SIGNATURE_KEY, sign
 from schemas.tensors import decode_tensors, encode_tensors
 
@@ -54,6 +55,9 @@ class EdgeConfig:
     # rank trains at alpha_for(rank) (None: this config's lora_alpha at every rank).
     rank_policy: RankPolicy | None = None
     alpha_for: Callable[[int], float] | None = None
+    # Ranks per module (peft's rank_pattern / alpha_pattern, schemas.ranks): fixed for life, no rank policy.
+    rank_pattern: RankPattern = ()
+    alpha_pattern: AlphaPattern = ()
 
 
 class AdapterTimeout(TimeoutError):
@@ -96,13 +100,19 @@ class EdgeWorker:
         if checkpoints is not None:
             self._restore(checkpoints)
 
+    @property
+    def request(self) -> RankRequest:
+        """The ranks (per module, with a pattern) the adapter held is trained at, and releases are cut at."""
+        c = self.config
+        return RankRequest(self.rank, self.lora_alpha, c.rank_pattern, c.alpha_pattern)
+
     def _restore(self, checkpoints: CheckpointStore) -> None:
         saved = checkpoints.load()
         if saved is None:
             return
         if saved.adapter is not None:
             rank = adapter_rank(saved.adapter)
-            if rank != self.rank:
+            if self.request.uniform and rank != self.rank:
                 self._resize(rank)
             self.trainer.load(saved.adapter)
         self.version, self.rounds_done = saved.version, saved.rounds_done
@@ -148,6 +158,8 @@ class EdgeWorker:
             client_id=c.client_id,
             rank=self.rank,
             lora_alpha=self.lora_alpha,
+            rank_pattern=dict(c.rank_pattern),
+            alpha_pattern=dict(c.alpha_pattern),
             target_modules=c.target_modules,
             base_model_fingerprint=c.base_model_fingerprint,
             have_version=have,
@@ -222,7 +234,9 @@ class EdgeWorker:
         by cutting what is held (FlexLoRA's cuts nest); up, by asking the federation for the newest global at
         the new rank (a join), so the new directions are the global's next singular vectors. Where no answer
         comes (the federation refuses the rank, or has no global yet), the held directions are kept and the
-        new ones start as a fresh LoRA's do (A initialised, B = 0)."""
+        new ones start as a fresh LoRA's do (A initialised, B = 0). A client with a rank pattern keeps it."""
+        if not self.request.uniform:
+            raise ValueError(f"{self.config.client_id} trains ranks per module (a rank pattern); it cannot change rank")
         old = RankRequest(self.rank, self.lora_alpha)
         held = split_lora(self.trainer.adapter(), rank=old.rank, target_modules=self.config.target_modules)
         fresh = split_lora(self._resize(rank), rank=rank, target_modules=self.config.target_modules)
@@ -259,6 +273,8 @@ class EdgeWorker:
             base_version=self.version,
             rank=self.rank,
             lora_alpha=self.lora_alpha,
+            rank_pattern=dict(self.config.rank_pattern),
+            alpha_pattern=dict(self.config.alpha_pattern),
             num_samples=result.num_samples,
             target_modules=self.config.target_modules,
             base_model_fingerprint=self.config.base_model_fingerprint,
@@ -325,7 +341,7 @@ class EdgeWorker:
                     delivery.ack()  # a chunk, kept in memory until its adapter is whole
                     continue
                 tensors = decode_tensors(payload, release.payload)
-                split_lora(tensors, rank=self.rank, target_modules=self.config.target_modules)
+                split_lora(tensors, rank=self.request, target_modules=self.config.target_modules)
                 self.trainer.load(tensors)
             except (SchemaError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, SchemaError) else Reason.ADAPTER_MISMATCH
@@ -387,9 +403,10 @@ class EdgeWorker:
         # A release shared by every participant at its cut names none of them (the broker routed it here).
         if release.client_id not in (c.client_id, SHARED_RELEASE) or release.federation != c.federation:
             raise SchemaError(f"adapter addressed to {release.federation}/{release.client_id}", reason=Reason.MISROUTED)
-        if release.rank != self.rank or release.lora_alpha != self.lora_alpha:
+        if release.request != self.request:
             raise SchemaError(
-                f"adapter cut at rank {release.rank}, alpha {release.lora_alpha}; this client trains rank {self.rank}",
+                f"adapter cut at {release.request.describe()}, alpha {release.lora_alpha}; this client trains "
+                f"{self.request.describe()}, alpha {self.lora_alpha}",
                 reason=Reason.RANK,
             )
         if release.base_model_fingerprint != c.base_model_fingerprint:

@@ -64,7 +64,9 @@ class Federation(Protocol):
 
 
 def _decode(header: LoraUpdate, payload: bytes) -> Factors:
-    return split_lora(decode_tensors(payload, header.payload), rank=header.rank, target_modules=header.target_modules)
+    return split_lora(
+        decode_tensors(payload, header.payload), rank=header.request, target_modules=header.target_modules
+    )
 
 
 @dataclass
@@ -88,7 +90,7 @@ class DirectFederation:
             raise RuntimeError("close_round with no updates submitted")
         started = time.perf_counter()
         inputs = [
-            RoundInput(h.client_id, h.num_samples, h.base_version, ClientAdapter(f, h.rank, h.lora_alpha))
+            RoundInput(h.client_id, h.num_samples, h.base_version, ClientAdapter.of(f, h.request))
             for h, f in self._pending
         ]
         plan = aggregate_round(
@@ -213,9 +215,9 @@ class ServiceFederation:
         h = best.header
         return RoundOutput(
             record.version,
-            RankRequest(h.rank, h.lora_alpha),
+            h.request,
             split_lora(
-                decode_tensors(self.store.payload(best), h.payload), rank=h.rank, target_modules=h.target_modules
+                decode_tensors(self.store.payload(best), h.payload), rank=h.request, target_modules=h.target_modules
             ),
             aggregate_seconds=record.aggregate_seconds,
             participants=len(record.participants),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,12 @@ def aggregate_dirs(
     weights: Sequence[float] | None = None,
     samples: Sequence[int] | None = None,
     alpha: float | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Aggregate the adapters in `inputs` and write the results under `out`; returns the adapter directories.
+
+    Inputs may carry rank patterns (ranks per module); `rank_pattern` gives the outputs one, the same for every
+    requested rank (the pattern's modules at its ranks, at alpha 2·rank or `alpha`; the others at each rank).
 
     FLoRA's result is one stacked adapter (`stacked-rank-<R>`) that clients merge into their base weights;
     every other strategy writes `rank-<r>` for each requested rank, which clients continue training from.
@@ -49,8 +53,16 @@ def aggregate_dirs(
     adapters = [read_adapter(p) for p in inputs]
     _check_compatible(inputs, adapters)
     p = _weights(len(inputs), weights, samples)
-    requests = sorted({RankRequest(r, alpha if alpha is not None else 2.0 * r) for r in ranks})
-    clients = [ClientAdapter(a.factors, a.rank, a.alpha) for a in adapters]
+
+    def alpha_of(r: int) -> float:
+        return alpha if alpha is not None else 2.0 * r
+
+    pattern = dict(rank_pattern or {})
+    if any(r < 1 for r in pattern.values()):
+        raise ValueError(f"rank pattern ranks must be positive integers, got {pattern}")
+    alphas = {k: alpha_of(r) for k, r in pattern.items()} if alpha is None else {}
+    requests = sorted({RankRequest.of(r, alpha_of(r), pattern, alphas) for r in ranks})
+    clients = [ClientAdapter.of(a.factors, a.request) for a in adapters]
     result = chosen.aggregate(clients, p, requests)
 
     first = adapters[0]
@@ -72,6 +84,7 @@ def aggregate_dirs(
             target,
             base_model_name_or_path=base,
             template_config=first.config,
+            pattern=req,
         )
         written.append(directory)
 
@@ -82,6 +95,8 @@ def aggregate_dirs(
                 "path": str(path),
                 "rank": a.rank,
                 "lora_alpha": a.alpha,
+                "rank_pattern": a.rank_pattern,
+                "alpha_pattern": a.alpha_pattern,
                 "base_model_name_or_path": a.base_model_name_or_path,
             }
             for path, a in zip(inputs, adapters, strict=True)
@@ -92,7 +107,13 @@ def aggregate_dirs(
         "alpha": alpha,
         "merge_into_base": result.merge_into_base,
         "outputs": [
-            {"path": str(d), "rank": r.rank, "lora_alpha": r.alpha}
+            {
+                "path": str(d),
+                "rank": r.rank,
+                "lora_alpha": r.alpha,
+                "rank_pattern": dict(r.rank_pattern),
+                "alpha_pattern": dict(r.alpha_pattern),
+            }
             for d, r in zip(written, sorted(result.adapters), strict=True)
         ],
         "info": dict(result.info),
@@ -191,6 +212,6 @@ def export_release(
         chosen = candidates[0]  # without a rank: the largest, the closest cut of ΔW
     h = chosen.header
     payload = store.payload(chosen)
-    factors = split_lora(decode_tensors(payload, h.payload), rank=h.rank, target_modules=h.target_modules)
-    write_adapter(out, factors, h.rank, h.lora_alpha, h.target_modules)
+    factors = split_lora(decode_tensors(payload, h.payload), rank=h.request, target_modules=h.target_modules)
+    write_adapter(out, factors, h.rank, h.lora_alpha, h.target_modules, pattern=h.request)
     return out, h

@@ -207,6 +207,13 @@ def client(
     rank_schedule: Annotated[
         str | None, typer.Option(help="a rank per round, e.g. 8,16,32 (the last holds); overrides --rank")
     ] = None,
+    rank_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help="ranks per module, e.g. q_proj=30,gate_proj=200, or paper-type2 (30 on attention, 200 on the MLP); "
+            "the other modules train at --rank"
+        ),
+    ] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: the recipe's for the rank)")] = None,
     target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
     task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
@@ -249,6 +256,7 @@ def client(
                 model=model,
                 rank=rank,
                 rank_schedule=rank_schedule,
+                rank_pattern=rank_pattern,
                 lora_alpha=lora_alpha,
                 target_modules=tuple(target_module or ()),
                 tasks=tuple(task or ()),
@@ -328,6 +336,10 @@ def aggregate(
     weights: Annotated[str | None, typer.Option(help="client weights w1,w2,… (normalised)")] = None,
     samples: Annotated[str | None, typer.Option(help="client sample counts n1,n2,… (data-size weights)")] = None,
     alpha: Annotated[float | None, typer.Option(help="lora_alpha of the outputs (default 2·rank)")] = None,
+    rank_pattern: Annotated[
+        str | None,
+        typer.Option(help="ranks per module of the outputs, e.g. q_proj=30,gate_proj=200 or paper-type2"),
+    ] = None,
 ) -> None:
     """Aggregate PEFT adapter directories offline and write one PEFT adapter per requested rank."""
     from pathlib import Path
@@ -335,6 +347,7 @@ def aggregate(
     from rich.markup import escape
 
     from flexlora.aggregate import aggregate_dirs
+    from schemas.ranks import parse_rank_pattern
 
     def numbers(flag: str, text: str | None, kind: type[float] | type[int]) -> list[Any] | None:
         if text is None:
@@ -353,6 +366,7 @@ def aggregate(
             weights=numbers("weights", weights, float),
             samples=numbers("samples", samples, int),
             alpha=alpha,
+            rank_pattern=parse_rank_pattern(rank_pattern or ""),
         )
     except (ValueError, OSError) as exc:  # AdapterFileError and StrategyError are ValueErrors
         console.print(f"[red]cannot aggregate:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

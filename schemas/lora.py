@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from schemas.errors import LoraLayoutError
+from schemas.ranks import RankRequest as RankRequest  # re-exported: the LoRA layout names it from here
 
 # PEFT saves `base_model.model.<module path>.lora_A.weight`; keeping that prefix means a payload
 # can be written straight to an adapter directory and loaded with PeftModel.from_pretrained.
@@ -24,23 +24,17 @@ class LoraFactors(NamedTuple):
     B: torch.Tensor
 
 
-@dataclass(frozen=True, order=True)
-class RankRequest:
-    """A rank and alpha some client needs its adapter cut at."""
-
-    rank: int
-    alpha: float
-
-
 def recut(factors: Mapping[str, LoraFactors], source: RankRequest, target: RankRequest) -> dict[str, LoraFactors]:
     """The rank-r cut of ΔW from a larger FlexLoRA cut of it: truncated SVDs nest, so B[:, :r] and A[:r]
-    (rescaled for the target's alpha) are exactly the target cut. Zero-padded above the source's rank."""
+    (rescaled for the target's alpha) are exactly the target cut. Zero-padded above the source's rank. Module by
+    module, at each module's rank and alpha when the requests carry patterns."""
     out = {}
-    keep = min(source.rank, target.rank)
-    ratio = (source.alpha / source.rank) / (target.alpha / target.rank)
     for module, f in factors.items():
-        a = torch.zeros((target.rank, f.A.shape[1]), dtype=f.A.dtype)
-        b = torch.zeros((f.B.shape[0], target.rank), dtype=f.B.dtype)
+        s, t = source.at(module), target.at(module)
+        keep = min(s.rank, t.rank)
+        ratio = (s.alpha / s.rank) / (t.alpha / t.rank)
+        a = torch.zeros((t.rank, f.A.shape[1]), dtype=f.A.dtype)
+        b = torch.zeros((f.B.shape[0], t.rank), dtype=f.B.dtype)
         a[:keep] = f.A[:keep]
         b[:, :keep] = f.B[:, :keep] * ratio
         out[module] = LoraFactors(A=a, B=b)
@@ -77,12 +71,14 @@ def key_parts(key: str) -> tuple[str, str] | None:
 def split_lora(
     tensors: Mapping[str, torch.Tensor],
     *,
-    rank: int,
+    rank: int | RankRequest,
     target_modules: Iterable[str] | None = None,
     check_values: bool = True,
 ) -> dict[str, LoraFactors]:
     """Group PEFT state-dict keys by module, checking every key, rank and shape (and, unless told not to,
-    that every value is finite); raises LoraLayoutError."""
+    that every value is finite); raises LoraLayoutError. `rank` is one rank, or a request whose patterns
+    give each module its own."""
+    request = rank if isinstance(rank, RankRequest) else None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -100,9 +96,12 @@ def split_lora(
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2:
             raise LoraLayoutError(f"module {module!r}: factors must be 2-D, got {tuple(a.shape)}, {tuple(b.shape)}")
-        if a.shape[0] != rank or b.shape[1] != rank:
+        declared = request.at(module).rank if request is not None else rank
+        if a.shape[0] != declared or b.shape[1] != declared:
+            how = "" if request is None or request.uniform else " (the module's rank by the rank pattern)"
             raise LoraLayoutError(
-                f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have the declared rank {rank}"
+                f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have the declared rank "
+                f"{declared}{how}"
             )
         if targets is not None and module.rsplit(".", 1)[-1] not in targets:
             raise LoraLayoutError(f"module {module!r} is not one of the declared target modules {list(targets)}")

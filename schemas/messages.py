@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.errors import HeaderError
+from schemas.ranks import RankRequest
 from schemas.recipe import Recipe
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -39,6 +49,12 @@ MAX_VERSION = 2**53
 MAX_LOSS = 1e6
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.]+$")]
+# Ranks per module, keyed as peft's rank_pattern / alpha_pattern are (schemas.ranks): a module name or its tail.
+Rank = Annotated[int, Field(ge=1, le=4096)]
+Alpha = Annotated[float, Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)]
+MAX_PATTERN_KEYS = 256
+RankPatternField = Annotated[dict[ModuleName, Rank], Field(max_length=MAX_PATTERN_KEYS)]
+AlphaPatternField = Annotated[dict[ModuleName, Alpha], Field(max_length=MAX_PATTERN_KEYS)]
 
 
 class _Strict(BaseModel):
@@ -52,7 +68,39 @@ class PayloadInfo(_Strict):
     sha256: Sha256
 
 
-class LoraUpdate(_Strict):
+class _Ranked(_Strict):
+    """`rank` and `lora_alpha` are every module's unless `rank_pattern` / `alpha_pattern` say otherwise (peft's
+    semantics: the first matching key, see schemas.ranks); messages without patterns are uniform."""
+
+    rank: Rank
+    lora_alpha: Alpha
+    rank_pattern: RankPatternField = Field(default_factory=dict)
+    alpha_pattern: AlphaPatternField = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_patterns(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A uniform message is written as before patterns existed, so peers that predate them still read it.
+        data: dict[str, Any] = handler(self)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not data.get(name):
+                data.pop(name, None)
+        return data
+
+    @property
+    def request(self) -> RankRequest:
+        """The ranks (per module) this message states, as the aggregation math takes them."""
+        return RankRequest.of(self.rank, self.lora_alpha, self.rank_pattern, self.alpha_pattern)
+
+    def _check_scales(self) -> None:
+        for scale in sorted(self.request.scales()):
+            if not MIN_SCALE <= scale <= MAX_SCALE:
+                raise ValueError(
+                    f"lora_alpha / rank = {scale:.4g} (for some module, by the patterns) is outside "
+                    f"[{MIN_SCALE:g}, {MAX_SCALE:g}]"
+                )
+
+
+class LoraUpdate(_Ranked):
     """One client's locally trained LoRA factors, trained from global version `base_version`."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -63,8 +111,6 @@ class LoraUpdate(_Strict):
     federation: Identifier
     client_id: ClientId
     base_version: int = Field(ge=0, le=MAX_VERSION)
-    rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     num_samples: int = Field(ge=1, le=MAX_SAMPLES)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
@@ -78,20 +124,15 @@ class LoraUpdate(_Strict):
     def _unique_modules(self) -> LoraUpdate:
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules has duplicates")
-        _check_scale(self.lora_alpha, self.rank)
+        self._check_scales()
         return self
-
-
-def _check_scale(alpha: float, rank: int) -> None:
-    if not MIN_SCALE <= alpha / rank <= MAX_SCALE:
-        raise ValueError(f"lora_alpha / rank = {alpha / rank:.4g} is outside [{MIN_SCALE:g}, {MAX_SCALE:g}]")
 
 
 # The client id of a release shared by several clients: no client can have it (client ids start alphanumeric).
 SHARED_RELEASE = "_shared"
 
 
-class AdapterRelease(_Strict):
+class AdapterRelease(_Ranked):
     """The global adapter of `version`, cut to one client's rank and alpha. `client_id` SHARED_RELEASE: one
     message shared by every participant cut the same way, routed by the broker to each of their mailboxes (the
     recipients are not named in it, so no client learns who else took part)."""
@@ -101,8 +142,6 @@ class AdapterRelease(_Strict):
     federation: Identifier
     version: int = Field(ge=1, le=MAX_VERSION)
     client_id: Identifier
-    rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
     strategy: Identifier = "flexlora"
@@ -113,22 +152,20 @@ class AdapterRelease(_Strict):
     recipe: Recipe | None = None
 
 
-class JoinRequest(_Strict):
+class JoinRequest(_Ranked):
     """A client starting (or back after being offline) asks for the newest global adapter at its rank."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["join"] = "join"
     federation: Identifier
     client_id: ClientId
-    rank: int = Field(ge=1, le=4096)
-    lora_alpha: float = Field(ge=MIN_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     target_modules: tuple[ModuleName, ...] = Field(min_length=1)
     base_model_fingerprint: Sha256
     have_version: int = Field(ge=0, le=MAX_VERSION)
 
     @model_validator(mode="after")
     def _scale_in_bounds(self) -> JoinRequest:
-        _check_scale(self.lora_alpha, self.rank)
+        self._check_scales()
         return self
 
 

@@ -71,6 +71,7 @@ KNOWN_NAMES = frozenset(
         "client_id",
         "model",
         "rank_schedule",
+        "rank_pattern",
         "rank",
         "lora_alpha",
         "target_modules",

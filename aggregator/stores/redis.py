@@ -453,7 +453,7 @@ class RedisRoundStore(RoundStore):
         headers: list[str | bytes] = []
         for rel in releases:
             h = rel.header
-            adapters[k.adapter(version, h.rank, h.lora_alpha)] = rel.payload
+            adapters[k.adapter(version, h.request)] = rel.payload
             headers += [h.client_id, h.model_dump_json()]
         keys = [k.version, k.fence(lease.round_id), k.lease(lease.round_id), k.unpublished, k.history]
         keys += [k.releases(version), k.round_updates(lease.round_id)]
@@ -479,7 +479,7 @@ class RedisRoundStore(RoundStore):
     def releases(self, version: int) -> dict[str, StoredRelease]:
         raw = cast(dict[bytes, bytes], self.r.hgetall(self.keys.releases(version)))
         headers = [parse_release(v) for v in raw.values()]
-        keys = sorted({self.keys.adapter(version, h.rank, h.lora_alpha) for h in headers})
+        keys = sorted({self.keys.adapter(version, h.request) for h in headers})
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.type(key)
@@ -488,7 +488,7 @@ class RedisRoundStore(RoundStore):
         payloads = dict(zip(plain, cast(list[bytes | None], self.r.mget(plain)), strict=True)) if plain else {}
         out = {}
         for h in headers:
-            key = self.keys.adapter(version, h.rank, h.lora_alpha)
+            key = self.keys.adapter(version, h.request)
             if kinds[key] == b"hash":
                 out[h.client_id] = StoredRelease(h, Blob(key, h.payload.size))
                 continue

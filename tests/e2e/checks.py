@@ -7,9 +7,23 @@ import subprocess
 
 import numpy as np
 import torch
+from peft.utils.other import get_pattern_key
 
 from aggregator.rounds import GLOBAL_RELEASE, RoundStore
+from schemas.messages import AdapterRelease, LoraUpdate
 from schemas.tensors import decode_tensors
+
+
+def module_rank(header: LoraUpdate | AdapterRelease, module: str) -> tuple[int, float]:
+    """(rank, alpha) of one module by the header's rank and alpha patterns, resolved by peft's own function."""
+    rank_key = get_pattern_key(list(header.rank_pattern), module)
+    alpha_key = get_pattern_key(list(header.alpha_pattern), module)
+    return header.rank_pattern.get(rank_key, header.rank), header.alpha_pattern.get(alpha_key, header.lora_alpha)
+
+
+def _scale(header: LoraUpdate | AdapterRelease, module: str) -> float:
+    rank, alpha = module_rank(header, module)
+    return alpha / rank
 
 
 def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
@@ -32,9 +46,12 @@ def _global_dense(store: RoundStore, version: int) -> dict[str, np.ndarray] | No
     release = store.releases(version).get(GLOBAL_RELEASE) if version >= 1 else None
     if release is None:
         return None
-    scale = release.header.lora_alpha / release.header.rank
     got = _factors(decode_tensors(store.payload(release), release.header.payload))
-    return {m: scale * (f["B"] @ f["A"]) for m, f in got.items()}
+    return {m: _scale(release.header, _module(m)) * (f["B"] @ f["A"]) for m, f in got.items()}
+
+
+def _module(key_stem: str) -> str:
+    return key_stem.removeprefix("base_model.model.")
 
 
 def _truncated(matrix: np.ndarray, rank: int) -> np.ndarray:
@@ -50,15 +67,16 @@ def dense_update(store: RoundStore, version: int) -> dict[str, np.ndarray]:
 
 def _dense(store: RoundStore, version: int) -> dict[str, np.ndarray]:
     """ΔW of every module for the round that produced `version`, formed densely from what it recorded: Σ p_k
-    (α_k/r_k) B_k A_k, plus, where the round carried residuals, Σ p_k (G_k − cut_{r_k}(G_k)) with G_k the global
-    update k started from (aggregator.planning's server step, recomputed here by numpy SVDs)."""
+    (α_k/r_k) B_k A_k (each module at its own rank and alpha where a client has rank patterns), plus, where the
+    round carried residuals, Σ p_k (G_k − cut_{r_k}(G_k)) with G_k the global update k started
+    from (aggregator.planning's server step, recomputed here by numpy SVDs)."""
     recorded = store.round_updates(version - 1)
     n = np.array([u.header.num_samples for u in recorded], dtype=np.float64)
     p = n / n.sum()
     per_client = [_factors(decode_tensors(store.payload(u))) for u in recorded]
     dense = {
         m: sum(
-            pk * (u.header.lora_alpha / u.header.rank) * (f[m]["B"] @ f[m]["A"])
+            pk * _scale(u.header, _module(m)) * (f[m]["B"] @ f[m]["A"])
             for pk, u, f in zip(p, recorded, per_client, strict=True)
         )
         for m in sorted(per_client[0])
@@ -70,14 +88,14 @@ def _dense(store: RoundStore, version: int) -> dict[str, np.ndarray]:
                 continue
             for m in dense:
                 g = start[m]
-                dense[m] = dense[m] + pk * (g - _truncated(g, u.header.rank))
+                dense[m] = dense[m] + pk * (g - _truncated(g, module_rank(u.header, _module(m))[0]))
     return dense
 
 
 def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float = 1e-4) -> int:
     """Every release of `version` is the best rank-r cut of Σ p_k (α_k/r_k) B_k A_k over exactly the
-    updates its round recorded (with the residuals it carried, see `dense_update`). Returns how many releases
-    were checked."""
+    updates its round recorded (with the residuals it carried, see `dense_update`), module by module at the
+    ranks its client's newest update stated (rank patterns included). Returns how many releases were checked."""
     recorded = store.round_updates(version - 1)
     assert recorded, f"round {version - 1} recorded no updates"
     dense = _dense(store, version)
@@ -87,13 +105,16 @@ def assert_round_matches_dense(store: RoundStore, version: int, rel_tol: float =
     participants = set(releases) - {GLOBAL_RELEASE}
     assert participants == {u.header.client_id for u in recorded}, "one release per participant"
     for client_id, release in releases.items():
-        rank, alpha = release.header.rank, release.header.lora_alpha
+        h = release.header
         if client_id != GLOBAL_RELEASE:  # the global cut is checked at its own rank
-            wanted_rank = [u.header.rank for u in recorded if u.header.client_id == client_id][-1]
-            assert rank == wanted_rank, f"{client_id} trains rank {wanted_rank} but got rank {rank}"
+            sent = [u.header for u in recorded if u.header.client_id == client_id][-1]
+            asked = [module_rank(sent, _module(m))[0] for m in modules]
+            released = [module_rank(h, _module(m))[0] for m in modules]
+            assert released == asked, f"{client_id} trains ranks {asked} but got ranks {released}"
         got = _factors(decode_tensors(store.payload(release), release.header.payload))  # chunked ones too
         assert sorted(got) == modules
         for m in modules:
+            rank, alpha = module_rank(h, _module(m))
             a, b = got[m]["A"], got[m]["B"]
             assert a.shape == (rank, dense[m].shape[1]) and b.shape == (dense[m].shape[0], rank)
             u_, s_, vt_ = svds[m]
