@@ -57,6 +57,19 @@ class NotReplicated(redis.exceptions.ConnectionError):
     that was acked (the redelivered message is recorded again, once)."""
 
 
+def _servers(url: str, what: str) -> list[tuple[str, int]]:
+    """The `host:port` list of a `scheme://[user:pass@]h1:p1,h2:p2/…` URL (Sentinels, cluster nodes)."""
+    from urllib.parse import urlsplit
+
+    servers = []
+    for address in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{what} {address!r} in {url!r} is not host:port")
+        servers.append((host, int(port)))
+    return servers
+
+
 def sentinel_primary(url: str, tls: Mapping[str, Any] | None = None) -> redis.Redis:
     """A client of the primary Redis Sentinel names for `redis+sentinel://h1:p1,h2:p2/<name>[/<db>]`; it asks the
     sentinels again after a connection error, so a promoted replica is found without a restart. With `tls`
@@ -66,12 +79,7 @@ def sentinel_primary(url: str, tls: Mapping[str, Any] | None = None) -> redis.Re
     from redis.sentinel import Sentinel
 
     parts = urlsplit(url)
-    hosts = []
-    for address in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"sentinel address {address!r} in {url!r} is not host:port")
-        hosts.append((host, int(port)))
+    hosts = _servers(url, "sentinel address")
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(f"{url!r}: give the primary's name and optionally a db, e.g. .../mymaster/0")
@@ -94,12 +102,7 @@ def cluster_client(url: str, options: Mapping[str, Any]) -> redis.Redis:
     from redis.cluster import ClusterNode, RedisCluster
 
     parts = urlsplit(url)
-    nodes = []
-    for address in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"cluster node {address!r} in {url!r} is not host:port")
-        nodes.append(ClusterNode(host, int(port)))
+    nodes = [ClusterNode(host, port) for host, port in _servers(url, "cluster node")]
     if parts.path.strip("/") not in ("", "0"):
         raise ValueError(f"{url!r}: Redis Cluster has only database 0")
     password = unquote(parts.password) if parts.password else None
