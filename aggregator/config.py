@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from aggregator.lowrank import SvdMode
 from aggregator.planning import ServerStep
+from aggregator.privacy import PrivacyConfig
 from aggregator.registry import served, strategy_spec
 from aggregator.rounds import RoundPolicy
 from aggregator.security import Guard, load_signing_keys
@@ -81,6 +82,8 @@ class AggregatorConfig:
     # sign their headers when signing keys are given.
     require_identity: bool = False
     signing_keys: Mapping[str, bytes] | None = None
+    # Client-level differential privacy (aggregator.privacy); None: off.
+    privacy: PrivacyConfig | None = None
     # While the round store is unreachable an update is held and retried this long before being requeued.
     store_retry_s: float = 60.0
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
@@ -106,6 +109,7 @@ def config_from_settings(settings: AggregatorSettings) -> AggregatorConfig:
         policy=settings.policy(),
         recipe=settings.recipe(),
         signing_keys=load_signing_keys(keys) if keys is not None else None,
+        privacy=settings.privacy(),
     )
     return AggregatorConfig(**same)
 

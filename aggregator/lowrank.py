@@ -317,3 +317,24 @@ def top_svd(
             excess[m] = 0.0
     u, vh = _sign_fix(u, vh)
     return TopSVD(u, s, vh, paths, [float(e) for e in excess])
+
+
+def randomized_top(
+    matrix: torch.Tensor, k: int, *, oversample: int = 10, power_iterations: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets (U, S, Vh) of a dense matrix with no low-rank structure to exploit (a
+    differentially private round: noise makes ΔW full rank): torch.svd_lowrank, Halko, Martinsson and Tropp's
+    randomized range finder with `power_iterations` passes, k + `oversample` probe vectors. Each pass reads the
+    matrix twice and forms nothing of its size. Falls back to the dense SVD when the probes would cover it."""
+    _require_finite(matrix, "the dense round")
+    m, n = matrix.shape
+    probes = min(k + oversample, m, n)
+    if probes >= min(m, n):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(matrix, q=probes, niter=power_iterations)
+        vh = v.T
+    u, vh = _sign_fix(u[:, :k], vh[:k])
+    return u, s[:k], vh

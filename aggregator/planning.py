@@ -14,10 +14,15 @@ base version, so the fast SVD path still applies.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
+from aggregator import privacy
 from aggregator.flexlora import ClientAdapter, RankRequest, carried_residual
+from aggregator.privacy import PrivacyConfig
 from aggregator.registry import strategy_spec
 from aggregator.rounds import GLOBAL_RELEASE
 from aggregator.strategies import AggregationResult, ClientMeta, Strategy, Weighting, shares
@@ -82,19 +87,24 @@ def aggregate_round(
     max_weight_share: float | None = None,
     step: ServerStep = PLAIN_STEP,
     global_at: GlobalAt = lambda version: None,
+    privacy: Private | None = None,
 ) -> RoundPlan:
     """Aggregate one round. A client that sent twice gets its release at the rank of its newest update (the
     last in `inputs`). Under `step.carry_residual`, an input whose starting global is gone (pruned) counts
-    as in plain FlexLoRA; `info["starts_missing"]` counts them."""
+    as in plain FlexLoRA; `info["starts_missing"]` counts them. With `privacy` the round is the differentially
+    private one of aggregator.privacy, whatever the strategy: it averages the clients' clipped changes (the
+    server step, η = step.server_lr) with noise, and cuts the dense result."""
     raw = weighting([ClientMeta(i.num_samples, round_id - i.base_version) for i in inputs])
     weights = shares(raw, max_weight_share)
     wanted = {i.client_id: i.request for i in inputs}
     spec = strategy_spec(strategy.name)
-    if spec.nested_cuts:
+    if spec.nested_cuts or privacy is not None:
         # The global cut is uniform, at the largest rank any module of any client is cut at.
         modules = list(inputs[0].adapter.factors) if inputs else []
         top = max(global_rank, *(r.max_rank(modules) for r in wanted.values()))
         wanted[GLOBAL_RELEASE] = RankRequest(top, recipe.alpha(top))
+    if privacy is not None:
+        return _private_round(inputs, round_id, wanted, step.server_lr, global_at, privacy)
     carried: list[ClientAdapter] = []
     info: dict[str, float] = {}
     eta = step.server_lr
@@ -118,6 +128,55 @@ def aggregate_round(
     if eta != 1.0:
         result = _scaled(result, eta)
     return RoundPlan(weights, wanted, result, {**result.info, **info})
+
+
+@dataclass(frozen=True)
+class Private:
+    """A differentially private round's settings: the mechanism's, and the expected clients per round (the
+    fixed denominator, and with the population the sampling rate)."""
+
+    config: PrivacyConfig
+    expected_clients: int
+
+
+def _private_round(
+    inputs: Sequence[RoundInput],
+    round_id: int,
+    wanted: dict[str, RankRequest],
+    server_lr: float,
+    global_at: GlobalAt,
+    private: Private,
+) -> RoundPlan:
+    """aggregator.privacy's round: clipped changes from each client's start, noise, the dense cut. An input
+    whose starting global is gone (pruned) cannot say what it changed and is left out (`starts_missing`)."""
+    config = private.config
+    changes, samples, used = [], [], []
+    for item in inputs:
+        start = None if item.base_version == 0 else global_at(item.base_version)
+        if item.base_version != 0 and start is None:
+            continue
+        changes.append(privacy.change(item.adapter, start))
+        samples.append(item.num_samples)
+        used.append(item)
+    if not changes:
+        raise ValueError("every update's starting global is gone: nothing to aggregate privately")
+    seed = secrets.randbits(63) if config.seed is None else config.seed * 1_000_003 + round_id
+    generator = torch.Generator().manual_seed(seed)
+    current = privacy.dense_global(global_at(round_id) if round_id >= 1 else None)
+    noisy = privacy.noisy_round(
+        changes,
+        samples,
+        current,
+        config,
+        expected_clients=private.expected_clients,
+        server_lr=server_lr,
+        generator=generator,
+    )
+    adapters = privacy.top_cuts(noisy.dense, list(wanted.values()), seed=seed)
+    counted = {id(i) for i in used}
+    weights = [config.weight(i.num_samples) / private.expected_clients if id(i) in counted else 0.0 for i in inputs]
+    info = {**noisy.info, "starts_missing": float(len(inputs) - len(used))}
+    return RoundPlan(weights, wanted, AggregationResult(adapters=adapters, info=info), info)
 
 
 def _scaled(result: AggregationResult, factor: float) -> AggregationResult:

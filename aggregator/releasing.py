@@ -18,7 +18,7 @@ from broker.chunked import publish_chunks, publish_payload
 from broker.topology import Topology
 from broker.transport import Transport
 from schemas.lora import LoraFactors, join_lora
-from schemas.messages import SHARED_RELEASE, AdapterRelease, LoraUpdate, PayloadInfo
+from schemas.messages import SHARED_RELEASE, AdapterRelease, LoraUpdate, PayloadInfo, PrivacySpent
 from schemas.recipe import Recipe
 from schemas.safetensors_stream import describe, encode_pieces, iter_chunks
 
@@ -55,6 +55,7 @@ def build_releases(
     chunk_bytes: int,
     ttl_s: float,
     recipe: Recipe | None = None,
+    privacy: PrivacySpent | None = None,
 ) -> list[StoredRelease]:
     """Every wanted client's release of `version`: one payload per distinct cut, shared by the clients that
     asked for it. `cuts` is emptied as they are encoded, so a large release is held once, in the store."""
@@ -78,6 +79,7 @@ def build_releases(
             strategy=strategy,
             payload=info,
             recipe=recipe,
+            privacy=privacy,
         )
         releases.append(StoredRelease(header, data))
     return releases

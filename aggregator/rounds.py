@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.messages import AdapterRelease, LoraUpdate
+from schemas.messages import AdapterRelease, LoraUpdate, PrivacySpent
 
 # The release stored under this id is the global adapter at the federation's largest rank; joining
 # clients get their rank's cut of it. It is never published as is.
@@ -133,6 +133,8 @@ class RoundRecord(BaseModel):
     aggregate_seconds: float
     finalised_by: str
     metrics: dict[str, float] = Field(default_factory=dict)
+    # With client-level differential privacy: what the federation has spent, this round included.
+    privacy: PrivacySpent | None = None
 
 
 @dataclass(frozen=True)

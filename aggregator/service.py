@@ -18,7 +18,8 @@ from aggregator.ingest import Ingest
 from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
-from aggregator.planning import RoundInput, aggregate_round
+from aggregator.planning import Private, RoundInput, aggregate_round
+from aggregator.privacy import BudgetExhausted, epsilon
 from aggregator.releasing import build_releases, release_template, send_release, shared_cuts
 from aggregator.rounds import (
     GLOBAL_RELEASE,
@@ -32,6 +33,7 @@ from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import Reason
+from schemas.messages import PrivacySpent
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class AggregatorService:
         self.metrics = metrics or AggregatorMetrics(config.federation)
         self._declared_clients: set[str] = set()
         self._last_republish = 0.0
+        self._privacy_refused: str | None = None  # why the open round may not commit (its ε would pass the budget)
         self.strategy, self.weighting = build_aggregation(config)
         self._last_step = self.clock()
         self._pins: dict[str, str] = {}
@@ -136,6 +139,8 @@ class AggregatorService:
                     "min_updates": self.config.policy.min_updates,
                     "deadline_s": self.config.policy.deadline_s,
                 },
+                # Why the open round is not committed, when privacy forbids it (`flexlora status` says so).
+                "privacy_refused": self._privacy_refused,
             },
             sort_keys=True,
         )
@@ -186,12 +191,22 @@ class AggregatorService:
         self.metrics.open_round(status.round_id, status.count)
         if not self.config.policy.should_close(status, self.clock()):
             return None
+        try:
+            spent = self.privacy_after_round()
+        except BudgetExhausted as exc:
+            # Not committed, nothing dropped: the round's updates stay recorded; the federation waits for a
+            # larger budget (a restart with another --dp-epsilon-budget) or stops here.
+            if self._privacy_refused != str(exc):
+                self._privacy_refused = str(exc)
+                self.counters["privacy_refusals"] += 1
+                log.error("round %d not committed: %s", status.round_id, exc)
+            return None
         lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
         if lease is None:
             return None  # another aggregator is finalising it
         not_the_round: tuple[type[BaseException], ...] = (BrokerError, OSError, *self.store.transient_errors)
         try:
-            return self.finalise(lease)
+            return self.finalise(lease, spent)
         except not_the_round:
             raise
         except Exception:
@@ -207,7 +222,33 @@ class AggregatorService:
         finally:
             self.store.release_lease(lease)
 
-    def finalise(self, lease: Lease) -> RoundRecord | None:
+    def privacy_after_round(self) -> PrivacySpent | None:
+        """What the federation will have spent once the open round commits (None without privacy); raises
+        BudgetExhausted when that passes the budget."""
+        config = self.config.privacy
+        if config is None:
+            return None
+        rate = config.sampling_rate(self.config.policy.max_updates)
+        history = [r.privacy for r in self.store.history() if r.privacy is not None]
+        steps = [*((p.noise_multiplier, p.sampling_rate) for p in history), (config.noise_multiplier, rate)]
+        spent = epsilon(steps, config.delta)
+        if config.epsilon_budget is not None and spent > config.epsilon_budget:
+            raise BudgetExhausted(
+                f"privacy budget exhausted: ε would be {spent:.3g} > budget {config.epsilon_budget:g} "
+                f"(δ = {config.delta:g}) after {len(steps)} private rounds"
+            )
+        self._privacy_refused = None
+        return PrivacySpent(
+            epsilon=spent,
+            delta=config.delta,
+            rounds=len(steps),
+            noise_multiplier=config.noise_multiplier,
+            sampling_rate=rate,
+            clip_norm=config.clip_norm,
+            epsilon_budget=config.epsilon_budget,
+        )
+
+    def finalise(self, lease: Lease, spent: PrivacySpent | None = None) -> RoundRecord | None:
         started = self.clock()
         recorded = self.store.round_updates(lease.round_id)
         if not recorded:
@@ -216,6 +257,9 @@ class AggregatorService:
             RoundInput(i.header.client_id, i.header.num_samples, i.header.base_version, adapter)
             for i, adapter in zip(recorded, client_adapters(self.store, recorded), strict=True)
         ]
+        privacy = self.config.privacy
+        if privacy is not None and spent is None:
+            spent = self.privacy_after_round()
         svd_started = time.perf_counter()
         plan = aggregate_round(
             self.strategy,
@@ -227,6 +271,7 @@ class AggregatorService:
             max_weight_share=self.config.max_weight_share,
             step=self.config.server_step,
             global_at=lambda v: global_adapter(self.store, v),
+            privacy=None if privacy is None else Private(privacy, self.config.policy.max_updates),
         )
         svd_seconds = time.perf_counter() - svd_started
         weights, wanted, result = plan.weights, plan.wanted, plan.result
@@ -242,6 +287,7 @@ class AggregatorService:
             chunk_bytes=self.config.chunk_bytes,
             ttl_s=4 * self.config.lease_s,
             recipe=self.config.recipe,
+            privacy=spent,
         )
         participants = round_participants(recorded, weights, lease.round_id)
         status = self.store.status()
@@ -255,6 +301,7 @@ class AggregatorService:
             aggregate_seconds=now - started,
             finalised_by=self.config.owner,
             metrics={**plan.info, **participant_means(recorded, weights)},
+            privacy=spent,
         )
         if not self.store.commit(lease, len(recorded), releases, record, now):
             log.warning("round %d: lease lost before commit; another aggregator owns it now", lease.round_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,6 +13,9 @@ from aggregator.stores.replication import Replication
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.recipe import RecipeSettings
+
+if TYPE_CHECKING:
+    from aggregator.privacy import PrivacyConfig
 
 
 class AggregatorSettings(RecipeSettings):
@@ -56,6 +59,13 @@ class AggregatorSettings(RecipeSettings):
         default=0, ge=0, description="ack an update only once this many Redis replicas hold its record (WAIT)"
     )
     replica_timeout_s: float = Field(default=1.0, gt=0, description="how long to wait for them before retrying")
+    # Client-level differential privacy (aggregator.privacy): on when dp_clip_norm is given.
+    dp_clip_norm: float | None = Field(default=None, gt=0, description="clip each client's change to this norm")
+    dp_noise_multiplier: float | None = Field(default=None, gt=0, description="noise std on the sum, times the clip")
+    dp_population: int | None = Field(default=None, ge=1, description="clients in the federation (sampling rate)")
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1, description="the δ that ε is reported at")
+    dp_epsilon_budget: float | None = Field(default=None, gt=0, description="refuse to commit a round past this ε")
+    dp_weight_cap: int | None = Field(default=None, ge=1, description="a client weighs min(samples / cap, 1)")
 
     @field_validator("strategy")
     @classmethod
@@ -70,10 +80,37 @@ class AggregatorSettings(RecipeSettings):
         self.policy()
         if self.server_lr != 1.0 and not self.carry_residual:
             raise ValueError("server_lr scales the clients' changes: it needs carry_residual")
+        if self.privacy() is not None and self.strategy != "flexlora":
+            raise ValueError("differential privacy aggregates by FlexLoRA's dense path: use --strategy flexlora")
         return self
 
     def replication(self) -> Replication:
         return Replication(self.min_replicas, self.replica_timeout_s)
+
+    def privacy(self) -> PrivacyConfig | None:
+        """The differential-privacy mechanism, when asked for; all of clip, noise and population, or none."""
+        from aggregator.privacy import PrivacyConfig
+
+        given = {"dp_clip_norm": self.dp_clip_norm, "dp_noise_multiplier": self.dp_noise_multiplier}
+        given["dp_population"] = self.dp_population
+        if all(v is None for v in given.values()):
+            if self.dp_epsilon_budget is not None or self.dp_weight_cap is not None:
+                raise ValueError("dp_epsilon_budget and dp_weight_cap need differential privacy on (dp_clip_norm …)")
+            return None
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise ValueError(
+                f"differential privacy needs dp_clip_norm, dp_noise_multiplier and dp_population; "
+                f"missing {', '.join(missing)}"
+            )
+        return PrivacyConfig(
+            clip_norm=float(self.dp_clip_norm or 0),
+            noise_multiplier=float(self.dp_noise_multiplier or 0),
+            population=int(self.dp_population or 0),
+            delta=self.dp_delta,
+            epsilon_budget=self.dp_epsilon_budget,
+            weight_cap=self.dp_weight_cap,
+        )
 
     def policy(self) -> RoundPolicy:
         return RoundPolicy(self.max_updates, self.min_updates, self.round_deadline_s)

@@ -112,6 +112,22 @@ def aggregator(
     server_lr: Annotated[
         float | None, typer.Option(help="server learning rate on the changes (carry-residual)")
     ] = None,
+    dp_clip_norm: Annotated[
+        float | None, typer.Option(help="differential privacy: clip each client's change to this Frobenius norm")
+    ] = None,
+    dp_noise_multiplier: Annotated[
+        float | None, typer.Option(help="differential privacy: Gaussian noise std on the round's sum, × clip norm")
+    ] = None,
+    dp_population: Annotated[
+        int | None, typer.Option(help="differential privacy: clients in the federation (the sampling rate)")
+    ] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="differential privacy: the δ ε is reported at")] = None,
+    dp_epsilon_budget: Annotated[
+        float | None, typer.Option(help="differential privacy: refuse to commit a round past this ε")
+    ] = None,
+    dp_weight_cap: Annotated[
+        int | None, typer.Option(help="differential privacy: a client weighs min(samples / cap, 1)")
+    ] = None,
     require_identity: Annotated[
         bool | None, typer.Option(help="senders must be the broker user provisioned for the client they name")
     ] = None,
@@ -170,6 +186,12 @@ def aggregator(
                 max_transfers=max_transfers,
                 carry_residual=carry_residual,
                 server_lr=server_lr,
+                dp_clip_norm=dp_clip_norm,
+                dp_noise_multiplier=dp_noise_multiplier,
+                dp_population=dp_population,
+                dp_delta=dp_delta,
+                dp_epsilon_budget=dp_epsilon_budget,
+                dp_weight_cap=dp_weight_cap,
                 require_identity=require_identity,
                 signing_keys=signing_keys,
                 scaling=scaling,

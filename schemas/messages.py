@@ -128,6 +128,20 @@ class LoraUpdate(_Ranked):
         return self
 
 
+class PrivacySpent(_Strict):
+    """Client-level differential privacy spent by a federation up to and including a version
+    (aggregator.privacy): (ε, δ) after `rounds` private rounds, each clipping a client's change to `clip_norm`
+    and adding noise of `noise_multiplier`·`clip_norm`, sampling `sampling_rate` of the federation's clients."""
+
+    epsilon: float = Field(ge=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    rounds: int = Field(ge=1)
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    sampling_rate: float = Field(gt=0, le=1)
+    clip_norm: float = Field(gt=0, allow_inf_nan=False)
+    epsilon_budget: float | None = Field(default=None, gt=0)
+
+
 # The client id of a release shared by several clients: no client can have it (client ids start alphanumeric).
 SHARED_RELEASE = "_shared"
 
@@ -150,6 +164,8 @@ class AdapterRelease(_Ranked):
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
     # How the federation's clients train (the aggregator's setting); a client follows what it was not given.
     recipe: Recipe | None = None
+    # With client-level differential privacy: what the federation has spent, this version included.
+    privacy: PrivacySpent | None = None
 
 
 class JoinRequest(_Ranked):
