@@ -1,6 +1,6 @@
 """Benchmark: FlexLoRA's factored and fast SVD paths against the dense path, same inputs, same run.
 
-    python bench/aggregate.py [--shapes smollm2 llama7b] [--clients 20] [--dense-sample 2]
+    python bench/aggregate.py [--shapes smollm2 llama7b] [--clients 20] [--dense-sample 2] [--dp-shapes 4096x4096]
 
 Each path runs in its own child process on identical inputs (same seed), so its peak RSS growth is
 its own. Dense SVD of a 4096×4096 update takes tens of seconds per module, so at LLaMA-7B shapes the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import tempfile
 import time
@@ -208,6 +209,42 @@ def bench_shape_set(shape_set: str, clients: int, dense_sample: int, seed: int, 
     return report
 
 
+def bench_private_cut(shape: str, ranks: list[int], seed: int) -> dict[str, Any]:
+    """A differentially private round's cut (aggregator.privacy): a dense matrix of a low-rank signal plus the
+    Gaussian noise that makes it full rank, cut at every rank by the randomized SVD against the dense SVD, same
+    matrix, same run; each rank-r Frobenius error against the optimal (dense) one."""
+    from aggregator.lowrank import randomized_top
+
+    d_out, d_in = (int(x) for x in shape.split("x"))
+    g = torch.Generator().manual_seed(seed)
+    top = max(ranks)
+    signal = torch.randn(d_out, top, generator=g, dtype=torch.float64) @ torch.randn(
+        top, d_in, generator=g, dtype=torch.float64
+    )
+    matrix = signal / math.sqrt(top) + 0.05 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    started = time.perf_counter()
+    _u, ds, _vh = torch.linalg.svd(matrix, full_matrices=False)  # the dense path needs the vectors too
+    dense_s = time.perf_counter() - started
+    started = time.perf_counter()
+    u, s, vh = randomized_top(matrix, top, seed=seed)
+    fast_s = time.perf_counter() - started
+    total = float(torch.sum(ds**2))
+    excess = {}
+    for r in ranks:
+        best = math.sqrt(max(total - float(torch.sum(ds[:r] ** 2)), 0.0))
+        err = float(torch.linalg.norm(matrix - (u[:, :r] * s[:r]) @ vh[:r]))
+        excess[str(r)] = err / best - 1
+    return {
+        "shape": shape,
+        "ranks": ranks,
+        "dense_svd_seconds": dense_s,
+        "randomized_seconds": fast_s,
+        "speedup": dense_s / fast_s,
+        "rank_r_error_excess_over_optimal": excess,
+        "targets": {"speedup": 10.0, "error_excess": 1e-3},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "llama7b"], choices=sorted(SHAPES))
@@ -220,12 +257,20 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--dp-shapes",
+        nargs="*",
+        default=["4096x4096", "4096x11008"],
+        help="d_out x d_in of the private-round cut (LLaMA-7B attention and MLP); none to skip",
+    )
+    parser.add_argument("--dp-ranks", type=int, nargs="+", default=[8, 30, 200])
     args = parser.parse_args()
     results = []
     for shape_set in args.shapes:
         sample = args.dense_sample if args.dense_sample is not None else (0 if shape_set == "smollm2" else 2)
         results.append(bench_shape_set(shape_set, args.clients, sample, args.seed, args.threads))
-    print(json.dumps({"threads": args.threads, "results": results}, indent=2))
+    private = [bench_private_cut(shape, args.dp_ranks, args.seed) for shape in args.dp_shapes]
+    print(json.dumps({"threads": args.threads, "results": results, "private_cut": private}, indent=2))
 
 
 if __name__ == "__main__":

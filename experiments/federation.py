@@ -14,7 +14,7 @@ from typing import Protocol
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
 from aggregator.lowrank import SvdMode
-from aggregator.planning import PLAIN_STEP, RoundInput, ServerStep, aggregate_round
+from aggregator.planning import PLAIN_STEP, Private, RoundInput, ServerStep, aggregate_round
 from aggregator.registry import strategy_spec
 from aggregator.rounds import RoundPolicy, RoundRecord, StoredRelease
 from aggregator.service import AggregatorService
@@ -77,6 +77,7 @@ class DirectFederation:
     strategy: str
     global_rank: int
     step: ServerStep = PLAIN_STEP
+    privacy: Private | None = None
     name: str = field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:8]}")
     version: int = 0
     _pending: list[tuple[LoraUpdate, Factors]] = field(default_factory=list)
@@ -102,6 +103,7 @@ class DirectFederation:
             recipe=DEFAULT_RECIPE,
             step=self.step,
             global_at=self._globals.get,
+            privacy=self.privacy,
         )
         result = plan.result
         best = max(result.adapters, key=lambda r: r.rank)
@@ -276,11 +278,13 @@ def make_federation(
     redis_url: str = "memory://",
     svd_mode: SvdMode = "exact",
     step: ServerStep = PLAIN_STEP,
+    privacy: Private | None = None,
 ) -> Federation:
     """`direct://` as the broker URL calls the strategy in-process. FLoRA always does: the service refuses it
-    (its clients merge each release into the base, which its pinned base-model check does not model yet)."""
-    if broker_url.startswith("direct://") or strategy_spec(strategy).merges_into_base:
-        return DirectFederation(strategy, global_rank, step)
+    (its clients merge each release into the base, which its pinned base-model check does not model yet).
+    Differential privacy (`privacy`) runs in-process only."""
+    if broker_url.startswith("direct://") or strategy_spec(strategy).merges_into_base or privacy is not None:
+        return DirectFederation(strategy, global_rank, step, privacy)
     return ServiceFederation(
         strategy, per_round, global_rank, broker_url=broker_url, redis_url=redis_url, svd_mode=svd_mode, step=step
     )

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from aggregator.planning import PLAIN_STEP, ServerStep
+from aggregator.planning import PLAIN_STEP, Private, ServerStep
+from aggregator.privacy import PrivacyConfig, epsilon
 from aggregator.registry import STRATEGIES as AGGREGATION_STRATEGIES
 from experiments.diagnostics import ClientStep, change_norm, module_norms, tail_share, total
 from experiments.federation import Factors, Federation, RoundOutput, make_federation
@@ -86,6 +87,25 @@ class RunConfig:
     broker_url: str = "memory://"
     redis_url: str = "memory://"
     server_lr: float = 1.0  # of the -carry strategies
+    # Client-level differential privacy (aggregator.privacy), both or neither; the population is `clients`.
+    dp_clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_delta: float = 1e-5
+
+    @property
+    def privacy(self) -> Private | None:
+        if self.dp_clip_norm is None or self.dp_noise_multiplier is None:
+            return None
+        config = PrivacyConfig(self.dp_clip_norm, self.dp_noise_multiplier, self.clients, self.dp_delta, seed=self.seed)
+        return Private(config, expected_clients=self.per_round)
+
+    def epsilon_after(self, rounds: int) -> float | None:
+        """ε spent after `rounds` private rounds (None without privacy)."""
+        private = self.privacy
+        if private is None:
+            return None
+        step = (private.config.noise_multiplier, private.config.sampling_rate(self.per_round))
+        return epsilon([step] * rounds, self.dp_delta)
 
     @property
     def server_step(self) -> ServerStep:
@@ -121,6 +141,7 @@ class RunResult:
     global_norm: list[float] = field(default_factory=list)
     module_norms: list[dict[str, float]] = field(default_factory=list)
     clients: list[list[dict[str, Any]]] = field(default_factory=list)
+    epsilon: list[float] = field(default_factory=list)  # with differential privacy: ε after each round
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -145,6 +166,7 @@ def run_one(
         broker_url=config.broker_url,
         redis_url=config.redis_url,
         step=config.server_step,
+        privacy=config.privacy,
     )
     top = config.eval_rank
     top_alpha = workload.alpha(top)
@@ -194,6 +216,9 @@ def run_one(
             result.global_norm.append(total(norms))
             result.module_norms.append(norms)
             result.clients.append([asdict(step) for step in steps])
+            spent = config.epsilon_after(round_index + 1)
+            if spent is not None:
+                result.epsilon.append(spent)
             after, last = round_index + 1, round_index + 1 == config.rounds
             if out.merge_into_base:
                 workload.merge(out.factors, out.top.alpha / out.top.rank)

@@ -127,6 +127,12 @@ def linear(
     per_round: Annotated[int, typer.Option(min=1)] = 10,
     rounds: Annotated[int, typer.Option(min=1)] = 10,
     server_lr: ServerLr = 1.0,
+    dp_clip_norm: Annotated[
+        float | None, typer.Option(help="differential privacy: clip each client's change to this norm")
+    ] = None,
+    dp_noise_multiplier: Annotated[
+        float | None, typer.Option(help="differential privacy: noise std on the round's sum, × clip norm")
+    ] = None,
     broker_url: BrokerUrl = "direct://",
     redis_url: RedisUrl = "memory://",
     out: OutDir = Path("docs/experiments"),
@@ -153,7 +159,17 @@ def linear(
         broker_url=broker_url,
         redis_url=redis_url,
         **_server_step(server_lr),
+        **_privacy(dp_clip_norm, dp_noise_multiplier),
     )
+
+
+def _privacy(clip_norm: float | None, noise_multiplier: float | None) -> dict[str, float]:
+    """Run settings for differential privacy: both or neither; recorded only when given."""
+    if (clip_norm is None) != (noise_multiplier is None):
+        raise typer.BadParameter("give --dp-clip-norm and --dp-noise-multiplier together")
+    if clip_norm is None or noise_multiplier is None:
+        return {}
+    return {"dp_clip_norm": clip_norm, "dp_noise_multiplier": noise_multiplier}
 
 
 @app.command()
