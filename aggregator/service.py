@@ -64,6 +64,7 @@ class AggregatorService:
         self._declared_clients: set[str] = set()
         self._last_republish = 0.0
         self._privacy_refused: str | None = None  # why the open round may not commit (its ε would pass the budget)
+        self._privacy_refused_round: int | None = None
         self.strategy, self.weighting = build_aggregation(config)
         self._last_step = self.clock()
         self._pins: dict[str, str] = {}
@@ -191,19 +192,21 @@ class AggregatorService:
         self.metrics.open_round(status.round_id, status.count)
         if not self.config.policy.should_close(status, self.clock()):
             return None
+        if self._privacy_refused_round == status.round_id:
+            return None  # the budget and the history it was judged on cannot change in this process's life
+        lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
+        if lease is None:
+            return None  # another aggregator is finalising it
         try:
             spent = self.privacy_after_round()
         except BudgetExhausted as exc:
             # Not committed, nothing dropped: the round's updates stay recorded; the federation waits for a
             # larger budget (a restart with another --dp-epsilon-budget) or stops here.
-            if self._privacy_refused != str(exc):
-                self._privacy_refused = str(exc)
-                self.counters["privacy_refusals"] += 1
-                log.error("round %d not committed: %s", status.round_id, exc)
+            self.store.release_lease(lease)
+            self._privacy_refused, self._privacy_refused_round = str(exc), status.round_id
+            self.counters["privacy_refusals"] += 1
+            log.error("round %d not committed: %s", status.round_id, exc)
             return None
-        lease = self.store.acquire(status.round_id, self.config.owner, self.config.lease_s)
-        if lease is None:
-            return None  # another aggregator is finalising it
         not_the_round: tuple[type[BaseException], ...] = (BrokerError, OSError, *self.store.transient_errors)
         try:
             return self.finalise(lease, spent)
