@@ -67,6 +67,12 @@ KNOWN_NAMES = frozenset(
         "server_lr",
         "require_identity",
         "signing_keys",
+        "dp_clip_norm",
+        "dp_noise_multiplier",
+        "dp_population",
+        "dp_delta",
+        "dp_epsilon_budget",
+        "dp_weight_cap",
         # edge client
         "client_id",
         "model",

@@ -75,42 +75,43 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
 
 
 class AdapterTap:
-    """A queue of the test's own bound to the adapters exchange for some clients: counts every adapter
-    the aggregators publish (the clients' mailboxes drop their oldest when full, and the clients consume)."""
+    """Queues of the test's own, one per client, bound to the adapters exchange as that client's mailbox is:
+    counts every adapter that reaches each client (the clients' mailboxes drop their oldest when full, and the
+    clients consume). A release shared by several clients reaches each of their taps once."""
 
     def __init__(self, federation: str, clients: list[str]) -> None:
-        self.topology = Topology(federation)
-        self.queue = f"flexlora.{federation}.test-tap"
-        self.transport: Transport = connect(AMQP_URL)
         from broker.topology import BindingSpec, ExchangeSpec, QueueSpec
 
-        specs: list[ExchangeSpec | QueueSpec | BindingSpec] = [
-            ExchangeSpec(self.topology.adapters_exchange),
-            QueueSpec(self.queue),
-        ]
-        specs += [BindingSpec(self.queue, self.topology.adapters_exchange, c) for c in clients]
+        self.topology = Topology(federation)
+        self.queues = {c: f"flexlora.{federation}.test-tap.{c}" for c in clients}
+        self.transport: Transport = connect(AMQP_URL)
+        specs: list[ExchangeSpec | QueueSpec | BindingSpec] = [ExchangeSpec(self.topology.adapters_exchange)]
+        for client, queue in self.queues.items():
+            specs += [QueueSpec(queue), BindingSpec(queue, self.topology.adapters_exchange, client)]
         self.transport.declare(specs)
         self.seen: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
     def drain(self, timeout: float = 0.5) -> list[tuple[str, int]]:
-        from schemas.messages import HEADER_KEY, parse_release
+        """(client, version) for every adapter that reached a client so far; each must be addressed to that
+        client or shared."""
+        from schemas.messages import HEADER_KEY, SHARED_RELEASE, parse_release
 
-        sub = self.transport.subscribe(
-            self.queue, prefetch=100, dead_letter_exchange=self.topology.dead_letter_exchange
-        )
-        try:
-            while (d := sub.get(timeout)) is not None:
-                header = parse_release(d.message.headers.get(HEADER_KEY))
-                with self._lock:
-                    self.seen.append((header.client_id, header.version))
-                d.ack()
-        finally:
-            sub.close()
+        for client, queue in self.queues.items():
+            sub = self.transport.subscribe(queue, prefetch=100, dead_letter_exchange=self.topology.dead_letter_exchange)
+            try:
+                while (d := sub.get(timeout)) is not None:
+                    header = parse_release(d.message.headers.get(HEADER_KEY))
+                    assert header.client_id in (client, SHARED_RELEASE), f"{client} got {header.client_id}'s adapter"
+                    with self._lock:
+                        self.seen.append((client, header.version))
+                    d.ack()
+            finally:
+                sub.close()
         return list(self.seen)
 
     def close(self) -> None:
         from broker.topology import QueueSpec
 
-        self.transport.delete([QueueSpec(self.queue)])
+        self.transport.delete([QueueSpec(q) for q in self.queues.values()])
         self.transport.close()
