@@ -14,7 +14,8 @@ from aggregator.status import summarise_all
 
 def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
     """Write a three-panel PNG: the scores the participants reported (held-out ROUGE-L of the version they
-    trained from, mean training loss), updates per round, and how many of them trained at each rank.
+    trained from, mean training loss), updates per round (and the ε spent, with differential privacy), and how
+    many of them trained at each rank.
     Raises ValueError when there are no rounds yet."""
     if not records:
         raise ValueError("no committed rounds yet: nothing to plot")
@@ -43,6 +44,11 @@ def plot_history(records: Sequence[RoundRecord], out: Path, title: str) -> Path:
     counts.bar(versions, [s.participants for s in rounds], color="tab:gray")
     counts.set_ylabel("updates")
     counts.grid(axis="y", alpha=0.3)
+    spent = [(s.version, s.epsilon) for s in rounds if s.epsilon is not None]
+    if spent:  # differential privacy: the ε spent up to each version, on a second axis
+        eps = counts.twinx()
+        eps.plot([v for v, _ in spent], [e for _, e in spent], marker=".", color="tab:purple")
+        eps.set_ylabel("ε spent", color="tab:purple")
 
     bottom = [0] * len(rounds)
     for rank in ranks:

@@ -11,8 +11,8 @@ _STALENESS = (0, 1, 2, 3, 5, 8, 13, 21, 34)
 
 class AggregatorMetrics:
     """What an operator watches: updates accepted and refused by reason, round and SVD durations,
-    staleness, queue lag, the global version and the open round's fill. Every metric carries the
-    federation as a label, so one Prometheus can scrape the aggregators of several federations."""
+    staleness, queue lag, the global version, the open round's fill and, with differential privacy, ε. Every
+    metric carries the federation as a label, so one Prometheus can scrape the aggregators of several federations."""
 
     def __init__(self, federation: str, registry: CollectorRegistry | None = None) -> None:
         self.federation = federation
@@ -66,6 +66,24 @@ class AggregatorMetrics:
             "flexlora_adapters_published", "Adapters this process published to clients", fed, registry=r
         )
         self._joins = Counter("flexlora_joins", "Join requests answered", fed, registry=r)
+        self._epsilon = Gauge(
+            "flexlora_privacy_epsilon",
+            "Client-level differential privacy: the federation's ε (at its δ) up to the newest version",
+            fed,
+            registry=r,
+        )
+        self._epsilon_budget = Gauge(
+            "flexlora_privacy_epsilon_budget",
+            "The ε past which this process refuses to commit a round",
+            fed,
+            registry=r,
+        )
+        self._privacy_refusals = Counter(
+            "flexlora_privacy_refusals",
+            "Rounds this process refused to commit: their ε would pass the budget",
+            fed,
+            registry=r,
+        )
         self._chunks = Counter(
             "flexlora_update_chunks",
             "Chunks of chunked updates taken in (stored: update still incomplete; counted: a late duplicate)",
@@ -86,6 +104,15 @@ class AggregatorMetrics:
         for tau in staleness:
             self._staleness.labels(self.federation).observe(tau)
         self._version.labels(self.federation).set(version)
+
+    def privacy(self, epsilon: float, budget: float | None) -> None:
+        """The ε spent up to the newest version (and the budget, when there is one)."""
+        self._epsilon.labels(self.federation).set(epsilon)
+        if budget is not None:
+            self._epsilon_budget.labels(self.federation).set(budget)
+
+    def privacy_refused(self) -> None:
+        self._privacy_refusals.labels(self.federation).inc()
 
     def round_error(self) -> None:
         self._round_errors.labels(self.federation).inc()

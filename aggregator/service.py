@@ -205,6 +205,7 @@ class AggregatorService:
             self.store.release_lease(lease)
             self._privacy_refused, self._privacy_refused_round = str(exc), status.round_id
             self.counters["privacy_refusals"] += 1
+            self.metrics.privacy_refused()
             log.error("round %d not committed: %s", status.round_id, exc)
             return None
         not_the_round: tuple[type[BaseException], ...] = (BrokerError, OSError, *self.store.transient_errors)
@@ -320,6 +321,8 @@ class AggregatorService:
         self.metrics.round_committed(
             record.aggregate_seconds, svd_seconds, [p.staleness for p in participants], version
         )
+        if spent is not None:
+            self.metrics.privacy(spent.epsilon, spent.epsilon_budget)
         self.publish_version(version)
         if self.config.keep_versions is not None:
             self.store.prune(before_version=version - self.config.keep_versions + 1)

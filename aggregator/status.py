@@ -48,6 +48,22 @@ class RoundSummary:
     max_staleness: int
     # Clients that trained this round at another rank than in their previous round: "client old→new".
     rank_changes: list[str] = field(default_factory=list)
+    epsilon: float | None = None  # with differential privacy: the federation's ε up to this version
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """Client-level differential privacy as of the newest private version, and why a live aggregator refuses
+    to commit the open round, if one does."""
+
+    epsilon: float
+    delta: float
+    rounds: int
+    noise_multiplier: float
+    sampling_rate: float
+    clip_norm: float
+    epsilon_budget: float | None
+    refused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class FederationStatus:
     queues: dict[str, int | None]  # ready messages by queue; None where the queue does not exist yet
     refusals: dict[str, int]
     rounds: list[RoundSummary] = field(default_factory=list)
+    privacy: Privacy | None = None  # None: no round of this federation was private
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -90,7 +107,15 @@ def summarise(record: RoundRecord, rank_changes: list[str] | None = None) -> Rou
         aggregate_seconds=record.aggregate_seconds,
         closed_at=record.closed_at,
         max_staleness=max((p.staleness for p in record.participants), default=0),
+        epsilon=None if record.privacy is None else record.privacy.epsilon,
     )
+
+
+def _privacy(records: Sequence[RoundRecord], refused: list[str]) -> Privacy | None:
+    spent = next((r.privacy for r in reversed(records) if r.privacy is not None), None)
+    if spent is None:
+        return None
+    return Privacy(**spent.model_dump(), refused=refused)
 
 
 def _depth(transport: Transport, queue: str) -> int | None:
@@ -106,9 +131,12 @@ def collect(
     """Read everything `flexlora status` shows; `transport` None skips the queue depths."""
     live = []
     policies: list[dict[str, Any]] = []
+    refused: list[str] = []
     for owner, raw in sorted(store.health().items()):
         info = json.loads(raw)
         policies.append(info.get("policy") or {})
+        if info.get("privacy_refused") and info["privacy_refused"] not in refused:
+            refused.append(str(info["privacy_refused"]))
         live.append(
             LiveAggregator(
                 owner=owner,
@@ -120,6 +148,7 @@ def collect(
             )
         )
     status = store.status()
+    history = store.history()
     policy = policies[0] if policies else {}
     deadline = policy.get("deadline_s")
     topology = Topology(federation)
@@ -142,7 +171,8 @@ def collect(
         aggregators=live,
         queues=queues,
         refusals=store.refusals(),
-        rounds=summarise_all(store.history())[-last_rounds:] if last_rounds > 0 else [],
+        rounds=summarise_all(history)[-last_rounds:] if last_rounds > 0 else [],
+        privacy=_privacy(history, refused),
     )
 
 
@@ -176,9 +206,19 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
         )
     refusals = ", ".join(f"{reason} {n}" for reason, n in status.refusals.items()) or "none"
     console.print(f"dead-lettered by reason: {refusals}", highlight=False)
+    if (p := status.privacy) is not None:
+        budget = "no budget" if p.epsilon_budget is None else f"budget {p.epsilon_budget:g}"
+        console.print(
+            f"differential privacy: ε = [bold]{p.epsilon:.3g}[/] at δ = {p.delta:g} after {p.rounds} private "
+            f"round(s) ({budget}; noise {p.noise_multiplier:g}·C, C = {p.clip_norm:g}, sampling {p.sampling_rate:.3g})",
+            highlight=False,
+        )
+        for reason in p.refused:
+            console.print(f"[red]open round not committed[/]: {reason}", highlight=False)
     rounds = Table(title=f"last {len(status.rounds)} round(s)", title_justify="left")
     columns = ("version", "updates", "ranks", "rank changes", "held-out ROUGE-L", "train loss", "max staleness")
-    for column in (*columns, "aggregate s"):
+    private = any(s.epsilon is not None for s in status.rounds)
+    for column in (*columns, "aggregate s", *(("ε",) if private else ())):
         rounds.add_column(column, justify="right")
     for s in status.rounds:
         rounds.add_row(
@@ -190,5 +230,6 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
             "-" if s.train_loss is None else f"{s.train_loss:.3f}",
             str(s.max_staleness),
             f"{s.aggregate_seconds:.2f}",
+            *(("-" if s.epsilon is None else f"{s.epsilon:.3g}",) if private else ()),
         )
     console.print(rounds)

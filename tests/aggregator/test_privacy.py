@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter
+from aggregator.history_plot import plot_history
 from aggregator.lowrank import randomized_top
 from aggregator.planning import Private, RoundInput, aggregate_round
 from aggregator.privacy import PrivacyConfig, change, clip_factor, dense_global, epsilon, frobenius, noisy_round
 from aggregator.rounds import RoundPolicy
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.status import collect, render
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.strategies import get_strategy, get_weighting
 from broker.connect import connect
@@ -183,7 +188,7 @@ def _dp_rig(federation: str, budget: float) -> Rig:
     return Rig(transport, store, service, Topology(federation))
 
 
-def test_a_round_past_the_budget_is_refused_and_its_updates_are_kept(federation: str) -> None:
+def test_a_round_past_the_budget_is_refused_and_its_updates_are_kept(federation: str, tmp_path: Path) -> None:
     one_round = epsilon([(1.0, 1.0)], 1e-5)
     rig = _dp_rig(federation, budget=one_round * 1.01)  # room for one private round, not two
     _valid(rig, "c1", 4, seed=1)
@@ -210,6 +215,23 @@ def test_a_round_past_the_budget_is_refused_and_its_updates_are_kept(federation:
     assert rig.service.counters["privacy_refusals"] == 1  # said once, not every step
     refused = rig.service.health_info()
     assert "privacy budget exhausted" in refused and "budget" in refused
+
+    # What an operator sees: ε in `flexlora status` (and the refusal), and in the metrics.
+    rig.store.record_health(rig.service.config.owner, refused, ttl_s=60)
+    status = collect(rig.store, None, federation, now=time.time())
+    assert status.privacy is not None and status.privacy.epsilon == pytest.approx(one_round)
+    assert status.rounds[-1].epsilon == pytest.approx(one_round)
+    assert any("privacy budget exhausted" in r for r in status.privacy.refused)
+    console = Console(record=True, width=200)
+    render(status, console, now=time.time())
+    shown = console.export_text()
+    assert f"ε = {one_round:.3g}" in shown and "open round not committed" in shown
+    registry = rig.service.metrics.registry
+    labels = {"federation": federation}
+    assert registry.get_sample_value("flexlora_privacy_epsilon", labels) == pytest.approx(one_round)
+    assert registry.get_sample_value("flexlora_privacy_epsilon_budget", labels) == pytest.approx(one_round * 1.01)
+    assert registry.get_sample_value("flexlora_privacy_refusals_total", labels) == 1
+    assert plot_history(rig.store.history(), tmp_path / "history.png", "dp").stat().st_size > 0  # with its ε axis
 
 
 def test_privacy_settings_come_together_and_need_flexlora() -> None:
