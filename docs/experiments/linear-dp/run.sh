@@ -9,3 +9,4 @@ nice .venv/bin/flexlora sim linear "${common[@]}" --name no-dp
 for z in 0.7 1.2 2.2 4.0; do
   nice .venv/bin/flexlora sim linear "${common[@]}" --dp-clip-norm 0.5 --dp-noise-multiplier "$z" --name "z-$z"
 done
+nice .venv/bin/python -m experiments.privacy_curve docs/experiments/linear-dp
