@@ -209,10 +209,12 @@ def bench_shape_set(shape_set: str, clients: int, dense_sample: int, seed: int, 
     return report
 
 
-def bench_private_cut(shape: str, ranks: list[int], seed: int) -> dict[str, Any]:
-    """A differentially private round's cut (aggregator.privacy): a dense matrix of a low-rank signal plus the
-    Gaussian noise that makes it full rank, cut at every rank by the randomized SVD against the dense SVD, same
-    matrix, same run; each rank-r Frobenius error against the optimal (dense) one."""
+def bench_private_cut(shape: str, ranks: list[int], seed: int, noise: float) -> dict[str, Any]:
+    """A differentially private round's cut (aggregator.privacy): a dense matrix of a rank-max(ranks) signal
+    (entries of unit variance) plus Gaussian noise of std `noise` that makes it full rank, cut at every rank by the
+    randomized SVD against the dense SVD, same matrix, same run; each rank-r Frobenius error against the optimal
+    (dense) one. A small `noise` leaves a wide gap under the signal; at `noise` ≈ 2 the noise's top singular
+    values (≈ noise·(√d_out + √d_in)) reach the signal's, the hard case for a randomized method."""
     from aggregator.lowrank import randomized_top
 
     d_out, d_in = (int(x) for x in shape.split("x"))
@@ -221,10 +223,12 @@ def bench_private_cut(shape: str, ranks: list[int], seed: int) -> dict[str, Any]
     signal = torch.randn(d_out, top, generator=g, dtype=torch.float64) @ torch.randn(
         top, d_in, generator=g, dtype=torch.float64
     )
-    matrix = signal / math.sqrt(top) + 0.05 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    matrix = signal / math.sqrt(top) + noise * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    del signal
     started = time.perf_counter()
     _u, ds, _vh = torch.linalg.svd(matrix, full_matrices=False)  # the dense path needs the vectors too
     dense_s = time.perf_counter() - started
+    del _u, _vh
     started = time.perf_counter()
     u, s, vh = randomized_top(matrix, top, seed=seed)
     fast_s = time.perf_counter() - started
@@ -236,6 +240,7 @@ def bench_private_cut(shape: str, ranks: list[int], seed: int) -> dict[str, Any]
         excess[str(r)] = err / best - 1
     return {
         "shape": shape,
+        "noise_std": noise,
         "ranks": ranks,
         "dense_svd_seconds": dense_s,
         "randomized_seconds": fast_s,
@@ -264,12 +269,21 @@ def main() -> None:
         help="d_out x d_in of the private-round cut (LLaMA-7B attention and MLP); none to skip",
     )
     parser.add_argument("--dp-ranks", type=int, nargs="+", default=[8, 30, 200])
+    parser.add_argument(
+        "--dp-noise",
+        type=float,
+        nargs="+",
+        default=[0.05, 2.0],
+        help="std of the noise on the unit-variance signal: a wide spectral gap, and noise as large as the signal",
+    )
     args = parser.parse_args()
     results = []
     for shape_set in args.shapes:
         sample = args.dense_sample if args.dense_sample is not None else (0 if shape_set == "smollm2" else 2)
         results.append(bench_shape_set(shape_set, args.clients, sample, args.seed, args.threads))
-    private = [bench_private_cut(shape, args.dp_ranks, args.seed) for shape in args.dp_shapes]
+    private = [
+        bench_private_cut(shape, args.dp_ranks, args.seed, noise) for shape in args.dp_shapes for noise in args.dp_noise
+    ]
     print(json.dumps({"threads": args.threads, "results": results, "private_cut": private}, indent=2))
 
 

@@ -18,7 +18,19 @@ def test_benchmark_prints_every_path_with_errors_and_speedups() -> None:
         [
             sys.executable,
             str(ROOT / "bench" / "aggregate.py"),
-            *("--shapes", "smoke", "--clients", "4", "--dp-shapes", "300x200", "--dp-ranks", "4", "20"),
+            *(
+                "--shapes",
+                "smoke",
+                "--clients",
+                "4",
+                "--dp-shapes",
+                "300x200",
+                "--dp-ranks",
+                "4",
+                "20",
+                "--dp-noise",
+                "0.05",
+            ),
         ],
         check=True,
         capture_output=True,
@@ -36,6 +48,11 @@ def test_benchmark_prints_every_path_with_errors_and_speedups() -> None:
         assert result[mode]["seconds"] > 0
         assert result[mode]["peak_rss_growth_mib"] >= 0
     [private] = json.loads(out.stdout)["private_cut"]
-    assert private["shape"] == "300x200" and private["dense_svd_seconds"] > 0 and private["randomized_seconds"] > 0
+    assert (
+        private["shape"] == "300x200"
+        and private["noise_std"] == 0.05
+        and private["dense_svd_seconds"] > 0
+        and private["randomized_seconds"] > 0
+    )
     assert set(private["rank_r_error_excess_over_optimal"]) == {"4", "20"}
     assert all(0 <= e <= 1e-3 for e in private["rank_r_error_excess_over_optimal"].values())

@@ -97,6 +97,10 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
     assert report.rounds[0].raw_s is not None and report.rounds[0].raw_s > 0 and report.rounds[1].raw_s is None
     summary = report.summary()
     assert 0 < summary["raw_total_s"] < summary["wall_s"] and summary["wall_to_raw"] > 1
+    # The wall holds the federation's rounds, the clients' stand-in training and the floor's own measurement.
+    assert 0 < summary["federation_s"] < summary["wall_s"] and summary["measuring_s"] >= report.rounds[0].raw_s
+    assert all(r.generate_s > 0 for r in report.rounds)
+    assert summary["federation_s"] + summary["generate_s"] + summary["measuring_s"] <= summary["wall_s"]
     assert "raw pika" in markdown(report) and "MB" in markdown(report)
     # The run cleans up after itself: no keys of the federation are left in Redis.
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
