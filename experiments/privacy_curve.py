@@ -91,7 +91,7 @@ def plot(found: list[Point], metric: str, out: Path, lower: bool) -> Path:
         )
         if private:
             ax.errorbar(
-                [p.epsilon for p in private],
+                [p.epsilon or 0.0 for p in private],
                 [p.mean for p in private],
                 yerr=[p.se for p in private],
                 marker="o",
