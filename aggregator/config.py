@@ -63,6 +63,9 @@ class AggregatorConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     # Updates declaring a larger payload are refused ("too-large") from their header, before any chunk is kept.
     max_update_bytes: int | None = 2 * 1024**3
+    # Factors of updates this process recorded, kept decoded (up to this many bytes) so that a round it finalises
+    # reads back from the store only the updates other aggregators recorded (aggregator.held); 0 holds none.
+    hold_bytes: int = 1024**3
     # A chunked update that gets no new chunk for this long is dropped and reported, never counted.
     transfer_expiry_s: float = 300.0
     # Bounds an update must keep (refused "rank", "norm"); an update whose ‖ΔW‖ exceeds this factor times the

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from aggregator.config import AggregatorConfig
+from aggregator.held import HeldUpdates
 from aggregator.joining import join_release
 from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import RecordResult, RoundStore, StoredRelease
@@ -48,6 +49,8 @@ class Ingest:
         metrics: AggregatorMetrics,
         clock: Callable[[], float],
         answer_join: Callable[[StoredRelease], None],
+        held: HeldUpdates | None = None,
+        open_round: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.config = config
@@ -59,6 +62,8 @@ class Ingest:
         self.metrics = metrics
         self.clock = clock
         self.answer_join = answer_join
+        self.held = held
+        self.open_round = open_round  # the round the service saw open last (no store call)
 
     def handle(self, delivery: Delivery) -> None:
         """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
@@ -145,6 +150,8 @@ class Ingest:
             result = self.store.record(
                 valid.header, delivery.message.body, self.clock(), self.config.max_staleness, valid.pins
             )
+            if result is RecordResult.RECORDED and self.held is not None:
+                self.held.hold(valid.header, valid.factors, self.open_round())
         if result is RecordResult.RECORDED:
             pin_accepted(valid, self.pins)
             if self.config.norm_outlier_factor is not None:

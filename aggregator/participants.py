@@ -13,14 +13,23 @@ from schemas.lora import LoraFactors, split_lora
 from schemas.tensors import decode_tensors
 
 
-def client_adapters(store: RoundStore, recorded: list[RecordedUpdate]) -> list[ClientAdapter]:
+def client_adapters(
+    store: RoundStore,
+    recorded: list[RecordedUpdate],
+    held: Mapping[tuple[str, str], Mapping[str, LoraFactors]] | None = None,
+) -> list[ClientAdapter]:
     """Each recorded update's factors. Checked in full (sha256, values) when it was accepted; the strategy
-    checks values again. A chunked payload is read from the store a module at a time, never whole."""
+    checks values again. A chunked payload is read from the store a module at a time, never whole; one not
+    read (payload None) is in `held`, by (client id, update id) (aggregator.held)."""
     clients = []
     for item in recorded:
         h = item.header
         factors: Mapping[str, LoraFactors]
-        if isinstance(item.payload, Blob):
+        if item.payload is None:
+            if held is None or (h.client_id, h.update_id) not in held:
+                raise ValueError(f"update {h.update_id} of {h.client_id} was not read from the store and is not held")
+            factors = held[(h.client_id, h.update_id)]
+        elif isinstance(item.payload, Blob):
             factors = LazyFactors(store, item.payload)
         else:
             tensors = decode_tensors(item.payload)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,7 +59,7 @@ class RecordedUpdate:
     """A counted update; a chunked one's payload stays in the store (a Blob) until someone reads it."""
 
     header: LoraUpdate
-    payload: Payload | Blob
+    payload: Payload | Blob | None  # None: not read, the caller holds it (RoundStore.round_updates `held`)
 
 
 @dataclass(frozen=True)
@@ -269,11 +269,14 @@ class RoundStore(abc.ABC):
 
     def payload(self, item: StoredRelease | RecordedUpdate) -> Payload:
         """A release's or an update's payload, assembled if it is kept in chunks."""
+        if item.payload is None:
+            raise ValueError("this update's payload was not read: its reader holds it (round_updates `held`)")
         return self.read_blob(item.payload) if isinstance(item.payload, Blob) else item.payload
 
     @abc.abstractmethod
-    def round_updates(self, round_id: int) -> list[RecordedUpdate]:
-        """The updates recorded in a round, in arrival order (none once the round is pruned)."""
+    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
+        """The updates recorded in a round, in arrival order (none once the round is pruned). Those whose (client
+        id, update id) is in `held` come back with payload None, unread: the caller holds them (aggregator.held)."""
 
     @abc.abstractmethod
     def note_norm(self, round_id: int, norm: float) -> None:

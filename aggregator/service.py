@@ -14,6 +14,7 @@ from collections.abc import Callable
 from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
 from aggregator.culprits import REASON as REFUSED_AGGREGATION
 from aggregator.culprits import drop_culprits
+from aggregator.held import HeldUpdates
 from aggregator.ingest import Ingest
 from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
@@ -79,6 +80,9 @@ class AggregatorService:
             max_open=(config.max_transfers_per_client, config.max_transfers),
         )
         self._last_expiry_check = 0.0
+        # What this process recorded, kept decoded so that finalising a round reads back only the others'.
+        self.held = HeldUpdates(config.hold_bytes)
+        self._open_round_id = 0
         self.ingest = Ingest(
             store,
             config,
@@ -90,6 +94,8 @@ class AggregatorService:
             metrics=self.metrics,
             clock=clock,
             answer_join=self.answer_join,
+            held=self.held,
+            open_round=lambda: self._open_round_id,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -190,6 +196,9 @@ class AggregatorService:
     def maybe_finalise(self) -> RoundRecord | None:
         status = self.store.status()
         self.metrics.open_round(status.round_id, status.count)
+        if status.round_id != self._open_round_id:
+            self._open_round_id = status.round_id
+            self.held.forget_before(status.round_id)
         if not self.config.policy.should_close(status, self.clock()):
             return None
         if self._privacy_refused_round == status.round_id:
@@ -254,12 +263,19 @@ class AggregatorService:
 
     def finalise(self, lease: Lease, spent: PrivacySpent | None = None) -> RoundRecord | None:
         started = self.clock()
-        recorded = self.store.round_updates(lease.round_id)
+        recorded = self.store.round_updates(lease.round_id, held=self.held.ids())
         if not recorded:
             return None
+        held = {}
+        for item in recorded:
+            if item.payload is None and (factors := self.held.take(item.header)) is not None:
+                held[(item.header.client_id, item.header.update_id)] = factors
+        if len(held) < sum(i.payload is None for i in recorded):
+            # Something held under a recorded id is not what was recorded (another payload's sha256): read all.
+            recorded, held = self.store.round_updates(lease.round_id), {}
         inputs = [
             RoundInput(i.header.client_id, i.header.num_samples, i.header.base_version, adapter)
-            for i, adapter in zip(recorded, client_adapters(self.store, recorded), strict=True)
+            for i, adapter in zip(recorded, client_adapters(self.store, recorded, held), strict=True)
         ]
         privacy = self.config.privacy
         if privacy is not None and spent is None:

@@ -55,6 +55,9 @@ class AggregatorSettings(RecipeSettings):
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")
     signing_keys: Path | None = Field(default=None, description="JSON of client id -> hex HMAC key; signs required")
     transfer_expiry_s: float = Field(default=300.0, gt=0, description="idle time after which a chunked update expires")
+    hold_bytes: int = Field(
+        default=1024**3, ge=0, description="bytes of recorded updates kept decoded for the rounds this process closes"
+    )
     min_replicas: int = Field(
         default=0, ge=0, description="ack an update only once this many Redis replicas hold its record (WAIT)"
     )

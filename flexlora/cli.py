@@ -91,6 +91,9 @@ def aggregator(
     transfer_expiry_s: Annotated[
         float | None, typer.Option(help="drop a chunked update idle this long (reported, not counted)")
     ] = None,
+    hold_bytes: Annotated[
+        int | None, typer.Option(help="bytes of recorded updates kept decoded for the rounds this process closes")
+    ] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     min_replicas: Annotated[
         int | None, typer.Option(help="ack an update only once this many Redis replicas hold its record (WAIT)")
@@ -174,6 +177,7 @@ def aggregator(
                 chunk_bytes=chunk_bytes,
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
+                hold_bytes=hold_bytes,
                 heartbeat_s=heartbeat_s,
                 min_replicas=min_replicas,
                 replica_timeout_s=replica_timeout_s,

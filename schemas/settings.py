@@ -54,6 +54,7 @@ KNOWN_NAMES = frozenset(
         "keep_versions",
         "max_update_bytes",
         "transfer_expiry_s",
+        "hold_bytes",
         "min_replicas",
         "replica_timeout_s",
         "min_rank",

@@ -6,7 +6,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aggregator.rounds import (
@@ -196,9 +196,10 @@ class MemoryRoundStore(RoundStore):
             chunks = self._blobs.get(blob.key, [])
             return chunks[index] if index < len(chunks) else None
 
-    def round_updates(self, round_id: int) -> list[RecordedUpdate]:
+    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
         with self._lock:
-            return [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
+            found = [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
+        return [RecordedUpdate(u.header, None) if _key(u.header) in held else u for u in found]
 
     def note_norm(self, round_id: int, norm: float) -> None:
         with self._lock:
@@ -322,3 +323,7 @@ class MemoryRoundStore(RoundStore):
             ids.remove(rid)
             self._updates.pop(rid, None)
             return True
+
+
+def _key(header: LoraUpdate) -> tuple[str, str]:
+    return header.client_id, header.update_id

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,11 +234,11 @@ def test_a_failing_round_does_not_stop_the_service(federation: str) -> None:
     class FlakyStore(MemoryRoundStore):
         failures = 2
 
-        def round_updates(self, round_id: int) -> list[RecordedUpdate]:
+        def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
             if self.failures:
                 self.failures -= 1
                 raise ConnectionError("redis went away")
-            return super().round_updates(round_id)
+            return super().round_updates(round_id, held)
 
     transport = connect("memory://", memory=MemoryBroker())
     store = FlakyStore()
@@ -422,6 +422,7 @@ def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> No
         chunk_bytes=2**21,
         max_update_bytes=2**20,
         transfer_expiry_s=9.0,
+        hold_bytes=2**22,
         min_rank=2,
         max_rank=32,
         max_update_norm=10.0,
