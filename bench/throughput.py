@@ -104,12 +104,14 @@ def aggregators(
     max_updates: int,
     svd_mode: str,
     on_start: Callable[[subprocess.Popen[bytes], int], None] | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[Procs]:
     """`count` aggregator processes, started one by one (`on_start` sees each), always stopped on the way out."""
     command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet", "--federation", fed]
     command += ["--max-updates", str(max_updates), "--svd-mode", svd_mode]
     command += ["--broker-url", args.broker_url, "--redis-url", args.redis_url]
     command += getattr(args, "aggregator_flags", [])  # what another benchmark adds (bench/guarantees.py)
+    command += list(extra)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
@@ -178,7 +180,9 @@ def ingestion(
     }
 
 
-def turnaround(args: argparse.Namespace, transport: Transport, shape: SyntheticShape, svd_mode: str) -> dict[str, Any]:
+def turnaround(
+    args: argparse.Namespace, transport: Transport, shape: SyntheticShape, svd_mode: str, hold_bytes: int
+) -> dict[str, Any]:
     clients = [f"c{i:04d}" for i in range(args.clients)]
     with federation(args, transport, clients) as (topology, store):
         fed = topology.federation
@@ -186,7 +190,7 @@ def turnaround(args: argparse.Namespace, transport: Transport, shape: SyntheticS
             synthetic_update(fed, c, rank, 0, shape=shape, seed=i)
             for i, (c, rank) in enumerate(zip(clients, rank_mix(args.clients), strict=True))
         ]
-        with aggregators(args, 1, fed, len(clients), svd_mode) as procs:
+        with aggregators(args, 1, fed, len(clients), svd_mode, extra=("--hold-bytes", str(hold_bytes))) as procs:
             for header, payload in updates[:-1]:
                 publish_update(transport, topology, header, payload)
             wait_for("all but one update", lambda: store.status().count == len(clients) - 1, args.timeout, procs)
@@ -204,6 +208,7 @@ def turnaround(args: argparse.Namespace, transport: Transport, shape: SyntheticS
         [record] = store.history()
     return {
         "svd_mode": svd_mode,
+        "hold_bytes": hold_bytes,
         "federation": fed,
         "clients": len(clients),
         "participants": len(record.participants),
@@ -224,6 +229,13 @@ def main() -> None:
     parser.add_argument("--svd-modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     parser.add_argument("--layers", type=int, default=SyntheticShape().layers, help="SmolLM2 q/v layers per update")
     parser.add_argument("--rank", type=int, default=8, help="rank of the throughput updates")
+    parser.add_argument(
+        "--hold-bytes",
+        type=int,
+        nargs="+",
+        default=[AggregatorSettings.model_fields["hold_bytes"].default],
+        help="the aggregator's hold_bytes in the turnaround round; several: one round each (0: read every update back)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds any one wait may take")
     parser.add_argument("--broker-url", default=AggregatorSettings.model_fields["broker_url"].default)
     parser.add_argument("--redis-url", default=AggregatorSettings.model_fields["redis_url"].default)
@@ -241,8 +253,9 @@ def main() -> None:
             runs.append(ingestion(args, transport, count, template, payload))
         rounds = []
         for mode in args.svd_modes:
-            log(f"turnaround of {args.clients} clients, svd mode {mode}")
-            rounds.append(turnaround(args, transport, shape, mode))
+            for hold in args.hold_bytes:
+                log(f"turnaround of {args.clients} clients, svd mode {mode}, hold_bytes {hold}")
+                rounds.append(turnaround(args, transport, shape, mode, hold))
     one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
     ratio = None if one is None else one / raw["messages_per_s"]
     report = {

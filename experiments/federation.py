@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from aggregator.config import AggregatorConfig
@@ -143,6 +143,7 @@ class ServiceFederation:
         keep_versions: int = 2,
         prefix: str = "sim",
         name: str | None = None,
+        hold_bytes: int | None = None,
     ) -> None:
         self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.embedded = broker_url.startswith("memory://")
@@ -164,6 +165,8 @@ class ServiceFederation:
             poll_s=0.05,
             fail_fast=self.embedded,
         )
+        if hold_bytes is not None:
+            config = replace(config, hold_bytes=hold_bytes)
         self.service = AggregatorService(
             connect(broker_url, memory=self.memory, connection_name=f"{self.name}-aggregator"),
             self.store,

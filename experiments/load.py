@@ -48,6 +48,7 @@ class LoadConfig:
     federation: str | None = None  # default: a fresh load-<hex> name
     publishers: int = 4  # connections publishing a round's updates side by side (over RabbitMQ)
     raw_every: int = 10  # measure the raw-pika floor on round 1 and every raw_every-th round after (0: never)
+    hold_bytes: int | None = None  # the aggregator's (None: its default); 0 reads every update back from the store
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
         svd_mode=config.svd_mode,
         prefix="load",
         name=config.federation,
+        hold_bytes=config.hold_bytes,
     )
     publishers = Publishers(fed, config.publishers)
     sampler = MemorySampler(config.redis_url)

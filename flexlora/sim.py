@@ -286,6 +286,9 @@ def load(
     raw_every: Annotated[
         int, typer.Option(min=0, help="measure raw pika on the same bytes on round 1 and every N-th (0: never)")
     ] = 10,
+    hold_bytes: Annotated[
+        int | None, typer.Option(min=0, help="the aggregator's hold_bytes (0: read every update back from the store)")
+    ] = None,
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
 ) -> None:
@@ -314,6 +317,7 @@ def load(
         redis_url=redis_url,
         publishers=publishers,
         raw_every=raw_every,
+        hold_bytes=hold_bytes,
     )
     report = run_load(config)
     table = markdown(report)
