@@ -273,6 +273,8 @@ class AggregatorService:
         if len(held) < sum(i.payload is None for i in recorded):
             # Something held under a recorded id is not what was recorded (another payload's sha256): read all.
             recorded, held = self.store.round_updates(lease.round_id), {}
+        self.counters["round_updates_held"] += len(held)  # in the health info: what reading back was saved
+        self.counters["round_updates_read_back"] += len(recorded) - len(held)
         inputs = [
             RoundInput(i.header.client_id, i.header.num_samples, i.header.base_version, adapter)
             for i, adapter in zip(recorded, client_adapters(self.store, recorded, held), strict=True)

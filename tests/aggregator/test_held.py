@@ -68,7 +68,9 @@ class CountingStore(MemoryRoundStore):
         return out
 
 
-def _round(federation: str, hold_bytes: int, spoil: bool = False) -> tuple[CountingStore, dict[str, bytes]]:
+def _round(
+    federation: str, hold_bytes: int, spoil: bool = False
+) -> tuple[CountingStore, dict[str, bytes], dict[str, int]]:
     transport = connect("memory://", memory=MemoryBroker())
     store = CountingStore()
     config = AggregatorConfig(
@@ -92,15 +94,18 @@ def _round(federation: str, hold_bytes: int, spoil: bool = False) -> tuple[Count
             service.held._entries[key] = type(entry)("f" * 64, entry.factors, entry.nbytes, entry.round_id)
     _serve_until(rig, threading.Event())
     assert store.version() == 1
-    return store, {c: bytes(store.payload(r)) for c, r in store.releases(1).items()}
+    counted = {k: service.counters[k] for k in ("round_updates_held", "round_updates_read_back")}
+    return store, {c: bytes(store.payload(r)) for c, r in store.releases(1).items()}, counted
 
 
 def test_the_finaliser_reads_back_only_what_it_does_not_hold_and_gets_the_same_round(federation: str) -> None:
-    holding, with_held = _round(federation, hold_bytes=2**20)
-    reading, without = _round(federation, hold_bytes=0)
-    spoilt, after_spoil = _round(federation, hold_bytes=2**20, spoil=True)
+    holding, with_held, held_counts = _round(federation, hold_bytes=2**20)
+    reading, without, read_counts = _round(federation, hold_bytes=0)
+    spoilt, after_spoil, _ = _round(federation, hold_bytes=2**20, spoil=True)
     assert holding.read == 0  # it recorded every update itself
     assert reading.read == 3 and spoilt.read == 3  # nothing held, or nothing held that was recorded: read all
+    assert held_counts == {"round_updates_held": 3, "round_updates_read_back": 0}  # in its health info
+    assert read_counts == {"round_updates_held": 0, "round_updates_read_back": 3}
     assert with_held == without == after_spoil  # the same releases, byte for byte
 
 

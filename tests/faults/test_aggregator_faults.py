@@ -32,8 +32,13 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 HEAVY = SyntheticShape(layers=20, projections=(("self_attn.q_proj", 512, 512), ("self_attn.v_proj", 128, 512)))
 
 
+def _counted(store: RedisRoundStore, name: str) -> int:
+    """A counter summed over the live aggregators' health."""
+    return sum(json.loads(info)["counters"].get(name, 0) for info in store.health().values())
+
+
 def _duplicates_seen(store: RedisRoundStore) -> int:
-    return sum(json.loads(info)["counters"].get("duplicate", 0) for info in store.health().values())
+    return _counted(store, "duplicate")
 
 
 def test_sigkill_an_aggregator_while_it_ingests(
@@ -61,10 +66,12 @@ def test_sigkill_an_aggregator_while_it_ingests(
             settle(tap, store, timeout=90)
             time.sleep(1.0)  # anything counted twice would have been committed by now
             duplicates = _duplicates_seen(store)
+            # The survivors' finalisers: updates they held decoded, and those read back from Redis (the victim's).
+            held, read_back = _counted(store, "round_updates_held"), _counted(store, "round_updates_read_back")
         result = ledger("aggregator SIGKILLed while ingesting", tap, store, killed_at_version=killed_at)
     finally:
         tap.close()
-    result.notes.update(rounds=store.version(), redelivered_duplicates=duplicates)
+    result.notes.update(rounds=store.version(), redelivered_duplicates=duplicates, held=held, read_back=read_back)
     result.assert_clean()
 
 
