@@ -50,6 +50,7 @@ class AggregatorSettings(RecipeSettings):
         default=True, description="average clients' changes, keeping what a low-rank client cannot hold (flexlora)"
     )
     server_lr: float = Field(default=1.0, gt=0, description="server learning rate on the changes (carry_residual)")
+    global_rank: int = Field(default=64, ge=1, description="rank the global adapter is kept and joins are cut at")
     max_transfers_per_client: int = Field(default=4, ge=1, description="chunked updates under way per client")
     max_transfers: int = Field(default=256, ge=1, description="chunked updates under way in the federation")
     require_identity: bool = Field(default=False, description="senders must be the client's provisioned broker user")

@@ -3,13 +3,18 @@ Redis; the same code) or, for FLoRA and quick math-only runs, the strategy calle
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import IO, Protocol
 
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
@@ -28,6 +33,7 @@ from edge_client.synthetic import publish_update
 from schemas.lora import LoraFactors, split_lora
 from schemas.messages import HEADER_KEY, SHARED_RELEASE, LoraUpdate, parse_release
 from schemas.recipe import DEFAULT_RECIPE
+from schemas.settings import ENV_PREFIX
 from schemas.tensors import decode_tensors
 
 Factors = dict[str, LoraFactors]
@@ -126,9 +132,11 @@ class DirectFederation:
 
 class ServiceFederation:
     """An AggregatorService on its own thread, over the embedded broker and store (memory://) or over
-    RabbitMQ and Redis (amqp://, redis://). Updates go in through the updates exchange like any client's;
-    the committed round comes back from the service's commit hook. Everything it declared or stored is
-    deleted on close, so runs on the shared services leave nothing behind."""
+    RabbitMQ and Redis (amqp://, redis://); or, with `processes`, that many `flexlora aggregator` processes (as
+    a deployment runs them: their own interpreters, configured by FLEXLORA_* variables). Updates go in through
+    the updates exchange like any client's; the committed round comes back from the service's commit hook
+    (from the store, with processes). Everything it declared or stored is deleted on close, so runs on the
+    shared services leave nothing behind."""
 
     def __init__(
         self,
@@ -144,6 +152,7 @@ class ServiceFederation:
         prefix: str = "sim",
         name: str | None = None,
         hold_bytes: int | None = None,
+        processes: int = 0,
     ) -> None:
         self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.embedded = broker_url.startswith("memory://")
@@ -167,6 +176,20 @@ class ServiceFederation:
         )
         if hold_bytes is not None:
             config = replace(config, hold_bytes=hold_bytes)
+        self._clients: set[str] = set()
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self.service: AggregatorService | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        self._files = contextlib.ExitStack()
+        self._seen = self.store.version()
+        if processes:
+            if self.embedded:
+                raise ValueError("aggregator processes need RabbitMQ and Redis, not memory://")
+            self.transport.declare(self.topology.core())
+            self._start_processes(processes, config, broker_url, redis_url)
+            return
         self.service = AggregatorService(
             connect(broker_url, memory=self.memory, connection_name=f"{self.name}-aggregator"),
             self.store,
@@ -174,13 +197,43 @@ class ServiceFederation:
             on_commit=lambda record, releases: self._committed.put((record, releases)),
         )
         self.service.setup()
-        self._clients: set[str] = set()
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._serve, name=f"{self.name}-aggregator", daemon=True)
         self._thread.start()
 
+    def _start_processes(self, count: int, config: AggregatorConfig, broker_url: str, redis_url: str) -> None:
+        env = {
+            **os.environ,
+            **{
+                f"{ENV_PREFIX}{name.upper()}": str(value)
+                for name, value in {
+                    "federation": config.federation,
+                    "broker_url": broker_url,
+                    "redis_url": redis_url,
+                    "max_updates": config.policy.max_updates,
+                    "strategy": config.strategy,
+                    "svd_mode": config.svd_mode,
+                    "global_rank": config.global_rank,
+                    "carry_residual": config.carry_residual,
+                    "server_lr": config.server_lr,
+                    "keep_versions": config.keep_versions,
+                    "hold_bytes": config.hold_bytes,
+                }.items()
+            },
+        }
+        for _ in range(count):
+            log = self._files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 -- closed by close()
+            self._logs.append(log)
+            command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet"]
+            self.procs.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        deadline = time.monotonic() + 120
+        while len(self.store.health()) < count:  # each writes its health once it consumes
+            self._check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} aggregator process(es) did not start within 120 s")
+            time.sleep(0.1)
+
     def _serve(self) -> None:
+        assert self.service is not None
         try:
             subscription = self.service.subscribe()
             try:
@@ -194,20 +247,36 @@ class ServiceFederation:
     def _check(self) -> None:
         if self._errors:
             raise RuntimeError(f"the aggregator failed: {self._errors[0]!r}") from self._errors[0]
+        for proc, log in zip(self.procs, self._logs, strict=True):
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"aggregator process {proc.pid} exited with {proc.returncode}:\n{tail}")
 
     def submit(self, header: LoraUpdate, payload: bytes) -> None:
         self.expect(header.client_id)
         publish_update(self.transport, self.topology, header, payload)
 
     def expect(self, client_id: str) -> None:
-        """`client_id` takes part (an update of its is published by other means): its mailbox goes on close."""
+        """`client_id` takes part (an update of its is published by other means): its mailbox goes on close. With
+        aggregator processes it is declared here first, as a device declares its own: the round may commit
+        before the aggregator that publishes it has declared it."""
         self._check()
+        if self.procs and client_id not in self._clients:
+            self.transport.declare(self.topology.client(client_id))
         self._clients.add(client_id)
 
     def wait_commit(self, timeout_s: float = 600.0) -> tuple[RoundRecord, dict[str, StoredRelease]]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check()
+            if self.procs:  # the next version, from the store
+                if self.store.version() <= self._seen:
+                    time.sleep(0.02)
+                    continue
+                self._seen += 1
+                record = next(r for r in self.store.history() if r.version == self._seen)
+                return record, self.store.releases(self._seen)
             try:
                 return self._committed.get(timeout=0.2)
             except queue.Empty:
@@ -258,7 +327,16 @@ class ServiceFederation:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self.service is not None:
+            self._thread.join(timeout=30)
+        for proc in self.procs:
+            proc.terminate()  # SIGTERM: it stops between steps
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         try:
             if not self.embedded:
                 mailboxes = [
@@ -267,9 +345,12 @@ class ServiceFederation:
                 self.transport.delete([*self.topology.core(), *mailboxes])
                 self.store.wipe()
         finally:
-            self.service.transport.close()
+            if self.service is not None:
+                self.service.transport.close()
             self.transport.close()
-        self._check()
+            self._files.close()
+        if self.service is not None:
+            self._check()
 
 
 def make_federation(

@@ -12,6 +12,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ class LoadConfig:
     publishers: int = 4  # connections publishing a round's updates side by side (over RabbitMQ)
     raw_every: int = 10  # measure the raw-pika floor on round 1 and every raw_every-th round after (0: never)
     hold_bytes: int | None = None  # the aggregator's (None: its default); 0 reads every update back from the store
+    # 0: the aggregator runs on a thread of this process; N: N `flexlora aggregator` processes, as deployed
+    aggregators: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class LoadRound:
     rss_peak_mb: float = 0.0  # this process's resident memory, the most seen during the round
     raw_s: float | None = None  # raw pika moving the round's bytes once each way, where measured
     generate_s: float = 0.0  # making the synthetic updates (the clients' training stand-in), before the first publish
+    aggregator_rss_peak_mb: float | None = None  # the largest aggregator process's, with aggregator processes
 
 
 @dataclass
@@ -100,6 +104,10 @@ class LoadReport:
             "measuring_s": self.measuring_s,
             "redis_used_peak_mb": max(redis_peaks, default=float("nan")),
             "rss_peak_mb": max((r.rss_peak_mb for r in self.rounds), default=float("nan")),
+            "aggregator_rss_peak_mb": max(
+                (r.aggregator_rss_peak_mb for r in self.rounds if r.aggregator_rss_peak_mb is not None),
+                default=float("nan"),
+            ),
             "turnaround_median_s": statistics.median(turn) if turn else float("nan"),
             "turnaround_max_s": max(turn, default=float("nan")),
             "aggregate_median_s": statistics.median([r.aggregate_s for r in self.rounds]) if turn else float("nan"),
@@ -119,20 +127,26 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+def _rss_mb(pid: int | None = None) -> float | None:
+    """A process's resident memory (this one's by default); None once it is gone."""
+    try:
+        with open(f"/proc/{pid or 'self'}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
 
 
 class MemorySampler:
     """Samples Redis `used_memory` (when the store is Redis) and this process's RSS every `every_s` on its own
     thread; `take()` returns the most seen since the last take."""
 
-    def __init__(self, redis_url: str, every_s: float = 0.05) -> None:
+    def __init__(self, redis_url: str, pids: Sequence[int] = (), every_s: float = 0.05) -> None:
         self._redis = redis.Redis.from_url(redis_url) if redis_url.startswith(("redis://", "rediss://")) else None
         self._every = every_s
+        self._pids = list(pids)  # aggregator processes: the largest one's RSS is sampled too
         self._lock = threading.Lock()
         self._peaks: tuple[float | None, float] = (None, 0.0)
+        self._others: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
@@ -143,17 +157,26 @@ class MemorySampler:
             if self._redis is not None:
                 with contextlib.suppress(redis.RedisError):
                     used = int(self._redis.info("memory")["used_memory"]) / 1e6
-            rss = _rss_mb()
+            rss = _rss_mb() or 0.0
+            others = max((r for pid in self._pids if (r := _rss_mb(pid)) is not None), default=None)
             with self._lock:
                 redis_peak, rss_peak = self._peaks
                 if used is not None:
                     redis_peak = used if redis_peak is None else max(redis_peak, used)
                 self._peaks = (redis_peak, max(rss_peak, rss))
+                if others is not None:
+                    self._others = others if self._others is None else max(self._others, others)
 
     def take(self) -> tuple[float | None, float]:
         with self._lock:
             peaks, self._peaks = self._peaks, (None, 0.0)
         return peaks
+
+    def take_aggregators(self) -> float | None:
+        """The largest aggregator process's peak RSS since the last call (None: no aggregator processes)."""
+        with self._lock:
+            peak, self._others = self._others, None
+        return peak
 
     def close(self) -> None:
         self._stop.set()
@@ -229,15 +252,17 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
         prefix="load",
         name=config.federation,
         hold_bytes=config.hold_bytes,
+        processes=config.aggregators,
     )
     publishers = Publishers(fed, config.publishers)
-    sampler = MemorySampler(config.redis_url)
+    sampler = MemorySampler(config.redis_url, [p.pid for p in fed.procs])
     try:
         with progress_bar(console) as progress:
             bar = progress.add_task("rounds", total=config.rounds)
             for t in range(config.rounds):
                 chosen = sample_clients(config.clients, config.per_round, t, config.seed)
                 sampler.take()
+                sampler.take_aggregators()
                 # The clients' training stand-in, timed apart: devices train in parallel, away from the federation.
                 generating = time.monotonic()
                 updates = [
@@ -252,6 +277,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                 publishers.receive([f"client-{c}" for c in chosen], record.version)
                 done = time.monotonic()
                 redis_peak, rss_peak = sampler.take()
+                aggregator_rss = sampler.take_aggregators()
                 sizes = [len(payload) for _, payload in updates]
                 sizes += [releases[f"client-{c}"].header.payload.size for c in chosen]
                 raw = None
@@ -274,6 +300,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                         rss_peak_mb=rss_peak,
                         raw_s=raw,
                         generate_s=first - generating,
+                        aggregator_rss_peak_mb=aggregator_rss,
                     )
                 )
                 del updates
@@ -300,12 +327,12 @@ def markdown(report: LoadReport) -> str:
             "| clients | per round | rounds | ranks (tiers) | wall (federation, generating, measuring) "
             "| raw pika, same bytes (wall × / federation ×) "
             "| turnaround median / max | aggregate median | publish median | MB per round "
-            "| Redis used_memory peak | RSS peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| Redis used_memory peak | RSS peak (this process) | RSS peak (largest aggregator process) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {c.clients} | {c.per_round} | {len(report.rounds)} | {c.distribution} {list(c.tiers)} "
             f"| {s['wall_s']:.0f} s ({s['federation_s']:.0f} s, {s['generate_s']:.0f} s, {s['measuring_s']:.0f} s) "
             f"| {raw} | {s['turnaround_median_s']:.2f} / {s['turnaround_max_s']:.2f} s "
             f"| {s['aggregate_median_s']:.2f} s | {s['publish_median_s']:.2f} s | {s['payload_mb_per_round']:.0f} "
-            f"| {_mb(s['redis_used_peak_mb'])} | {_mb(s['rss_peak_mb'])} |",
+            f"| {_mb(s['redis_used_peak_mb'])} | {_mb(s['rss_peak_mb'])} | {_mb(s['aggregator_rss_peak_mb'])} |",
         ]
     )

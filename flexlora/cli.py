@@ -115,6 +115,9 @@ def aggregator(
     server_lr: Annotated[
         float | None, typer.Option(help="server learning rate on the changes (carry-residual)")
     ] = None,
+    global_rank: Annotated[
+        int | None, typer.Option(help="rank the global adapter is kept (and a joining client is cut) at (flexlora)")
+    ] = None,
     dp_clip_norm: Annotated[
         float | None, typer.Option(help="differential privacy: clip each client's change to this Frobenius norm")
     ] = None,
@@ -190,6 +193,7 @@ def aggregator(
                 max_transfers=max_transfers,
                 carry_residual=carry_residual,
                 server_lr=server_lr,
+                global_rank=global_rank,
                 dp_clip_norm=dp_clip_norm,
                 dp_noise_multiplier=dp_noise_multiplier,
                 dp_population=dp_population,

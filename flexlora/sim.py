@@ -289,6 +289,9 @@ def load(
     hold_bytes: Annotated[
         int | None, typer.Option(min=0, help="the aggregator's hold_bytes (0: read every update back from the store)")
     ] = None,
+    aggregators: Annotated[
+        int, typer.Option(min=0, help="flexlora aggregator processes (0: one aggregator on a thread of this process)")
+    ] = 0,
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
 ) -> None:
@@ -318,7 +321,10 @@ def load(
         publishers=publishers,
         raw_every=raw_every,
         hold_bytes=hold_bytes,
+        aggregators=aggregators,
     )
+    if aggregators and broker_url.startswith("memory://"):
+        raise typer.BadParameter("--aggregators needs --broker-url amqp://… and --redis-url redis://…")
     report = run_load(config)
     table = markdown(report)
     out.mkdir(parents=True, exist_ok=True)

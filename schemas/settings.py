@@ -66,6 +66,7 @@ KNOWN_NAMES = frozenset(
         "max_transfers",
         "carry_residual",
         "server_lr",
+        "global_rank",
         "require_identity",
         "signing_keys",
         "dp_clip_norm",

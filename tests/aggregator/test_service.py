@@ -432,6 +432,7 @@ def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> No
         max_transfers=9,
         carry_residual=True,
         server_lr=0.5,
+        global_rank=48,
         require_identity=True,
         max_updates=3,
         learning_rate=1e-4,

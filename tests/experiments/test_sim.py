@@ -106,6 +106,30 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
 
 
+@pytest.mark.services
+def test_load_mode_with_aggregator_processes_reports_their_memory(federation: str, amqp_cleanup: list[str]) -> None:
+    import redis
+
+    amqp_cleanup.extend(Topology(federation).adapter_queue(f"client-{c}") for c in range(6))
+    config = LoadConfig(
+        clients=6,
+        per_round=3,
+        rounds=2,
+        layers=2,
+        broker_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        federation=federation,
+        raw_every=0,
+        aggregators=1,
+    )
+    report = run_load(config)
+    assert [r.version for r in report.rounds] == [1, 2]
+    assert all(r.aggregator_rss_peak_mb is not None and r.aggregator_rss_peak_mb > 0 for r in report.rounds)
+    assert "largest aggregator process" in markdown(report)
+    # The processes are stopped and the federation's keys gone.
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
+
+
 def test_sim_merge_combines_runs_of_separate_commands_and_refuses_other_settings(tmp_path: Path) -> None:
     for seed in (0, 1):
         args = ["sim", "linear", "--clients", "6", "--per-round", "3", "--rounds", "2", "--strategy", "flexlora"]
