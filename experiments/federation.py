@@ -188,7 +188,12 @@ class ServiceFederation:
             if self.embedded:
                 raise ValueError("aggregator processes need RabbitMQ and Redis, not memory://")
             self.transport.declare(self.topology.core())
-            self._start_processes(processes, config, broker_url, redis_url)
+            try:
+                self._start_processes(processes, config, broker_url, redis_url)
+            except BaseException:
+                self._stop_processes()
+                self._files.close()
+                raise
             return
         self.service = AggregatorService(
             connect(broker_url, memory=self.memory, connection_name=f"{self.name}-aggregator"),
@@ -218,6 +223,7 @@ class ServiceFederation:
                     "keep_versions": config.keep_versions,
                     "hold_bytes": config.hold_bytes,
                 }.items()
+                if value is not None
             },
         }
         for _ in range(count):
@@ -231,6 +237,16 @@ class ServiceFederation:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} aggregator process(es) did not start within 120 s")
             time.sleep(0.1)
+
+    def _stop_processes(self) -> None:
+        for proc in self.procs:
+            proc.terminate()  # SIGTERM: it stops between steps
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def _serve(self) -> None:
         assert self.service is not None
@@ -329,14 +345,7 @@ class ServiceFederation:
         self._stop.set()
         if self.service is not None:
             self._thread.join(timeout=30)
-        for proc in self.procs:
-            proc.terminate()  # SIGTERM: it stops between steps
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self._stop_processes()
         try:
             if not self.embedded:
                 mailboxes = [
