@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from broker.topology import Topology
-from experiments.load import LoadConfig, markdown, run_load
+from experiments.load import LoadConfig, LoadReport, markdown, run_load
 from flexlora.cli import app
 from tests.conftest import AMQP_URL, REDIS_URL
 
@@ -75,8 +76,9 @@ def test_load_mode_embedded_delivers_every_participant_its_adapter() -> None:
     assert report.summary()["updates"] == 12
 
 
-@pytest.mark.services
-def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[str]) -> None:
+def _load_over_services(federation: str, amqp_cleanup: list[str], **changes: Any) -> LoadReport:
+    """Two rounds of 3 of 10 clients over RabbitMQ and Redis; each participant gets its adapter, and the run
+    cleans up after itself: no keys of the federation are left in Redis."""
     import redis
 
     amqp_cleanup.extend(Topology(federation).adapter_queue(f"client-{c}") for c in range(10))
@@ -88,9 +90,17 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
         broker_url=AMQP_URL,
         redis_url=REDIS_URL,
         federation=federation,
+        **changes,
     )
     report = run_load(config)
     assert [r.version for r in report.rounds] == [1, 2]
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
+    return report
+
+
+@pytest.mark.services
+def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[str]) -> None:
+    report = _load_over_services(federation, amqp_cleanup)
     assert all(r.payload_mb > 0 and r.aggregate_s > 0 and r.adapters_mb > 0 for r in report.rounds)
     # Memory per round, and the raw-pika floor on the first round (raw_every 10), extrapolated to the run.
     assert all((r.redis_used_peak_mb or 0) > 0 and r.rss_peak_mb > 0 for r in report.rounds)
@@ -102,32 +112,13 @@ def test_load_mode_over_rabbitmq_and_redis(federation: str, amqp_cleanup: list[s
     assert all(r.generate_s > 0 for r in report.rounds)
     assert summary["federation_s"] + summary["generate_s"] + summary["measuring_s"] <= summary["wall_s"]
     assert "raw pika" in markdown(report) and "MB" in markdown(report)
-    # The run cleans up after itself: no keys of the federation are left in Redis.
-    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
 
 
 @pytest.mark.services
 def test_load_mode_with_aggregator_processes_reports_their_memory(federation: str, amqp_cleanup: list[str]) -> None:
-    import redis
-
-    amqp_cleanup.extend(Topology(federation).adapter_queue(f"client-{c}") for c in range(6))
-    config = LoadConfig(
-        clients=6,
-        per_round=3,
-        rounds=2,
-        layers=2,
-        broker_url=AMQP_URL,
-        redis_url=REDIS_URL,
-        federation=federation,
-        raw_every=0,
-        aggregators=1,
-    )
-    report = run_load(config)
-    assert [r.version for r in report.rounds] == [1, 2]
+    report = _load_over_services(federation, amqp_cleanup, raw_every=0, aggregators=1)
     assert all(r.aggregator_rss_peak_mb is not None and r.aggregator_rss_peak_mb > 0 for r in report.rounds)
     assert "largest aggregator process" in markdown(report)
-    # The processes are stopped and the federation's keys gone.
-    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"*{federation}*", count=1000))
 
 
 def test_sim_merge_combines_runs_of_separate_commands_and_refuses_other_settings(tmp_path: Path) -> None:
