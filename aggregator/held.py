@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from aggregator.rounds import record_id
 from schemas.lora import LoraFactors
 from schemas.messages import LoraUpdate
 
@@ -32,15 +33,15 @@ def factors_bytes(factors: Mapping[str, LoraFactors]) -> int:
 
 
 class HeldUpdates:
-    """Decoded factors of recorded updates by (client id, update id) (update ids are each client's own),
-    oldest dropped first past `budget_bytes` (0: hold none). One thread uses it: the service's (ingest
+    """Decoded factors of recorded updates by record id (aggregator.rounds.record_id: update ids are each
+    client's own), oldest dropped first past `budget_bytes` (0: hold none). One thread uses it: the service's (ingest
     records, the finaliser takes)."""
 
     def __init__(self, budget_bytes: int) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -51,21 +52,21 @@ class HeldUpdates:
         size = factors_bytes(factors)
         if size > self.budget_bytes:
             return
-        key = (header.client_id, header.update_id)
+        key = record_id(header.client_id, header.update_id)
         self._drop(key)
         self._entries[key] = _Entry(header.payload.sha256, factors, size, round_id)
         self.nbytes += size
         while self.nbytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
 
-    def ids(self) -> frozenset[tuple[str, str]]:
-        """(client id, update id) of every update held."""
+    def ids(self) -> frozenset[str]:
+        """The record id of every update held."""
         return frozenset(self._entries)
 
     def take(self, header: LoraUpdate) -> Mapping[str, LoraFactors] | None:
         """The held factors of exactly this recorded update (its client, its id and its payload's sha256), no
         longer held after; None when not held."""
-        key = (header.client_id, header.update_id)
+        key = record_id(header.client_id, header.update_id)
         entry = self._entries.get(key)
         if entry is None or entry.sha256 != header.payload.sha256:
             return None
@@ -78,7 +79,7 @@ class HeldUpdates:
         for key in [k for k, e in self._entries.items() if e.round_id < round_id - 1]:
             self._drop(key)
 
-    def _drop(self, key: tuple[str, str]) -> None:
+    def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= entry.nbytes

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from aggregator.blobs import LazyFactors
 from aggregator.flexlora import ClientAdapter
-from aggregator.rounds import Blob, Participant, RecordedUpdate, RoundStore
+from aggregator.rounds import Blob, Participant, RecordedUpdate, RoundStore, record_id
 from schemas.lora import LoraFactors, split_lora
 from schemas.tensors import decode_tensors
 
@@ -16,19 +16,20 @@ from schemas.tensors import decode_tensors
 def client_adapters(
     store: RoundStore,
     recorded: list[RecordedUpdate],
-    held: Mapping[tuple[str, str], Mapping[str, LoraFactors]] | None = None,
+    held: Mapping[str, Mapping[str, LoraFactors]] | None = None,
 ) -> list[ClientAdapter]:
     """Each recorded update's factors. Checked in full (sha256, values) when it was accepted; the strategy
     checks values again. A chunked payload is read from the store a module at a time, never whole; one not
-    read (payload None) is in `held`, by (client id, update id) (aggregator.held)."""
+    read (payload None) is in `held`, by record id (aggregator.held)."""
     clients = []
     for item in recorded:
         h = item.header
         factors: Mapping[str, LoraFactors]
         if item.payload is None:
-            if held is None or (h.client_id, h.update_id) not in held:
+            rid = record_id(h.client_id, h.update_id)
+            if held is None or rid not in held:
                 raise ValueError(f"update {h.update_id} of {h.client_id} was not read from the store and is not held")
-            factors = held[(h.client_id, h.update_id)]
+            factors = held[rid]
         elif isinstance(item.payload, Blob):
             factors = LazyFactors(store, item.payload)
         else:

@@ -274,9 +274,9 @@ class RoundStore(abc.ABC):
         return self.read_blob(item.payload) if isinstance(item.payload, Blob) else item.payload
 
     @abc.abstractmethod
-    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
-        """The updates recorded in a round, in arrival order (none once the round is pruned). Those whose (client
-        id, update id) is in `held` come back with payload None, unread: the caller holds them (aggregator.held)."""
+    def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
+        """The updates recorded in a round, in arrival order (none once the round is pruned). Those whose record id
+        is in `held` come back with payload None, unread: the caller holds them (aggregator.held)."""
 
     @abc.abstractmethod
     def note_norm(self, round_id: int, norm: float) -> None:

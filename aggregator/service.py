@@ -28,6 +28,7 @@ from aggregator.rounds import (
     RoundRecord,
     RoundStore,
     StoredRelease,
+    record_id,
 )
 from aggregator.transfers import ChunkIntake
 from broker.errors import BrokerError, ConnectionLost
@@ -269,7 +270,7 @@ class AggregatorService:
         held = {}
         for item in recorded:
             if item.payload is None and (factors := self.held.take(item.header)) is not None:
-                held[(item.header.client_id, item.header.update_id)] = factors
+                held[record_id(item.header.client_id, item.header.update_id)] = factors
         if len(held) < sum(i.payload is None for i in recorded):
             # Something held under a recorded id is not what was recorded (another payload's sha256): read all.
             recorded, held = self.store.round_updates(lease.round_id), {}

@@ -136,17 +136,30 @@ def _rss_mb(pid: int | None = None) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Peaks:
+    """The most a round saw: Redis `used_memory` (None: not Redis), this process's RSS, and the largest
+    aggregator process's (None: no aggregator processes)."""
+
+    redis_mb: float | None = None
+    rss_mb: float = 0.0
+    aggregator_rss_mb: float | None = None
+
+
+def _most(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 class MemorySampler:
-    """Samples Redis `used_memory` (when the store is Redis) and this process's RSS every `every_s` on its own
-    thread; `take()` returns the most seen since the last take."""
+    """Samples Redis `used_memory` (when the store is Redis), this process's RSS and the aggregator processes'
+    every `every_s` on its own thread; `take()` returns the most seen since the last take."""
 
     def __init__(self, redis_url: str, pids: Sequence[int] = (), every_s: float = 0.05) -> None:
         self._redis = redis.Redis.from_url(redis_url) if redis_url.startswith(("redis://", "rediss://")) else None
         self._every = every_s
         self._pids = list(pids)  # aggregator processes: the largest one's RSS is sampled too
         self._lock = threading.Lock()
-        self._peaks: tuple[float | None, float] = (None, 0.0)
-        self._others: float | None = None
+        self._peaks = Peaks()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
@@ -160,23 +173,13 @@ class MemorySampler:
             rss = _rss_mb() or 0.0
             others = max((r for pid in self._pids if (r := _rss_mb(pid)) is not None), default=None)
             with self._lock:
-                redis_peak, rss_peak = self._peaks
-                if used is not None:
-                    redis_peak = used if redis_peak is None else max(redis_peak, used)
-                self._peaks = (redis_peak, max(rss_peak, rss))
-                if others is not None:
-                    self._others = others if self._others is None else max(self._others, others)
+                p = self._peaks
+                self._peaks = Peaks(_most(p.redis_mb, used), max(p.rss_mb, rss), _most(p.aggregator_rss_mb, others))
 
-    def take(self) -> tuple[float | None, float]:
+    def take(self) -> Peaks:
         with self._lock:
-            peaks, self._peaks = self._peaks, (None, 0.0)
+            peaks, self._peaks = self._peaks, Peaks()
         return peaks
-
-    def take_aggregators(self) -> float | None:
-        """The largest aggregator process's peak RSS since the last call (None: no aggregator processes)."""
-        with self._lock:
-            peak, self._others = self._others, None
-        return peak
 
     def close(self) -> None:
         self._stop.set()
@@ -262,7 +265,6 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
             for t in range(config.rounds):
                 chosen = sample_clients(config.clients, config.per_round, t, config.seed)
                 sampler.take()
-                sampler.take_aggregators()
                 # The clients' training stand-in, timed apart: devices train in parallel, away from the federation.
                 generating = time.monotonic()
                 updates = [
@@ -276,8 +278,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                 committed = time.monotonic()
                 publishers.receive([f"client-{c}" for c in chosen], record.version)
                 done = time.monotonic()
-                redis_peak, rss_peak = sampler.take()
-                aggregator_rss = sampler.take_aggregators()
+                peaks = sampler.take()
                 sizes = [len(payload) for _, payload in updates]
                 sizes += [releases[f"client-{c}"].header.payload.size for c in chosen]
                 raw = None
@@ -296,11 +297,11 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                         turnaround_s=done - first,
                         aggregate_s=record.aggregate_seconds,
                         adapters_mb=sum(sizes[len(updates) :]) / 1e6,
-                        redis_used_peak_mb=redis_peak,
-                        rss_peak_mb=rss_peak,
+                        redis_used_peak_mb=peaks.redis_mb,
+                        rss_peak_mb=peaks.rss_mb,
                         raw_s=raw,
                         generate_s=first - generating,
-                        aggregator_rss_peak_mb=aggregator_rss,
+                        aggregator_rss_peak_mb=peaks.aggregator_rss_mb,
                     )
                 )
                 del updates

@@ -196,10 +196,10 @@ class MemoryRoundStore(RoundStore):
             chunks = self._blobs.get(blob.key, [])
             return chunks[index] if index < len(chunks) else None
 
-    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
+    def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
         with self._lock:
-            found = [self._updates[i] for i in self._rounds.get(round_id, []) if i in self._updates]
-        return [RecordedUpdate(u.header, None) if _key(u.header) in held else u for u in found]
+            found = [(i, self._updates[i]) for i in self._rounds.get(round_id, []) if i in self._updates]
+        return [RecordedUpdate(u.header, None) if i in held else u for i, u in found]
 
     def note_norm(self, round_id: int, norm: float) -> None:
         with self._lock:
@@ -323,7 +323,3 @@ class MemoryRoundStore(RoundStore):
             ids.remove(rid)
             self._updates.pop(rid, None)
             return True
-
-
-def _key(header: LoraUpdate) -> tuple[str, str]:
-    return header.client_id, header.update_id

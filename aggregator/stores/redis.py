@@ -405,21 +405,24 @@ class RedisRoundStore(RoundStore):
     def read_chunk(self, blob: Blob, index: int) -> bytes | None:
         return cast(bytes | None, self.r.hget(blob.key, str(index)))
 
-    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
-        rids = cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))
+    def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
+        rids = [rid.decode() for rid in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
         pipe = self.r.pipeline(transaction=False)
         for rid in rids:
-            pipe.hmget(self.keys.update(rid.decode()), ["header", "payload", "chunked"])
-        rows = [(parse_update(h), key, c) for h, key, c in pipe.execute() if h is not None]  # pruned: gone
-        read = [not chunked and (header.client_id, header.update_id) not in held for header, _, chunked in rows]
+            pipe.hmget(self.keys.update(rid), ["header", "payload", "chunked"])
+        rows = [
+            (rid, parse_update(h), key, c)
+            for rid, (h, key, c) in zip(rids, pipe.execute(), strict=True)
+            if h is not None  # pruned: gone
+        ]
         pipe = self.r.pipeline(transaction=False)
-        for (_, payload_key, _), wanted in zip(rows, read, strict=True):
-            if wanted:
+        for rid, _, payload_key, chunked in rows:
+            if not chunked and rid not in held:
                 pipe.get(payload_key)
         plain = iter(pipe.execute())
         out = []
-        for header, payload_key, chunked in rows:
-            if (header.client_id, header.update_id) in held:
+        for rid, header, payload_key, chunked in rows:
+            if rid in held:
                 out.append(RecordedUpdate(header, None))
                 continue
             # A chunked payload stays in Redis: the round reads it a module at a time (aggregator.blobs).

@@ -12,7 +12,7 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.held import HeldUpdates, factors_bytes
-from aggregator.rounds import RecordedUpdate, RoundPolicy, RoundStore
+from aggregator.rounds import RecordedUpdate, RoundPolicy, RoundStore, record_id
 from aggregator.service import AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from broker.connect import connect
@@ -36,13 +36,14 @@ def test_held_updates_keep_within_their_budget_and_match_client_id_and_sha() -> 
     held = HeldUpdates(budget_bytes=8 * 250)
     held.hold(_header("a", "update-1"), _factors(100), round_id=0)
     held.hold(_header("b", "update-1"), _factors(100), round_id=0)  # the same update id, another client's
-    assert held.ids() == {("a", "update-1"), ("b", "update-1")} and held.nbytes == 1600
+    assert held.ids() == {record_id("a", "update-1"), record_id("b", "update-1")} and held.nbytes == 1600
     held.hold(_header("c", "update-2"), _factors(100), round_id=1)  # over the budget: the oldest goes
-    assert held.ids() == {("b", "update-1"), ("c", "update-2")} and held.nbytes <= held.budget_bytes
+    assert held.ids() == {record_id("b", "update-1"), record_id("c", "update-2")} and held.nbytes <= held.budget_bytes
     held.hold(_header("d", "update-3"), _factors(1000), round_id=1)  # larger than the whole budget: not held
-    assert ("d", "update-3") not in held.ids()
+    assert record_id("d", "update-3") not in held.ids()
     assert held.take(_header("b", "update-1", sha="9" * 64)) is None  # the recorded payload is another one
-    assert held.take(_header("b", "update-1")) is not None and ("b", "update-1") not in held.ids()  # taken once
+    assert held.take(_header("b", "update-1")) is not None  # and taken once:
+    assert record_id("b", "update-1") not in held.ids()
     held.forget_before(3)  # rounds 0 and 1 are committed once round 3 is open
     assert len(held) == 0 and held.nbytes == 0
     with pytest.raises(ValueError, match="budget_bytes"):
@@ -52,7 +53,7 @@ def test_held_updates_keep_within_their_budget_and_match_client_id_and_sha() -> 
 def test_a_store_returns_held_updates_unread_and_reads_the_rest(store: RoundStore) -> None:
     store.record(_header("c1", "update-1"), b"abc", now=1.0)
     store.record(_header("c2", "update-1"), b"xyz", now=2.0)
-    got = store.round_updates(0, held={("c1", "update-1")})
+    got = store.round_updates(0, held={record_id("c1", "update-1")})
     assert [(u.header.client_id, u.payload) for u in got] == [("c1", None), ("c2", b"xyz")]
     assert [u.payload for u in store.round_updates(0)] == [b"abc", b"xyz"]
 
@@ -62,7 +63,7 @@ class CountingStore(MemoryRoundStore):
 
     read = 0
 
-    def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
+    def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
         out = super().round_updates(round_id, held)
         self.read += sum(u.payload is not None for u in out)
         return out

@@ -234,7 +234,7 @@ def test_a_failing_round_does_not_stop_the_service(federation: str) -> None:
     class FlakyStore(MemoryRoundStore):
         failures = 2
 
-        def round_updates(self, round_id: int, held: Collection[tuple[str, str]] = frozenset()) -> list[RecordedUpdate]:
+        def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
             if self.failures:
                 self.failures -= 1
                 raise ConnectionError("redis went away")
