@@ -26,7 +26,11 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     store = open_store(
-        settings.redis_url, settings.federation, tls=settings.tls_files(), replication=settings.replication()
+        settings.redis_url,
+        settings.federation,
+        tls=settings.tls_files(),
+        replication=settings.replication(),
+        payloads=settings.payloads(),
     )
     config = config_from_settings(settings)
     # One set of metrics for the process's life: counters keep counting across reconnects.

@@ -15,6 +15,7 @@ from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.recipe import RecipeSettings
 
 if TYPE_CHECKING:
+    from aggregator.payloads import PayloadStore
     from aggregator.privacy import PrivacyConfig
 
 
@@ -59,6 +60,11 @@ class AggregatorSettings(RecipeSettings):
     hold_bytes: int = Field(
         default=1024**3, ge=0, description="bytes of recorded updates kept decoded for the rounds this process closes"
     )
+    payload_store: str = Field(
+        default="redis",
+        description="where update and adapter bytes live: redis, or file:///dir on a mount every aggregator shares",
+    )
+    payload_fsync: bool = Field(default=True, description="file:// payloads reach the disk before an update is acked")
     min_replicas: int = Field(
         default=0, ge=0, description="ack an update only once this many Redis replicas hold its record (WAIT)"
     )
@@ -88,8 +94,21 @@ class AggregatorSettings(RecipeSettings):
             raise ValueError("differential privacy aggregates by FlexLoRA's dense path: use --strategy flexlora")
         return self
 
+    @field_validator("payload_store")
+    @classmethod
+    def _known_payload_store(cls, url: str) -> str:
+        if url != "redis" and not url.startswith(("memory://", "file:///")):
+            raise ValueError(f"payload_store is redis, file:///<absolute dir> or memory://; got {url!r}")
+        return url
+
     def replication(self) -> Replication:
         return Replication(self.min_replicas, self.replica_timeout_s)
+
+    def payloads(self) -> PayloadStore | None:
+        """The federation's payload store (None: its bytes are kept in Redis)."""
+        from aggregator.payloads import open_payloads
+
+        return open_payloads(self.payload_store, self.federation, fsync=self.payload_fsync)
 
     def privacy(self) -> PrivacyConfig | None:
         """The differential-privacy mechanism, when asked for; all of clip, noise and population, or none."""

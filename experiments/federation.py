@@ -19,6 +19,7 @@ from typing import IO, Protocol
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter, RankRequest, recut
 from aggregator.lowrank import SvdMode
+from aggregator.payloads import open_payloads
 from aggregator.planning import PLAIN_STEP, Private, RoundInput, ServerStep, aggregate_round
 from aggregator.registry import strategy_spec
 from aggregator.rounds import RoundPolicy, RoundRecord, StoredRelease
@@ -153,13 +154,15 @@ class ServiceFederation:
         name: str | None = None,
         hold_bytes: int | None = None,
         processes: int = 0,
+        payload_store: str = "redis",
     ) -> None:
         self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.embedded = broker_url.startswith("memory://")
         self.memory = MemoryBroker() if self.embedded else None
         self.broker_url = broker_url
         self.topology = Topology(self.name)
-        self.store = open_store(redis_url, self.name)
+        self.payload_store = payload_store
+        self.store = open_store(redis_url, self.name, payloads=open_payloads(payload_store, self.name))
         self.transport = connect(broker_url, memory=self.memory, connection_name=f"{self.name}-clients")
         self._committed: queue.Queue[tuple[RoundRecord, dict[str, StoredRelease]]] = queue.Queue()
         config = AggregatorConfig(
@@ -222,6 +225,7 @@ class ServiceFederation:
                     "server_lr": config.server_lr,
                     "keep_versions": config.keep_versions,
                     "hold_bytes": config.hold_bytes,
+                    "payload_store": self.payload_store,
                 }.items()
                 if value is not None
             },

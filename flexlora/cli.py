@@ -94,6 +94,13 @@ def aggregator(
     hold_bytes: Annotated[
         int | None, typer.Option(help="bytes of recorded updates kept decoded for the rounds this process closes")
     ] = None,
+    payload_store: Annotated[
+        str | None,
+        typer.Option(help="where update bytes live: redis (default) or file:///dir on a mount all aggregators share"),
+    ] = None,
+    payload_fsync: Annotated[
+        bool | None, typer.Option(help="file:// payloads reach the disk before an update is acked (default on)")
+    ] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     min_replicas: Annotated[
         int | None, typer.Option(help="ack an update only once this many Redis replicas hold its record (WAIT)")
@@ -181,6 +188,8 @@ def aggregator(
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
                 hold_bytes=hold_bytes,
+                payload_store=payload_store,
+                payload_fsync=payload_fsync,
                 heartbeat_s=heartbeat_s,
                 min_replicas=min_replicas,
                 replica_timeout_s=replica_timeout_s,
@@ -415,14 +424,16 @@ def export(
     version: Annotated[int | None, typer.Option(help="global version (default: the newest)")] = None,
     client_id: Annotated[str | None, typer.Option(help="export this client's release")] = None,
     rank: Annotated[int | None, typer.Option(help="export a release at this rank (default: the largest)")] = None,
+    payload_store: Annotated[str, typer.Option(help="the aggregators' payload_store (redis or file:///dir)")] = "redis",
 ) -> None:
     """Write a global version's adapter as a PEFT directory that PeftModel.from_pretrained loads."""
     from pathlib import Path
 
+    from aggregator.payloads import open_payloads
     from aggregator.stores import open_store
     from flexlora.aggregate import export_release
 
-    store = open_store(redis_url, federation)
+    store = open_store(redis_url, federation, payloads=open_payloads(payload_store, federation))
     try:
         path, header = export_release(store, Path(out), version=version, client_id=client_id, rank=rank)
     except ValueError as exc:

@@ -292,6 +292,9 @@ def load(
     aggregators: Annotated[
         int, typer.Option(min=0, help="flexlora aggregator processes (0: one aggregator on a thread of this process)")
     ] = 0,
+    payload_store: Annotated[
+        str, typer.Option(help="the aggregators' payload_store: redis, or file:///dir (update bytes out of Redis)")
+    ] = "redis",
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
 ) -> None:
@@ -322,6 +325,7 @@ def load(
         raw_every=raw_every,
         hold_bytes=hold_bytes,
         aggregators=aggregators,
+        payload_store=payload_store,
     )
     if aggregators and broker_url.startswith("memory://"):
         raise typer.BadParameter("--aggregators needs --broker-url amqp://… and --redis-url redis://…")

@@ -55,6 +55,8 @@ KNOWN_NAMES = frozenset(
         "max_update_bytes",
         "transfer_expiry_s",
         "hold_bytes",
+        "payload_store",
+        "payload_fsync",
         "min_replicas",
         "replica_timeout_s",
         "min_rank",

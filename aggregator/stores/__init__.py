@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aggregator.payloads import PayloadStore
 from aggregator.rounds import RoundStore
 from aggregator.stores.replication import NO_WAIT, Replication
 from broker.tls import TlsFiles
@@ -19,10 +20,16 @@ SCHEMES = (
 
 
 def open_store(
-    url: str, federation: str, *, tls: TlsFiles | None = None, replication: Replication | None = None
+    url: str,
+    federation: str,
+    *,
+    tls: TlsFiles | None = None,
+    replication: Replication | None = None,
+    payloads: PayloadStore | None = None,
 ) -> RoundStore:
     """The round store at `url` for `federation`: `memory://` is a fresh in-process store (the embedded default
-    and tests; nothing is shared between processes), `redis://…` the shared one every aggregator uses."""
+    and tests; nothing is shared between processes, and it keeps its bytes itself), `redis://…` the shared one
+    every aggregator uses, keeping the bytes in `payloads` when given (aggregator.payloads) and in Redis if not."""
     if url.startswith("memory://"):
         from aggregator.stores.memory import MemoryRoundStore
 
@@ -30,5 +37,5 @@ def open_store(
     if url.startswith(SCHEMES[1:]):
         from aggregator.stores.redis import RedisRoundStore
 
-        return RedisRoundStore.from_url(url, federation, tls=tls, replication=replication or NO_WAIT)
+        return RedisRoundStore.from_url(url, federation, tls=tls, replication=replication or NO_WAIT, payloads=payloads)
     raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")

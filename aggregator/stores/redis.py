@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
+import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
 from aggregator.keys import Keys
+from aggregator.payloads import PayloadStore, PayloadUnavailable
 from aggregator.rounds import (
     Blob,
     ChunkResult,
@@ -39,6 +43,11 @@ from broker.tls import TlsFiles
 from schemas.messages import LoraUpdate, parse_release, parse_update
 
 _ORPHAN_PAYLOAD_TTL_S = 24 * 3600
+# With a payload store, Redis keeps this followed by the bytes' location in place of the bytes themselves (no
+# safetensors payload starts so: its first 8 bytes are its header's length, and this reads as petabytes).
+SPILLED = b"\xffflexlora-spilled:"
+_LOCATION_MAX = 512  # bytes of a marker read to find its location (locations are ids and digests: ~150 bytes)
+_SWEEP_EVERY_S = 3600.0
 _TRANSFER_GRACE_S = 60.0
 _READ_AGAIN = 100  # a script that says its caller's read is stale is retried this often (each a commit)
 _RECORD_RESULTS = {
@@ -129,10 +138,13 @@ class RedisRoundStore(RoundStore):
         *,
         prefix: str = "flexlora",
         replication: Replication = NO_WAIT,
+        payloads: PayloadStore | None = None,
     ) -> None:
         self.r = client
         self.keys = Keys(federation, prefix)
         self.replication = replication
+        self.payloads = payloads  # None: Redis keeps the bytes too
+        self._swept_at = time.monotonic()
         self._record = client.register_script(RECORD)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -191,6 +203,7 @@ class RedisRoundStore(RoundStore):
         prefix: str = "flexlora",
         tls: TlsFiles | None = None,
         replication: Replication = NO_WAIT,
+        payloads: PayloadStore | None = None,
     ) -> RedisRoundStore:
         """`rediss://` connects over TLS, verifying the server against `tls.ca_file` (or the system's CAs).
         `redis+sentinel://host:26379,host2:26379/<primary name>[/db]` finds the primary through Redis Sentinel
@@ -216,7 +229,70 @@ class RedisRoundStore(RoundStore):
             client = cluster_client(url, options)
         else:
             client = redis.Redis.from_url(url, decode_responses=False, **options)
-        return cls(client, federation, prefix=prefix, replication=replication)
+        return cls(client, federation, prefix=prefix, replication=replication, payloads=payloads)
+
+    # --- bytes: in Redis, or in the payload store with a marker in Redis --------------------------------------
+    def _spill(self, location: str, data: Payload | memoryview) -> Payload | memoryview:
+        """What Redis keeps for `data`: the bytes themselves, or with a payload store, a marker naming where they
+        were put (written before the marker, so a marker never names bytes that are not there yet)."""
+        if self.payloads is None:
+            return data
+        self.payloads.put(location, data)
+        return SPILLED + location.encode()
+
+    def _resolve(self, value: bytes | None) -> bytes | None:
+        """The bytes a value Redis kept stands for (itself, unless it is a marker)."""
+        if value is None or not value.startswith(SPILLED):
+            return value
+        location = value[len(SPILLED) :].decode()
+        if self.payloads is None:
+            raise PayloadUnavailable(
+                f"payload {location} of federation {self.keys.federation!r} is kept in a payload store: start this "
+                "aggregator with the federation's payload_store"
+            )
+        data = self.payloads.get(location)
+        if data is None:
+            raise PayloadUnavailable(
+                f"payload {location} is not in this aggregator's payload store ({self.payloads!r}): every aggregator "
+                "of a federation must use the same one (for file://, a directory on a mount they all share)"
+            )
+        return data
+
+    def _locations(self, keys: Sequence[str | bytes]) -> list[str]:
+        """The payload-store locations that the values of these keys (strings and hashes) name."""
+        if self.payloads is None or not keys:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        kinds = pipe.execute()
+        pipe = self.r.pipeline(transaction=False)
+        for key, kind in zip(keys, kinds, strict=True):
+            if kind == b"string":
+                pipe.getrange(key, 0, len(SPILLED) + _LOCATION_MAX)
+            elif kind == b"hash":
+                pipe.hvals(key)
+        values: list[bytes] = []
+        for got in pipe.execute() if len(pipe) else []:
+            values += got if isinstance(got, list) else [got]
+        return [v[len(SPILLED) :].decode() for v in values if isinstance(v, bytes) and v.startswith(SPILLED)]
+
+    def _forget(self, locations: Sequence[str]) -> None:
+        if self.payloads is not None and locations:
+            self.payloads.delete(locations)
+
+    def sweep_payloads(self, now: float | None = None) -> int:
+        """Delete the payload store's bytes that no key of the federation names and that were written over a day
+        ago: the payloads of refused updates, chunks of transfers that expired while no aggregator ran, adapters
+        staged by a finaliser that died before its commit (Redis expires their markers; this their bytes).
+        Returns how many went. Run by `prune` at most hourly."""
+        if self.payloads is None:
+            return 0
+        named: set[str] = set()
+        for batch in self._scan_batches():
+            named.update(self._locations(batch))
+        orphans = [loc for loc in self.payloads.older_than(_ORPHAN_PAYLOAD_TTL_S, now) if loc not in named]
+        return self.payloads.delete(orphans)
 
     def _replicated_call(
         self, script: Any, keys: Sequence[str], args: Sequence[Any], what: str, safe_when: tuple[int, ...] | None
@@ -267,7 +343,9 @@ class RedisRoundStore(RoundStore):
         payload_key = k.update_payload(record_id(header.client_id, header.update_id), header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
-        self.r.set(payload_key, payload, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
+        rid = record_id(header.client_id, header.update_id)
+        value = self._spill(f"updates/{rid}/{header.payload.sha256}", payload)
+        self.r.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
         return self._run_record(header, payload_key, payload_key, now, max_staleness, pins, chunked=False)
 
     def _run_record(
@@ -345,7 +423,10 @@ class RedisRoundStore(RoundStore):
             return ChunkResult.BUSY
         # Acked next: a chunk a failover could take back would lose the update, so it is made safe first.
         what = f"chunk {index} of update {update_id}"
-        added, have = self._replicated_call(self._put_chunk, [k.transfer(rid)], [str(index), body, ttl_ms], what, None)
+        # A chunk's location names its transfer's signature (header and chunking) and index: one content only.
+        digest = hashlib.sha256(signature.encode()).hexdigest()[:32]
+        value = self._spill(f"transfers/{rid}/{digest}/{index}", body)
+        added, have = self._replicated_call(self._put_chunk, [k.transfer(rid)], [str(index), value, ttl_ms], what, None)
         if int(have) >= count:
             return ChunkResult.COMPLETE
         return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE
@@ -371,11 +452,13 @@ class RedisRoundStore(RoundStore):
     def drop_transfer(self, client_id: str, update_id: str) -> None:
         k = self.keys
         rid = record_id(client_id, update_id)
+        spilled = self._locations([k.transfer(rid)])
         pipe = self.r.pipeline(transaction=True)
         pipe.zrem(k.transfers_open, rid)
         pipe.hdel(k.transfer_owners, rid)
         pipe.delete(k.transfer(rid), k.transfer_meta(rid))
         pipe.execute()
+        self._forget(spilled)
 
     def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
         k = self.keys
@@ -384,8 +467,10 @@ class RedisRoundStore(RoundStore):
         for raw in due:
             rid = raw.decode()
             keys = [k.transfers_open, k.transfer(rid), k.transfer_meta(rid), k.transfer_owners]
+            spilled = self._locations([k.transfer(rid)])
             got = self._expire_transfer(keys=keys, args=[rid])
             if got:
+                self._forget(spilled)
                 received, client, count = got
                 out.append(ExpiredTransfer(split_record_id(rid)[1], bytes(client).decode(), int(received), int(count)))
         return out
@@ -394,16 +479,17 @@ class RedisRoundStore(RoundStore):
         key = self.keys.staged(name)
         ttl_ms = max(1, int(ttl_s * 1000))
         size = 0
+        token = uuid.uuid4().hex  # two finalisers staging under one name never share a location
         for index, chunk in enumerate(chunks):
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(key, str(index), chunk)
+            pipe.hset(key, str(index), self._spill(f"staged/{token}/{index}", chunk))
             pipe.pexpire(key, ttl_ms)
             pipe.execute()
             size += len(chunk)
         return Blob(key, size)
 
     def read_chunk(self, blob: Blob, index: int) -> bytes | None:
-        return cast(bytes | None, self.r.hget(blob.key, str(index)))
+        return self._resolve(cast(bytes | None, self.r.hget(blob.key, str(index))))
 
     def round_updates(self, round_id: int, held: Collection[str] = frozenset()) -> list[RecordedUpdate]:
         rids = [rid.decode() for rid in cast(list[bytes], self.r.lrange(self.keys.round_updates(round_id), 0, -1))]
@@ -426,7 +512,9 @@ class RedisRoundStore(RoundStore):
                 out.append(RecordedUpdate(header, None))
                 continue
             # A chunked payload stays in Redis: the round reads it a module at a time (aggregator.blobs).
-            payload: Payload | Blob | None = Blob(payload_key.decode(), header.payload.size) if chunked else next(plain)
+            payload: Payload | Blob | None = (
+                Blob(payload_key.decode(), header.payload.size) if chunked else self._resolve(next(plain))
+            )
             if payload is not None:
                 out.append(RecordedUpdate(header, payload))
         return out
@@ -505,7 +593,7 @@ class RedisRoundStore(RoundStore):
             payload = payloads.get(key)
             if payload is None:
                 raise RuntimeError(f"release of {h.client_id} at version {version} has no stored adapter")
-            out[h.client_id] = StoredRelease(h, bytes(payload))
+            out[h.client_id] = StoredRelease(h, bytes(cast(bytes, self._resolve(payload))))
         return out
 
     def unpublished(self) -> list[int]:
@@ -531,9 +619,14 @@ class RedisRoundStore(RoundStore):
             doomed = [*payload_keys, *(k.update(i.decode()) for i in rids), k.releases(version)]
             doomed.append(k.round_norms(version - 1))
             doomed += list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
+            spilled = self._locations(doomed)
             self.r.delete(*doomed)
+            self._forget(spilled)
             dropped += len(payload_keys)
             self.r.set(k.pruned_below, version + 1)
+        if self.payloads is not None and time.monotonic() - self._swept_at >= _SWEEP_EVERY_S:
+            self._swept_at = time.monotonic()
+            self.sweep_payloads()
         return dropped
 
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
@@ -570,7 +663,10 @@ class RedisRoundStore(RoundStore):
             payload = cast(bytes | None, self.r.hget(k.update(rid), "payload"))
             # No payload: the update is not recorded; its own payload key (never written) keeps the script simple.
             keys = [k.version, k.round_updates(round_id), k.update(rid), payload.decode() if payload else k.update(rid)]
+            spilled = self._locations([payload]) if payload else []
             done = int(self._drop_update(keys=keys, args=[str(round_id), rid]))
+            if done == 1:
+                self._forget(spilled)
             if done != -1:
                 return done == 1
         raise redis.exceptions.ConnectionError(f"update {update_id} changed {_READ_AGAIN} times while dropping it")
@@ -580,7 +676,7 @@ class RedisRoundStore(RoundStore):
         deleted = 0
         for batch in self._scan_batches():
             deleted += int(self.r.delete(*batch))
-        return deleted
+        return deleted + (self.payloads.wipe() if self.payloads is not None else 0)
 
     def _scan_batches(self) -> list[list[bytes]]:
         keys = list(self.r.scan_iter(match=self.keys.namespace + "*", count=500))

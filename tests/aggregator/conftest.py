@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.payloads import FilePayloads
 from aggregator.rounds import RoundStore
 from aggregator.stores import open_store
 from aggregator.stores.memory import MemoryRoundStore
@@ -54,13 +55,19 @@ def guarded_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(redis_store, name, KEY_GUARD + script.replace("redis.call(", "guarded("), raising=False)
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
-def store(request: pytest.FixtureRequest, federation: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RoundStore]:
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-file-payloads"])
+def store(
+    request: pytest.FixtureRequest, federation: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[RoundStore]:
+    """Every round store; "redis-file-payloads" is Redis keeping markers, the bytes in a directory."""
     if request.param == "memory":
         yield MemoryRoundStore()
         return
     guarded_scripts(monkeypatch)  # Redis Cluster refuses only keys of other slots: the guard catches the rest
     url = request.getfixturevalue("redis_cluster").url if request.param == "redis-cluster" else REDIS_URL
-    s = open_store(url, federation)
+    payloads = FilePayloads(tmp_path / "payloads") if request.param == "redis-file-payloads" else None
+    s = open_store(url, federation, payloads=payloads)
     yield s
     s.wipe()
+    if payloads is not None:
+        assert payloads.usage() == (0, 0), "wipe removes the federation's payloads too"

@@ -1,0 +1,177 @@
+"""The payload store: one contract for both backends, and the Redis round store keeping markers, not bytes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from aggregator.payloads import FilePayloads, MemoryPayloads, PayloadStore, PayloadUnavailable, open_payloads
+from aggregator.rounds import RecordResult, StoredRelease
+from aggregator.stores.redis import SPILLED, RedisRoundStore
+from schemas.messages import PayloadInfo
+from tests.aggregator.test_round_store_contract import _chunked, _put, _record, _release, _update
+from tests.conftest import REDIS_URL
+
+DAY = 24 * 3600.0
+
+
+@pytest.fixture(params=["memory", "file"])
+def payloads(request: pytest.FixtureRequest, tmp_path: Path) -> PayloadStore:
+    return MemoryPayloads() if request.param == "memory" else FilePayloads(tmp_path / "fed", fsync=True)
+
+
+def test_put_get_delete(payloads: PayloadStore) -> None:
+    payloads.put("updates/c1/u-1/abc", b"bytes")
+    payloads.put("updates/c1/u-2/def", memoryview(bytearray(b"more")))
+    assert payloads.get("updates/c1/u-1/abc") == b"bytes"
+    assert payloads.get("updates/c1/u-2/def") == b"more"
+    assert payloads.get("updates/c1/u-3/x") is None
+    payloads.put("updates/c1/u-1/abc", b"bytes")  # a redelivery writes it again: harmless
+    assert payloads.usage() == (2, 9)
+    assert payloads.delete(["updates/c1/u-1/abc", "updates/nobody/x/y"]) == 1
+    assert payloads.get("updates/c1/u-1/abc") is None
+    assert payloads.wipe() == 1 and payloads.usage() == (0, 0)
+
+
+@pytest.mark.parametrize("location", ["", "a//b", "../etc/passwd", "a/.hidden", "a b", "a/b\\c"])
+def test_locations_are_ids_not_paths(payloads: PayloadStore, location: str) -> None:
+    with pytest.raises(ValueError, match="payload location"):
+        payloads.put(location, b"x")
+
+
+def test_older_than_lists_what_a_sweep_may_take(payloads: PayloadStore) -> None:
+    payloads.put("staged/t1/0", b"old")
+    assert list(payloads.older_than(DAY)) == []
+    assert list(payloads.older_than(DAY, now=time.time() + 2 * DAY)) == ["staged/t1/0"]
+
+
+def test_a_write_that_died_half_way_is_never_a_payload(tmp_path: Path) -> None:
+    store = FilePayloads(tmp_path)
+    store.put("updates/c1/u-1/abc", b"whole")
+    torn = tmp_path / "updates" / "c1" / "u-1" / ".tmp-dead-abc"
+    torn.write_bytes(b"wh")
+    os.utime(torn, (time.time() - 2 * DAY,) * 2)
+    assert store.usage() == (1, 5), "a temporary file is not a payload"
+    assert list(store.older_than(DAY)) == [] and not torn.exists(), "a sweep takes torn writes"
+    assert store.delete(["updates/c1/u-1/abc"]) == 1
+    assert list(tmp_path.iterdir()) == [], "empty folders go with their last payload"
+
+
+def test_open_payloads_by_url(tmp_path: Path) -> None:
+    assert open_payloads("redis", "f") is None
+    assert isinstance(open_payloads("memory://", "f"), MemoryPayloads)
+    files = open_payloads(f"file://{tmp_path}", "fed-1")
+    assert isinstance(files, FilePayloads) and files.root == tmp_path / "fed-1"
+    for bad in ("file://relative/dir", "s3://bucket"):
+        with pytest.raises(ValueError):
+            open_payloads(bad, "f")
+
+
+# --- the Redis round store with a payload store -----------------------------------------------------------------
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(REDIS_URL)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> FilePayloads:
+    return FilePayloads(tmp_path / "payloads")
+
+
+@pytest.fixture
+def spilled(client: redis.Redis, federation: str, files: FilePayloads) -> Iterator[RedisRoundStore]:
+    store = RedisRoundStore(client, federation, payloads=files)
+    yield store
+    store.wipe()
+
+
+def _redis_bytes(client: redis.Redis, federation: str) -> int:
+    """Bytes of the federation's values in Redis (strings and hash fields)."""
+    total = 0
+    for key in client.scan_iter(match=f"*{{{federation}}}*", count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            total += int(client.strlen(key))
+        elif kind == b"hash":
+            total += sum(len(v) for v in client.hvals(key))
+    return total
+
+
+@pytest.mark.services
+def test_redis_keeps_markers_and_the_payload_store_the_bytes(
+    spilled: RedisRoundStore, client: redis.Redis, federation: str, files: FilePayloads
+) -> None:
+    big = os.urandom(1 << 20)
+    plain = _update("c1", "update-plain").model_copy(update={"payload": PayloadInfo(size=len(big), sha256="a" * 64)})
+    assert spilled.record(plain, big, now=1.0) is RecordResult.RECORDED
+    header, chunks = _chunked("update-chunky")
+    for i, c in enumerate(chunks):
+        _put(spilled, header, i, c)
+    assert spilled.record_transfer(header, now=2.0) is RecordResult.RECORDED
+    staged = spilled.put_blob("cut-8", [big[:1000], big[1000:2000]], ttl_s=60)
+    assert _redis_bytes(client, federation) < 16_000, "Redis holds records and markers, not the megabyte"
+    assert files.usage() == (1 + len(chunks) + 2, len(big) + sum(map(len, chunks)) + 2000)
+    got = {u.header.update_id: bytes(spilled.payload(u)) for u in spilled.round_updates(0)}
+    assert got == {"update-plain": big, "update-chunky": b"".join(chunks)}
+    assert spilled.read_blob(staged) == big[:2000]
+    lease = spilled.acquire(0, "agg", ttl_s=30)
+    assert lease is not None
+    cut = _release("c1", 1, rank=8, payload=big[:2000]).header
+    assert spilled.commit(lease, 2, [StoredRelease(cut, staged)], _record(1), 3.0)
+    [release] = spilled.releases(1).values()
+    assert spilled.payload(release) == big[:2000]
+    assert spilled.prune(before_version=2) == 2
+    assert files.usage() == (0, 0), "pruning a version drops its updates' and adapters' bytes"
+
+
+@pytest.mark.services
+def test_dropped_expired_and_refused_bytes_do_not_stay(
+    spilled: RedisRoundStore, files: FilePayloads, client: redis.Redis
+) -> None:
+    header, chunks = _chunked("update-expires")
+    _put(spilled, header, 0, chunks[0])
+    dropped, _ = _chunked("update-dropped")
+    _put(spilled, dropped, 0, chunks[0])
+    spilled.drop_transfer(dropped.client_id, dropped.update_id)
+    assert [e.update_id for e in spilled.expire_transfers(now=1e12)] == ["update-expires"]
+    assert files.usage() == (0, 0), "a transfer's chunks go when it expires or is dropped"
+    kept = _update("c1", "update-kept")
+    assert spilled.record(kept, b"abc", now=1.0) is RecordResult.RECORDED
+    culprit = _update("c2", "update-culprit")
+    assert spilled.record(culprit, b"bad", now=1.0) is RecordResult.RECORDED
+    assert spilled.drop_update(0, "c2", "update-culprit")
+    # Refused (from the future): its bytes were written before the verdict and are an orphan now.
+    assert spilled.record(_update("c3", "update-future", base=9), b"zzz", now=1.0) is RecordResult.FUTURE
+    assert files.usage()[0] == 2
+    assert spilled.sweep_payloads() == 0, "an orphan younger than a day may yet be named: kept"
+    assert spilled.sweep_payloads(now=time.time() + 2 * DAY) == 0, "its marker is still in Redis: kept"
+    marker = spilled.keys.update_payload("c3/update-future", "0" * 64)
+    assert 0 < int(client.ttl(marker)) <= DAY
+    client.delete(marker)  # what its TTL does in a day
+    assert spilled.sweep_payloads(now=time.time() + 2 * DAY) == 1, "the refused update's bytes go"
+    [left] = spilled.round_updates(0)
+    assert left.header.update_id == "update-kept" and left.payload == b"abc"
+
+
+@pytest.mark.services
+def test_an_aggregator_without_the_federations_payload_store_says_so(
+    spilled: RedisRoundStore, client: redis.Redis, federation: str, tmp_path: Path
+) -> None:
+    assert spilled.record(_update("c1", "update-plain"), b"abc", now=1.0) is RecordResult.RECORDED
+    value = client.get(spilled.keys.update_payload("c1/update-plain", "0" * 64))
+    assert isinstance(value, bytes) and value.startswith(SPILLED)
+    with pytest.raises(PayloadUnavailable, match="start this aggregator with the federation's payload_store"):
+        RedisRoundStore(client, federation).round_updates(0)
+    elsewhere = RedisRoundStore(client, federation, payloads=FilePayloads(tmp_path / "not-shared"))
+    with pytest.raises(PayloadUnavailable, match="must use the same one"):
+        elsewhere.round_updates(0)
+    assert isinstance(PayloadUnavailable("x"), OSError), "the service retries it; it never drops the update"
