@@ -66,6 +66,9 @@ class AggregatorConfig:
     # Factors of updates this process recorded, kept decoded (up to this many bytes) so that a round it finalises
     # reads back from the store only the updates other aggregators recorded (aggregator.held); 0 holds none.
     hold_bytes: int = 1024**3
+    # Dense sums of the open round (FlexLoRA's ΔW per module and base version) this process folds updates into
+    # as it records them, so that closing the round is an SVD (aggregator.folding); 0 folds nothing.
+    fold_bytes: int = 1024**3
     # A chunked update that gets no new chunk for this long is dropped and reported, never counted.
     transfer_expiry_s: float = 300.0
     # Bounds an update must keep (refused "rank", "norm"); an update whose ‖ΔW‖ exceeds this factor times the

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aggregator.lowrank import NonFiniteError, SvdMode, top_svd
+from aggregator.lowrank import NonFiniteError, SvdMode, dense_top_svd, top_svd
 from schemas.lora import LoraFactors
 from schemas.lora import RankRequest as RankRequest  # re-exported: the aggregator names it from here
 from schemas.lora import recut as recut  # the exact cut of a cut, shared with the edge client
@@ -244,6 +244,41 @@ def flexlora(
                     out[req][module] = cut(result.U[m], result.S[m], result.Vh[m], req.at(module), dtype)
                 if reports is not None:
                     reports.append(ModuleReport(module, result.paths[m], total_rank, result.excess[m]))
+    return out
+
+
+def flexlora_dense(
+    dense: Mapping[str, torch.Tensor],
+    requests: Sequence[RankRequest],
+    dtype: torch.dtype = torch.float32,
+    *,
+    mode: SvdMode = "exact",
+    reports: list[ModuleReport] | None = None,
+    batch_bytes: int = 256 * 2**20,
+) -> dict[RankRequest, dict[str, LoraFactors]]:
+    """`flexlora` for a round whose ΔW per module is already summed (aggregator.folding): the same dense
+    top-k (Gram eigenpairs in fast mode, the float64 SVD otherwise) and the same cuts, without the products."""
+    if not dense:
+        raise AggregationError("no modules to aggregate")
+    unique = sorted(set(requests))
+    out: dict[RankRequest, dict[str, LoraFactors]] = {req: {} for req in unique}
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for module in sorted(dense):
+        shapes.setdefault((int(dense[module].shape[0]), int(dense[module].shape[1])), []).append(module)
+    for (d_out, d_in), names in shapes.items():
+        per_batch = max(1, min(len(names), batch_bytes // (d_out * d_in * dense[names[0]].element_size())))
+        for start in range(0, len(names), per_batch):
+            chunk = names[start : start + per_batch]
+            k = max(req.at(m).rank for req in unique for m in chunk)
+            try:
+                result = dense_top_svd(torch.stack([dense[m] for m in chunk]), k, mode=mode)
+            except NonFiniteError:
+                raise AggregationError(f"modules {chunk}: the folded round holds NaN or infinite values") from None
+            for m, module in enumerate(chunk):
+                for req in unique:
+                    out[req][module] = cut(result.U[m], result.S[m], result.Vh[m], req.at(module), dtype)
+                if reports is not None:
+                    reports.append(ModuleReport(module, result.paths[m], 0, result.excess[m]))
     return out
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from aggregator.config import AggregatorConfig
-from aggregator.held import HeldUpdates
 from aggregator.joining import join_release
 from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import RecordResult, RoundStore, StoredRelease
@@ -27,7 +26,8 @@ from broker.errors import BrokerError, PublishRefused
 from broker.topology import JOIN_ROUTING_KEY
 from broker.transport import Delivery, headers_size
 from schemas.errors import Reason, SchemaError
-from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, parse_join
+from schemas.lora import LoraFactors
+from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, LoraUpdate, parse_join
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -49,8 +49,7 @@ class Ingest:
         metrics: AggregatorMetrics,
         clock: Callable[[], float],
         answer_join: Callable[[StoredRelease], None],
-        held: HeldUpdates | None = None,
-        open_round: Callable[[], int] = lambda: 0,
+        recorded: Callable[[LoraUpdate, Mapping[str, LoraFactors]], None] = lambda header, factors: None,
     ) -> None:
         self.store = store
         self.config = config
@@ -62,8 +61,7 @@ class Ingest:
         self.metrics = metrics
         self.clock = clock
         self.answer_join = answer_join
-        self.held = held
-        self.open_round = open_round  # the round the service saw open last (no store call)
+        self.recorded = recorded  # told of every update this process recorded, with its validated factors
 
     def handle(self, delivery: Delivery) -> None:
         """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
@@ -150,9 +148,8 @@ class Ingest:
             result = self.store.record(
                 valid.header, delivery.message.body, self.clock(), self.config.max_staleness, valid.pins
             )
-            if result is RecordResult.RECORDED and self.held is not None:
-                self.held.hold(valid.header, valid.factors, self.open_round())
         if result is RecordResult.RECORDED:
+            self.recorded(valid.header, valid.factors)
             pin_accepted(valid, self.pins)
             if self.config.norm_outlier_factor is not None:
                 self.store.note_norm(self.store.status().round_id, valid.norm)

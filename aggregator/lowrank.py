@@ -227,7 +227,30 @@ def _dense_top(p: torch.Tensor, q: torch.Tensor, k: int) -> TopSVD:
     """Fast mode when R ≥ min(d_out, d_in): the top k eigenpairs of the smaller Gram matrix of ΔW (an
     eigendecomposition is several times cheaper than an SVD). Only σ ≪ σ₁ lose relative accuracy by the
     squaring, and those are the directions a cut keeps least of; the error excess is recorded as 0."""
-    delta = p @ q  # the factors' own dtype: float32 in fast mode
+    return _dense_eigh(p @ q, k)  # the factors' own dtype: float32 in fast mode
+
+
+def dense_top_svd(delta: torch.Tensor, k: int, *, mode: SvdMode = "exact") -> TopSVD:
+    """Top-k singular triplets of each dense ΔW of a batch (M, d_out, d_in), as top_svd computes them once
+    it has formed ΔW: the Gram eigenpairs in fast mode, the float64 SVD otherwise (aggregator.folding)."""
+    if delta.ndim != 3:
+        raise ValueError(f"a batch of dense matrices is 3-D, got {tuple(delta.shape)}")
+    k = min(k, delta.shape[-2], delta.shape[-1])
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if mode == "fast":
+        return _dense_eigh(delta, k)
+    return _dense_svd(delta.to(torch.float64), k)
+
+
+def _dense_svd(delta: torch.Tensor, k: int) -> TopSVD:
+    _require_finite(delta, "ΔW")
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, vh = _sign_fix(u[..., :k], vh[..., :k, :])
+    return TopSVD(u, s[..., :k], vh, ["dense"] * delta.shape[0], [0.0] * delta.shape[0])
+
+
+def _dense_eigh(delta: torch.Tensor, k: int) -> TopSVD:
     _require_finite(delta, "ΔW")
     wide = delta.shape[-2] > delta.shape[-1]
     side = delta.transpose(-1, -2) if wide else delta  # (small × large)
@@ -240,7 +263,7 @@ def _dense_top(p: torch.Tensor, q: torch.Tensor, k: int) -> TopSVD:
     right = (side.transpose(-1, -2).to(torch.float64) @ left) / torch.where(s > floor, s, torch.inf).unsqueeze(-2)
     u, v = (right, left) if wide else (left, right)
     u, vh = _sign_fix(u, v.transpose(-1, -2))
-    return TopSVD(u, s, vh, ["dense-eigh"] * p.shape[0], [0.0] * p.shape[0])
+    return TopSVD(u, s, vh, ["dense-eigh"] * delta.shape[0], [0.0] * delta.shape[0])
 
 
 def top_svd(
@@ -264,11 +287,7 @@ def top_svd(
     if mode == "fast" and total_rank >= min(d_out, d_in):
         return _dense_top(p, q, k)
     if mode == "dense" or total_rank >= min(d_out, d_in):
-        delta = p.to(torch.float64) @ q.to(torch.float64)
-        _require_finite(delta, "ΔW")
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        u, vh = _sign_fix(u[..., :k], vh[..., :k, :])
-        return TopSVD(u, s[..., :k], vh, ["dense"] * batch, [0.0] * batch)
+        return _dense_svd(p.to(torch.float64) @ q.to(torch.float64), k)
     if mode == "exact":
         u, s, vh, paths = _core_exact(p, q, k)
         u, vh = _sign_fix(u, vh)

@@ -22,10 +22,11 @@ import torch
 
 from aggregator import privacy
 from aggregator.flexlora import ClientAdapter, RankRequest, carried_residual
+from aggregator.folding import Folded
 from aggregator.privacy import PrivacyConfig
 from aggregator.registry import strategy_spec
 from aggregator.rounds import GLOBAL_RELEASE
-from aggregator.strategies import AggregationResult, ClientMeta, Strategy, Weighting, shares
+from aggregator.strategies import AggregationResult, ClientMeta, FlexLoRA, Strategy, Weighting, shares
 from schemas.lora import LoraFactors
 from schemas.recipe import Recipe
 
@@ -57,7 +58,8 @@ class RoundInput:
     client_id: str
     num_samples: int
     base_version: int
-    adapter: ClientAdapter
+    adapter: ClientAdapter  # with no factors when the round's fold holds the update (aggregator.folding)
+    key: str = ""  # its record id (aggregator.rounds.record_id), by which a fold names it
 
     @property
     def request(self) -> RankRequest:
@@ -88,19 +90,21 @@ def aggregate_round(
     step: ServerStep = PLAIN_STEP,
     global_at: GlobalAt = lambda version: None,
     privacy: Private | None = None,
+    folded: Folded | None = None,
 ) -> RoundPlan:
     """Aggregate one round. A client that sent twice gets its release at the rank of its newest update (the
     last in `inputs`). Under `step.carry_residual`, an input whose starting global is gone (pruned) counts
     as in plain FlexLoRA; `info["starts_missing"]` counts them. With `privacy` the round is the differentially
     private one of aggregator.privacy, whatever the strategy: it averages the clients' clipped changes (the
-    server step, η = step.server_lr) with noise, and cuts the dense result."""
-    raw = weighting([ClientMeta(i.num_samples, round_id - i.base_version) for i in inputs])
-    weights = shares(raw, max_weight_share)
+    server step, η = step.server_lr) with noise, and cuts the dense result. With `folded` (the round's sums,
+    aggregator.folding; the caller checked it holds only updates of `inputs`, each with its payload) the dense
+    ΔW starts from them, when `fold_coefficients` says they apply; `info["folded_updates"]` says how many."""
+    weights = round_weights(weighting, inputs, round_id, max_weight_share)
     wanted = {i.client_id: i.request for i in inputs}
     spec = strategy_spec(strategy.name)
     if spec.nested_cuts or privacy is not None:
         # The global cut is uniform, at the largest rank any module of any client is cut at.
-        modules = list(inputs[0].adapter.factors) if inputs else []
+        modules = _modules(inputs, folded)
         top = max(global_rank, *(r.max_rank(modules) for r in wanted.values()))
         wanted[GLOBAL_RELEASE] = RankRequest(top, recipe.alpha(top))
     if privacy is not None:
@@ -124,10 +128,88 @@ def aggregate_round(
             if extra is not None:
                 carried.append(extra)
         info = {"carried_versions": float(len(carried)), "starts_missing": float(missing)}
-    result = strategy.aggregate([i.adapter for i in inputs], weights, list(wanted.values()), carried)
+    coefficients = None if folded is None else fold_coefficients(strategy, folded, inputs, weights)
+    if folded is not None and coefficients is not None and isinstance(strategy, FlexLoRA):
+        dense = _dense_round(folded, coefficients, inputs, weights, carried, strategy.work_dtype)
+        result = strategy.aggregate_dense(dense, list(wanted.values()))
+        info["folded_updates"] = float(len(folded.updates))
+    else:
+        result = strategy.aggregate([i.adapter for i in inputs], weights, list(wanted.values()), carried)
     if eta != 1.0:
         result = _scaled(result, eta)
     return RoundPlan(weights, wanted, result, {**result.info, **info})
+
+
+def round_weights(
+    weighting: Weighting, inputs: Sequence[RoundInput], round_id: int, max_weight_share: float | None = None
+) -> list[float]:
+    """Each input's share of the round: the weighting's raw weights (data size, staleness) normalised and capped."""
+    raw = weighting([ClientMeta(i.num_samples, round_id - i.base_version) for i in inputs])
+    return shares(raw, max_weight_share)
+
+
+def _modules(inputs: Sequence[RoundInput], folded: Folded | None) -> list[str]:
+    for item in inputs:
+        if item.adapter.factors:
+            return list(item.adapter.factors)
+    return sorted(next(iter(folded.sums.values()))) if folded is not None and folded.sums else []
+
+
+def fold_coefficients(
+    strategy: Strategy, folded: Folded, inputs: Sequence[RoundInput], weights: Sequence[float]
+) -> dict[int, float] | None:
+    """The factor each base version's folded sum is multiplied by so that the round comes out as if summed
+    from the factors (None when it cannot: see aggregator.folding). A folded update's share is its raw weight
+    at fold time times one factor common to its base version, or the sums do not apply (a share cap bound, or
+    the weighting depends on more than data size and staleness); and every module must be one the strategy
+    sums densely (total rank ≥ min(d_out, d_in)), or the factored path it would take instead is not this."""
+    if not isinstance(strategy, FlexLoRA) or not folded.sums:
+        return None
+    coefficients: dict[int, float] = {}
+    for item, w in zip(inputs, weights, strict=True):
+        entry = folded.updates.get(item.key)
+        if entry is None:
+            continue
+        if entry.base_version != item.base_version:
+            return None
+        if entry.raw_weight <= 0:
+            if w != 0:
+                return None
+            continue
+        c = w / entry.raw_weight
+        known = coefficients.setdefault(item.base_version, c)
+        if not math.isclose(known, c, rel_tol=1e-9, abs_tol=0.0):
+            return None
+    sums = next(iter(folded.sums.values()))
+    for module, dense in sums.items():
+        total_rank = sum(i.request.at(module).rank for i in inputs)
+        if total_rank < min(dense.shape[0], dense.shape[1]):
+            return None
+    return coefficients
+
+
+def _dense_round(
+    folded: Folded,
+    coefficients: Mapping[int, float],
+    inputs: Sequence[RoundInput],
+    weights: Sequence[float],
+    carried: Sequence[ClientAdapter],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """ΔW per module: the folded sums scaled, plus the products of the inputs the fold does not hold and of
+    the carried adapters (weight 1, as flexlora() adds them)."""
+    dense: dict[str, torch.Tensor] = {}
+    for version, sums in folded.sums.items():
+        c = coefficients.get(version, 0.0)
+        for module, t in sums.items():
+            part = t.to(dtype).mul_(c) if t.dtype != dtype else t.mul_(c)
+            dense[module] = part if module not in dense else dense[module].add_(part)
+    rest = [(i.adapter, w) for i, w in zip(inputs, weights, strict=True) if i.key not in folded.updates]
+    for adapter, w in [*rest, *((c, 1.0) for c in carried)]:
+        for module, out in dense.items():
+            f = adapter.factors[module]
+            out.addmm_(f.B.to(dtype), f.A.to(dtype), alpha=w * adapter.scale_at(module))
+    return dense
 
 
 @dataclass(frozen=True)

@@ -9,33 +9,40 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import torch
 
 from aggregator.config import AggregatorConfig, build_aggregation, guard, limits
 from aggregator.culprits import REASON as REFUSED_AGGREGATION
 from aggregator.culprits import drop_culprits
+from aggregator.flexlora import ClientAdapter
+from aggregator.folding import Folded, RoundFolder
 from aggregator.held import HeldUpdates
 from aggregator.ingest import Ingest
 from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
-from aggregator.planning import Private, RoundInput, aggregate_round
+from aggregator.planning import Private, RoundInput, aggregate_round, fold_coefficients, round_weights
 from aggregator.privacy import BudgetExhausted, epsilon
 from aggregator.releasing import build_releases, release_template, send_release, shared_cuts
 from aggregator.rounds import (
     GLOBAL_RELEASE,
     Lease,
+    RecordedUpdate,
     RoundRecord,
     RoundStore,
     StoredRelease,
     record_id,
 )
+from aggregator.strategies import FlexLoRA
 from aggregator.transfers import ChunkIntake
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import Reason
-from schemas.messages import PrivacySpent
+from schemas.lora import LoraFactors
+from schemas.messages import LoraUpdate, PrivacySpent
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,14 @@ class AggregatorService:
         self._last_expiry_check = 0.0
         # What this process recorded, kept decoded so that finalising a round reads back only the others'.
         self.held = HeldUpdates(config.hold_bytes)
+        # …and folded into the open round's dense sum, so that closing it is an SVD (aggregator.folding).
+        dense = isinstance(self.strategy, FlexLoRA) and config.privacy is None
+        self.folder = RoundFolder(
+            config.fold_bytes if dense else 0,
+            self.weighting,
+            self.strategy.work_dtype if isinstance(self.strategy, FlexLoRA) else torch.float64,
+            config.policy.max_updates,
+        )
         self._open_round_id = 0
         self.ingest = Ingest(
             store,
@@ -95,9 +110,12 @@ class AggregatorService:
             metrics=self.metrics,
             clock=clock,
             answer_join=self.answer_join,
-            held=self.held,
-            open_round=lambda: self._open_round_id,
+            recorded=self._recorded,
         )
+
+    def _recorded(self, header: LoraUpdate, factors: Mapping[str, LoraFactors]) -> None:
+        self.held.hold(header, factors, self._open_round_id)
+        self.folder.add(header, factors, self._open_round_id)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -236,6 +254,63 @@ class AggregatorService:
         finally:
             self.store.release_lease(lease)
 
+    def _round_inputs(
+        self, round_id: int, folded: Folded | None
+    ) -> tuple[list[RecordedUpdate], list[RoundInput], Folded | None, int]:
+        """The round's updates as aggregation takes them, the fold if it applies, and how many were read back
+        from the store. Held updates are not read, nor folded ones (their factors are not needed) unless the
+        fold turns out not to apply; what is held or folded stands only for the update id and sha256 recorded."""
+        skip = self.held.ids() | (set(folded.updates) if folded is not None else set())
+        recorded = self.store.round_updates(round_id, held=skip)
+        held: dict[str, Mapping[str, LoraFactors]] = {}
+        unread: set[str] = set()
+        for item in recorded:
+            if item.payload is None:
+                rid = record_id(item.header.client_id, item.header.update_id)
+                if (factors := self.held.take(item.header)) is not None:
+                    held[rid] = factors
+                else:
+                    unread.add(rid)
+        if folded is not None:
+            named = {record_id(i.header.client_id, i.header.update_id): i.header.payload.sha256 for i in recorded}
+            if any(named.get(rid) != entry.sha256 for rid, entry in folded.updates.items()):
+                folded = None  # it holds an update this round does not count (or another payload under its id)
+        if folded is not None and not unread <= set(folded.updates):
+            folded = None
+        inputs = None
+        if folded is not None:
+            inputs = self._inputs(recorded, held, folded)
+            weights = round_weights(self.weighting, inputs, round_id, self.config.max_weight_share)
+            if fold_coefficients(self.strategy, folded, inputs, weights) is None:
+                folded = None
+        if folded is None and unread:
+            # An update neither held nor usefully folded (or held with another payload's sha256): read them.
+            recorded, inputs = self.store.round_updates(round_id, held=set(held)), None
+        if inputs is None:
+            inputs = self._inputs(recorded, held, folded)
+        read_back = sum(i.payload is not None for i in recorded)
+        return recorded, inputs, folded, read_back
+
+    def _inputs(
+        self, recorded: list[RecordedUpdate], held: Mapping[str, Mapping[str, LoraFactors]], folded: Folded | None
+    ) -> list[RoundInput]:
+        """One RoundInput per recorded update; one the fold holds and nobody read has no factors (none needed)."""
+        inputs = []
+        readable = [i for i in recorded if i.payload is not None or self._key(i) in held]
+        adapters = dict(zip(map(self._key, readable), client_adapters(self.store, readable, held), strict=True))
+        for item in recorded:
+            h, key = item.header, self._key(item)
+            adapter = adapters.get(key)
+            if adapter is None:
+                assert folded is not None and key in folded.updates, f"update {key} neither read, held nor folded"
+                adapter = ClientAdapter.of({}, h.request)
+            inputs.append(RoundInput(h.client_id, h.num_samples, h.base_version, adapter, key))
+        return inputs
+
+    @staticmethod
+    def _key(item: RecordedUpdate) -> str:
+        return record_id(item.header.client_id, item.header.update_id)
+
     def privacy_after_round(self) -> PrivacySpent | None:
         """What the federation will have spent once the open round commits (None without privacy); raises
         BudgetExhausted when that passes the budget."""
@@ -264,22 +339,13 @@ class AggregatorService:
 
     def finalise(self, lease: Lease, spent: PrivacySpent | None = None) -> RoundRecord | None:
         started = self.clock()
-        recorded = self.store.round_updates(lease.round_id, held=self.held.ids())
+        folded = self.folder.take(lease.round_id)
+        recorded, inputs, folded, read_back = self._round_inputs(lease.round_id, folded)
         if not recorded:
             return None
-        held = {}
-        for item in recorded:
-            if item.payload is None and (factors := self.held.take(item.header)) is not None:
-                held[record_id(item.header.client_id, item.header.update_id)] = factors
-        if len(held) < sum(i.payload is None for i in recorded):
-            # Something held under a recorded id is not what was recorded (another payload's sha256): read all.
-            recorded, held = self.store.round_updates(lease.round_id), {}
-        self.counters["round_updates_held"] += len(held)  # in the health info: what reading back was saved
-        self.counters["round_updates_read_back"] += len(recorded) - len(held)
-        inputs = [
-            RoundInput(i.header.client_id, i.header.num_samples, i.header.base_version, adapter)
-            for i, adapter in zip(recorded, client_adapters(self.store, recorded, held), strict=True)
-        ]
+        self.counters["round_updates_read_back"] += read_back
+        self.counters["round_updates_held"] += len(recorded) - read_back  # in the health info: what was saved
+        self.counters["round_updates_folded"] += len(folded.updates) if folded is not None else 0
         privacy = self.config.privacy
         if privacy is not None and spent is None:
             spent = self.privacy_after_round()
@@ -295,6 +361,7 @@ class AggregatorService:
             step=self.config.server_step,
             global_at=lambda v: global_adapter(self.store, v),
             privacy=None if privacy is None else Private(privacy, self.config.policy.max_updates),
+            folded=folded,
         )
         svd_seconds = time.perf_counter() - svd_started
         weights, wanted, result = plan.weights, plan.wanted, plan.result

@@ -60,6 +60,9 @@ class AggregatorSettings(RecipeSettings):
     hold_bytes: int = Field(
         default=1024**3, ge=0, description="bytes of recorded updates kept decoded for the rounds this process closes"
     )
+    fold_bytes: int = Field(
+        default=1024**3, ge=0, description="bytes of dense round sums this process folds recorded updates into"
+    )
     payload_store: str = Field(
         default="redis",
         description="where update and adapter bytes live: redis, or file:///dir on a mount every aggregator shares",

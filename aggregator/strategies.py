@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from aggregator.flexlora import AggregationError, ClientAdapter, ModuleReport, RankRequest, flexlora
+from aggregator.flexlora import AggregationError, ClientAdapter, ModuleReport, RankRequest, flexlora, flexlora_dense
 from aggregator.flexlora import validate_inputs as check_inputs
 from aggregator.lowrank import SvdMode
 from aggregator.registry import STRATEGIES
@@ -242,6 +242,20 @@ class FlexLoRA:
             "svd_fallbacks": float(fallbacks),
         }
         return AggregationResult(adapters=adapters, info=info)
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The precision of the dense ΔW this strategy's SVD works on: float32 in fast mode, float64 otherwise."""
+        return torch.float32 if self.mode == "fast" else torch.float64
+
+    def aggregate_dense(self, dense: Mapping[str, torch.Tensor], requests: Sequence[RankRequest]) -> AggregationResult:
+        """The round from its dense ΔW per module, summed already (aggregator.folding)."""
+        reports: list[ModuleReport] = []
+        try:
+            adapters = flexlora_dense(dense, requests, self.dtype, mode=self.mode, reports=reports)
+        except AggregationError as exc:
+            raise StrategyError(str(exc)) from exc
+        return AggregationResult(adapters=adapters, info={"max_certified_excess": 0.0, "svd_fallbacks": 0.0})
 
 
 @dataclass(frozen=True)

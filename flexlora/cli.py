@@ -94,6 +94,9 @@ def aggregator(
     hold_bytes: Annotated[
         int | None, typer.Option(help="bytes of recorded updates kept decoded for the rounds this process closes")
     ] = None,
+    fold_bytes: Annotated[
+        int | None, typer.Option(help="bytes of dense round sums recorded updates are folded into (0: none)")
+    ] = None,
     payload_store: Annotated[
         str | None,
         typer.Option(help="where update bytes live: redis (default) or file:///dir on a mount all aggregators share"),
@@ -188,6 +191,7 @@ def aggregator(
                 max_update_bytes=max_update_bytes,
                 transfer_expiry_s=transfer_expiry_s,
                 hold_bytes=hold_bytes,
+                fold_bytes=fold_bytes,
                 payload_store=payload_store,
                 payload_fsync=payload_fsync,
                 heartbeat_s=heartbeat_s,

@@ -56,6 +56,7 @@ KNOWN_NAMES = frozenset(
         "transfer_expiry_s",
         "hold_bytes",
         "payload_store",
+        "fold_bytes",
         "payload_fsync",
         "min_replicas",
         "replica_timeout_s",

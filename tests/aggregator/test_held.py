@@ -75,8 +75,8 @@ def _round(
     transport = connect("memory://", memory=MemoryBroker())
     store = CountingStore()
     config = AggregatorConfig(
-        federation=federation, policy=RoundPolicy(max_updates=3), poll_s=0.01, hold_bytes=hold_bytes
-    )
+        federation=federation, policy=RoundPolicy(max_updates=3), poll_s=0.01, hold_bytes=hold_bytes, fold_bytes=0
+    )  # holding alone (folding spares reading back too: tests/aggregator/test_folding.py)
     service = AggregatorService(transport, store, config)
     service.setup()
     rig = Rig(transport, store, service, Topology(federation))

@@ -423,6 +423,7 @@ def test_every_setting_of_the_aggregator_reaches_its_config(tmp_path: Any) -> No
         max_update_bytes=2**20,
         transfer_expiry_s=9.0,
         hold_bytes=2**22,
+        fold_bytes=2**23,
         min_rank=2,
         max_rank=32,
         max_update_norm=10.0,

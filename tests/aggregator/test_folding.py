@@ -1,0 +1,212 @@
+"""Folding recorded updates into the round's dense sum (aggregator.folding): the round comes out as if summed from
+the factors, whatever its weights turn out to be, and falls back to the factors where the sums cannot say it."""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+
+import pytest
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.flexlora import ClientAdapter
+from aggregator.folding import Folded, RoundFolder
+from aggregator.lowrank import SvdMode
+from aggregator.planning import (
+    PLAIN_STEP,
+    RoundInput,
+    RoundPlan,
+    ServerStep,
+    aggregate_round,
+    fold_coefficients,
+    round_weights,
+)
+from aggregator.rounds import RoundPolicy, record_id
+from aggregator.service import AggregatorService
+from aggregator.strategies import FedIT, FlexLoRA, StalenessDiscount, Weighting, get_weighting
+from broker.connect import connect
+from broker.topology import Topology
+from broker.transports.memory import MemoryBroker
+from schemas.lora import LoraFactors, RankRequest
+from schemas.messages import LoraUpdate, PayloadInfo
+from schemas.recipe import DEFAULT_RECIPE
+from tests.aggregator.test_held import CountingStore
+from tests.aggregator.test_round_store_contract import _update
+from tests.aggregator.test_service import Rig, _serve_until, _valid
+
+MODULES = {"model.layers.0.q_proj": (12, 10), "model.layers.0.v_proj": (6, 10), "model.layers.1.q_proj": (12, 10)}
+
+
+def _client(i: int, rank: int, base: int, samples: int) -> tuple[LoraUpdate, dict[str, LoraFactors], RoundInput]:
+    g = torch.Generator().manual_seed(i)
+    factors = {
+        m: LoraFactors(torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g) * 0.1)
+        for m, (d_out, d_in) in MODULES.items()
+    }
+    header = _update(f"c{i}", f"update-{i:04d}", base=base).model_copy(
+        update={
+            "rank": rank,
+            "lora_alpha": 2.0 * rank,
+            "num_samples": samples,
+            "target_modules": ("q_proj", "v_proj"),
+            "payload": PayloadInfo(size=1, sha256=f"{i:064d}"),
+        }
+    )
+    key = record_id(header.client_id, header.update_id)
+    adapter = ClientAdapter.of(factors, header.request)
+    return header, factors, RoundInput(header.client_id, samples, base, adapter, key)
+
+
+ROUND = [(0, 2, 3, 10), (1, 4, 3, 30), (2, 8, 2, 20), (3, 2, 2, 5), (4, 4, 3, 40)]  # (i, rank, base, samples)
+
+
+def _products(plan_adapters: dict[RankRequest, dict[str, LoraFactors]]) -> dict[tuple[int, str], torch.Tensor]:
+    return {
+        (req.rank, m): (f.B.double() @ f.A.double()) * (req.alpha / req.rank)
+        for req, modules in plan_adapters.items()
+        for m, f in modules.items()
+    }
+
+
+def _fold(weighting: Weighting, mode: str, which: set[int], round_id: int = 4, budget: int = 2**20) -> Folded | None:
+    folder = RoundFolder(budget, weighting, torch.float32 if mode == "fast" else torch.float64, expected_updates=5)
+    for i, rank, base, samples in ROUND:
+        if i in which:
+            header, factors, _ = _client(i, rank, base, samples)
+            folder.add(header, factors, round_id)
+    fold = folder.take(round_id)
+    folder.close()
+    return fold
+
+
+def _plan(
+    mode: str, weighting: Weighting, folded: Folded | None, cap: float | None = None, step: ServerStep = PLAIN_STEP
+) -> RoundPlan:
+    inputs = [_client(i, r, b, n)[2] for i, r, b, n in ROUND]
+    if folded is not None:  # what the service passes for an update the fold holds: no factors
+        inputs = [
+            RoundInput(x.client_id, x.num_samples, x.base_version, ClientAdapter.of({}, x.request), x.key)
+            if x.key in folded.updates
+            else x
+            for x in inputs
+        ]
+    strategy = FlexLoRA(mode=cast(SvdMode, mode))
+    return aggregate_round(
+        strategy, weighting, inputs, 4, global_rank=8, recipe=DEFAULT_RECIPE, max_weight_share=cap, step=step,
+        global_at=lambda v: None, folded=folded,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("weighting", ["data_size", "uniform", "staleness"])
+@pytest.mark.parametrize("which", [{0, 1, 2, 3, 4}, {1, 2, 4}])
+def test_a_folded_round_is_the_round_summed_from_the_factors(mode: str, weighting: str, which: set[int]) -> None:
+    """Two base versions (so two sums), weights that depend on the whole round and on staleness; all or some
+    of the updates folded (the rest come from their factors, as another aggregator's would)."""
+    w = get_weighting(weighting)
+    folded = _fold(w, mode, which)
+    assert folded is not None and len(folded.updates) == len(which)
+    assert set(folded.sums) == {base for i, _, base, _ in ROUND if i in which}, "one sum per base version"
+    plan = _plan(mode, w, folded)
+    assert plan.info["folded_updates"] == len(which)
+    reference = _plan(mode, w, None)
+    assert "folded_updates" not in reference.info and plan.weights == reference.weights
+    tol = 1e-5 if mode == "fast" else 1e-10
+    got, want = _products(plan.result.adapters), _products(reference.result.adapters)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=tol, atol=tol * float(want[key].abs().max())), key
+
+
+def test_a_fold_assumes_one_staleness_and_the_round_corrects_it() -> None:
+    """Folded while round 3 was open, counted in round 4: every update is one version staler than assumed."""
+    w = StalenessDiscount(exponent=1.0)
+    folded = _fold(w, "exact", {0, 1, 2, 3, 4}, round_id=3)
+    assert folded is not None
+    folded.round_id = 4  # the round that counts them
+    got, want = _products(_plan("exact", w, folded).result.adapters), _products(_plan("exact", w, None).result.adapters)
+    assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-12) for k in want)
+
+
+def test_where_the_sums_cannot_say_the_round_it_is_summed_from_the_factors() -> None:
+    w = get_weighting("data_size")
+    all_in = {0, 1, 2, 3, 4}
+    # A binding cap on shares reweights clients unevenly: no common factor per base version.
+    capped = _fold(w, "exact", all_in)
+    inputs_with_factors = [_client(i, r, b, n)[2] for i, r, b, n in ROUND]
+    plan = aggregate_round(
+        FlexLoRA(), w, inputs_with_factors, 4, global_rank=8, recipe=DEFAULT_RECIPE, max_weight_share=0.25,
+        folded=capped,
+    )  # fmt: skip
+    assert "folded_updates" not in plan.info
+    # Another strategy has no dense sum.
+    weights = round_weights(w, inputs_with_factors, 4)
+    fold = _fold(w, "exact", all_in)
+    assert fold is not None and fold_coefficients(FlexLoRA(), fold, inputs_with_factors, weights) is not None
+    assert fold_coefficients(FedIT(), fold, inputs_with_factors, weights) is None
+    # Below the dense threshold nothing is folded at all (a round of 5 such updates takes the factored path).
+    folder = RoundFolder(2**20, w, torch.float64, expected_updates=1)
+    header, factors, _ = _client(0, 2, 3, 10)
+    folder.add(header, factors, 4)
+    assert folder.take(4) is None
+    # Past the budget, updates are not folded (their round sums them from the factors).
+    assert _fold(w, "exact", all_in, budget=100) is None
+
+
+def test_a_carried_residual_is_added_to_the_folded_round() -> None:
+    """FlexLoRA's carried residual (the default server step): the global the clients started from comes in."""
+    w = get_weighting("data_size")
+    g = torch.Generator().manual_seed(99)
+    start = {
+        m: LoraFactors(torch.randn(8, d_in, generator=g), torch.randn(d_out, 8, generator=g))
+        for m, (d_out, d_in) in MODULES.items()
+    }
+    source = RankRequest(8, 16.0)
+    step = ServerStep(carry_residual=True, server_lr=0.5)
+
+    def plan(folded: Folded | None) -> RoundPlan:
+        inputs = [_client(i, r, b, n)[2] for i, r, b, n in ROUND]
+        return aggregate_round(
+            FlexLoRA(), w, inputs, 4, global_rank=8, recipe=DEFAULT_RECIPE, step=step,
+            global_at=lambda v: (source, start), folded=folded,
+        )  # fmt: skip
+
+    folded, reference = plan(_fold(w, "exact", {0, 1, 2, 3, 4})), plan(None)
+    assert folded.info["folded_updates"] == 5 and folded.info["carried_versions"] == 2
+    got, want = _products(folded.result.adapters), _products(reference.result.adapters)
+    assert all(torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-12) for k in want)
+
+
+def _service_round(federation: str, fold_bytes: int) -> tuple[CountingStore, dict[str, torch.Tensor], int]:
+    transport = connect("memory://", memory=MemoryBroker())
+    store = CountingStore()
+    config = AggregatorConfig(
+        federation=federation, policy=RoundPolicy(max_updates=3), poll_s=0.01, hold_bytes=0, fold_bytes=fold_bytes
+    )
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    for i, rank in enumerate((4, 4, 8)):
+        _valid(rig, f"c{i}", rank, seed=i)
+    _serve_until(rig, threading.Event())
+    assert store.version() == 1
+    from schemas.tensors import decode_tensors
+
+    releases = {c: decode_tensors(store.payload(r)) for c, r in store.releases(1).items()}
+    service.folder.close()
+    return (
+        store,
+        {f"{c}/{k}": t for c, ts in releases.items() for k, t in ts.items()},
+        service.counters["round_updates_folded"],
+    )
+
+
+def test_the_service_folds_what_it_records_and_reads_nothing_back(federation: str) -> None:
+    folding, folded, count = _service_round(federation, fold_bytes=2**20)
+    reading, summed, none = _service_round(federation, fold_bytes=0)
+    assert (count, folding.read) == (3, 0), "every update folded, none read back (nothing held either)"
+    assert (none, reading.read) == (0, 3)
+    assert folded.keys() == summed.keys()
+    for key, t in summed.items():
+        assert torch.allclose(folded[key], t, rtol=1e-5, atol=1e-6), key
