@@ -149,6 +149,7 @@ class AggregatorService:
             except Exception:
                 log.debug("could not clear the health key; it expires by itself", exc_info=True)
             subscription.close()
+            self.folder.close()  # its sums go with it (a reconnect builds a new service)
 
     def health_info(self) -> str:
         return json.dumps(
@@ -167,6 +168,8 @@ class AggregatorService:
                 },
                 # Why the open round is not committed, when privacy forbids it (`flexlora status` says so).
                 "privacy_refused": self._privacy_refused,
+                # The round sum this process is folding (aggregator.folding): lost, not wrong, if it dies.
+                "fold": self.folder.holding(),
             },
             sort_keys=True,
         )

@@ -181,7 +181,12 @@ def ingestion(
 
 
 def turnaround(
-    args: argparse.Namespace, transport: Transport, shape: SyntheticShape, svd_mode: str, hold_bytes: int
+    args: argparse.Namespace,
+    transport: Transport,
+    shape: SyntheticShape,
+    svd_mode: str,
+    hold_bytes: int,
+    fold_bytes: int,
 ) -> dict[str, Any]:
     clients = [f"c{i:04d}" for i in range(args.clients)]
     with federation(args, transport, clients) as (topology, store):
@@ -190,7 +195,8 @@ def turnaround(
             synthetic_update(fed, c, rank, 0, shape=shape, seed=i)
             for i, (c, rank) in enumerate(zip(clients, rank_mix(args.clients), strict=True))
         ]
-        with aggregators(args, 1, fed, len(clients), svd_mode, extra=("--hold-bytes", str(hold_bytes))) as procs:
+        extra = ("--hold-bytes", str(hold_bytes), "--fold-bytes", str(fold_bytes))
+        with aggregators(args, 1, fed, len(clients), svd_mode, extra=extra) as procs:
             for header, payload in updates[:-1]:
                 publish_update(transport, topology, header, payload)
             wait_for("all but one update", lambda: store.status().count == len(clients) - 1, args.timeout, procs)
@@ -209,6 +215,7 @@ def turnaround(
     return {
         "svd_mode": svd_mode,
         "hold_bytes": hold_bytes,
+        "fold_bytes": fold_bytes,
         "federation": fed,
         "clients": len(clients),
         "participants": len(record.participants),
@@ -236,6 +243,13 @@ def main() -> None:
         default=[AggregatorSettings.model_fields["hold_bytes"].default],
         help="the aggregator's hold_bytes in the turnaround round; several: one round each (0: read every update back)",
     )
+    parser.add_argument(
+        "--fold-bytes",
+        type=int,
+        nargs="+",
+        default=[AggregatorSettings.model_fields["fold_bytes"].default],
+        help="the aggregator's fold_bytes in the turnaround round; several: one round each (0: no folding)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds any one wait may take")
     parser.add_argument("--broker-url", default=AggregatorSettings.model_fields["broker_url"].default)
     parser.add_argument("--redis-url", default=AggregatorSettings.model_fields["redis_url"].default)
@@ -254,8 +268,9 @@ def main() -> None:
         rounds = []
         for mode in args.svd_modes:
             for hold in args.hold_bytes:
-                log(f"turnaround of {args.clients} clients, svd mode {mode}, hold_bytes {hold}")
-                rounds.append(turnaround(args, transport, shape, mode, hold))
+                for fold in args.fold_bytes:
+                    log(f"turnaround of {args.clients} clients, svd mode {mode}, hold_bytes {hold}, fold_bytes {fold}")
+                    rounds.append(turnaround(args, transport, shape, mode, hold, fold))
     one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
     ratio = None if one is None else one / raw["messages_per_s"]
     report = {

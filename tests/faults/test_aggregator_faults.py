@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.stores.redis import RedisRoundStore
+from aggregator.stores.redis import SPILLED, RedisRoundStore
 from broker.connect import connect
 from broker.topology import Topology
 from edge_client.synthetic import SyntheticShape, publish_update, synthetic_update
@@ -115,4 +115,65 @@ def test_a_finaliser_killed_or_paused_past_its_lease_mid_aggregation(
     finally:
         tap.close()
     assert [h.version for h in store.history()] == [1, 2], "each round committed exactly once"
+    result.assert_clean()
+
+
+def _health(store: RedisRoundStore) -> dict[int, dict[str, object]]:
+    """Each live aggregator's health info, by pid."""
+    return {int(info["pid"]): info for info in map(json.loads, store.health().values())}
+
+
+def test_sigkill_an_aggregator_holding_a_partial_sum(
+    federation: str, amqp_cleanup: list[str], store: RedisRoundStore, tmp_path: Path
+) -> None:
+    """Two aggregators fold what each records into the open round's sum (aggregator.folding), the bytes kept in
+    a file payload store, not in Redis. The one holding the larger sum is SIGKILLed mid-round: its sum is gone,
+    its updates are not: the survivor reads them back from the payload store and counts every one once."""
+    clients = [f"c{i}" for i in range(8)]
+    tap = UpdateTap(AMQP_URL, federation)
+    amqp_cleanup.append(tap.queue)
+    amqp_cleanup.extend(Topology(federation).adapter_queue(c) for c in clients)
+    payloads = f"file://{tmp_path / 'payloads'}"
+    # Rank 64 over 8 updates reaches min(d) of every HEAVY module: each aggregator folds what it records.
+    args = ("--max-updates", str(len(clients)), "--prefetch", "1", "--payload-store", payloads, "--quiet")
+    try:
+        with aggregator_group(federation, tmp_path, AMQP_URL, REDIS_URL, *args) as group:
+            start_serving(group, store, 2)
+            with connect(AMQP_URL) as transport:
+                for i, client in enumerate(clients[:5]):
+                    header, payload = synthetic_update(federation, client, 64, 0, shape=HEAVY, seed=i)
+                    publish_update(transport, Topology(federation), header, payload)
+
+            def folds() -> dict[int, int]:
+                found = {}
+                for pid, info in _health(store).items():
+                    fold = info.get("fold")
+                    found[pid] = int(fold["updates"]) if isinstance(fold, dict) and fold["round"] == 0 else 0
+                return found
+
+            wait_for(lambda: sum(folds().values()) == 5 and len(folds()) == 2, 90, "five updates folded", every=0.1)
+            victim, holding = max(folds().items(), key=lambda kv: kv[1])
+            assert holding >= 1 and store.version() == 0, "the victim holds a partial sum of the open round"
+            signal_process(victim, signal.SIGKILL)
+            with connect(AMQP_URL) as transport:
+                for i, client in enumerate(clients[5:], start=5):
+                    header, payload = synthetic_update(federation, client, 64, 0, shape=HEAVY, seed=i)
+                    publish_update(transport, Topology(federation), header, payload)
+            wait_for(lambda: store.version() == 1, 120, "the survivor's commit")
+            settle(tap, store, timeout=90)
+            time.sleep(1.0)
+            [survivor] = _health(store).values()
+            counters = survivor["counters"]
+            assert isinstance(counters, dict)
+        result = ledger("aggregator SIGKILLed holding a partial sum", tap, store, victim_folded=holding)
+    finally:
+        tap.close()
+    [record] = store.history()
+    assert len(record.participants) == len(clients), "the round counts every update, the victim's included"
+    assert counters.get("round_updates_read_back", 0) >= holding, "the victim's updates were read back"
+    assert counters.get("round_updates_folded", 0) == len(clients) - counters.get("round_updates_read_back", 0)
+    spilled = list(store.r.scan_iter(match=store.keys.namespace + "update:*:payload:*", count=1000))
+    assert len(spilled) == len(clients), "every payload recorded once"
+    assert all(store.r.getrange(k, 0, len(SPILLED) - 1) == SPILLED for k in spilled), "Redis holds markers only"
+    result.notes.update(survivor_counters={k: v for k, v in counters.items() if k.startswith("round_updates")})
     result.assert_clean()
