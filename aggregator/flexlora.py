@@ -71,6 +71,8 @@ def cut(
     r = request.rank
     k = min(r, s.shape[0])
     scale = request.alpha / r
+    if k == r:  # the common case: no padding, so no full-size float64 copies (a round cuts every module 5 times)
+        return LoraFactors(A=vh[:r, :].to(dtype), B=(u[:, :r] * (s[:r] / scale)).to(dtype))
     b = torch.zeros((u.shape[0], r), dtype=torch.float64)
     a = torch.zeros((r, vh.shape[1]), dtype=torch.float64)
     b[:, :k] = u[:, :k] * (s[:k] / scale)

@@ -10,7 +10,9 @@ machine. Every update goes through RabbitMQ in 8 MiB chunks, as an edge worker s
 (AggregatorService on a thread) that closes the round at the last one. For each payload store — `redis` (the
 bytes in Redis, the baseline) and `file://` (Redis keeps a marker; aggregator.payloads) — it records Redis
 `used_memory` after each update is recorded and its peak through the round (sampled every 20 ms), and prints
-the growth per update: what decides how many clients a round can hold before Redis runs out of memory.
+the growth per update: what decides how many clients a round can hold before Redis runs out of memory. A third
+round repeats the payload store's with folding off (fold_bytes 0): the finaliser then sums every product after
+the last update, the baseline of aggregator.folding's time at close.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aggregator.settings import AggregatorSettings  # noqa: E402
 from broker.chunked import publish_payload  # noqa: E402
 from broker.connect import connect  # noqa: E402
 from broker.topology import UPDATE_ROUTING_KEY  # noqa: E402
@@ -51,6 +54,7 @@ LLAMA_1B3 = (
     ("mlp.down_proj", 2048, 5504),
 )
 FULL_LAYERS = 24
+FOLD = AggregatorSettings.model_fields["fold_bytes"].default
 TIERS = (8, 30, 200)
 
 
@@ -90,11 +94,13 @@ class UsedMemory:
         self.r.close()
 
 
-def one_round(store_url: str, args: argparse.Namespace, ranks: list[int], memory: UsedMemory) -> dict[str, Any]:
+def one_round(
+    store_url: str, fold_bytes: int, args: argparse.Namespace, ranks: list[int], memory: UsedMemory
+) -> dict[str, Any]:
     shape = SyntheticShape(layers=args.layers, projections=LLAMA_1B3)
     fed = ServiceFederation(
         "flexlora", len(ranks), max(TIERS), broker_url=AMQP_URL, redis_url=REDIS_URL, svd_mode="fast",
-        prefix="bench-mem", payload_store=store_url,
+        prefix="bench-mem", payload_store=store_url, fold_bytes=fold_bytes,
     )  # fmt: skip
     transport = connect(AMQP_URL, connection_name=f"{fed.name}-sender")
     try:
@@ -124,6 +130,7 @@ def one_round(store_url: str, args: argparse.Namespace, ranks: list[int], memory
         per_mb = [g / s for g, s in zip(growth, sizes, strict=False)]
         return {
             "payload_store": store_url.split("://")[0] if "://" in store_url else store_url,
+            "fold_bytes": fold_bytes,
             "updates": len(ranks),
             "update_mb_median": statistics.median(sizes) / 1e6,
             "round_mb": sum(sizes) / 1e6,
@@ -152,13 +159,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     try:
         with tempfile.TemporaryDirectory(dir=args.payload_dir, prefix="flexlora-payloads-") as folder:
-            for url in ("redis", f"file://{folder}"):
-                log(f"{args.updates} updates at {args.layers}/{FULL_LAYERS} of LLaMA-1.3B, payload store {url}")
-                rows.append(one_round(url, args, ranks, memory))
+            # Bytes in Redis against a payload store (folding on, the default); then folding off, the baseline
+            # of the finaliser summing every product after the last update.
+            for url, fold in (("redis", FOLD), (f"file://{folder}", FOLD), (f"file://{folder}", 0)):
+                what = f"payload store {url}, fold_bytes {fold}"
+                log(f"{args.updates} updates at {args.layers}/{FULL_LAYERS} of LLaMA-1.3B, {what}")
+                rows.append(one_round(url, fold, args, ranks, memory))
                 log(json.dumps(rows[-1]))
     finally:
         memory.close()
-    baseline, spilled = rows
+    baseline, spilled, unfolded = rows
     result = {
         "shape": f"LLaMA-1.3B layer (hidden 2048, MLP 5504, 7 projections) x {args.layers} of {FULL_LAYERS} layers",
         "ranks": {r: ranks.count(r) for r in TIERS},
@@ -166,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_update_growth_ratio": baseline["redis_growth_per_update_kb_median"]
         / max(spilled["redis_growth_per_update_kb_median"], 1e-9),
         "full_size_update_mb_median": baseline["update_mb_median"] * FULL_LAYERS / args.layers,
+        "aggregate_s_folded_vs_not": [spilled["aggregate_s"], unfolded["aggregate_s"]],
+        "round_s_folded_vs_not": [spilled["round_s"], unfolded["round_s"]],
     }
     text = json.dumps(result, indent=2)
     print(text)

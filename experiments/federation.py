@@ -155,6 +155,7 @@ class ServiceFederation:
         hold_bytes: int | None = None,
         processes: int = 0,
         payload_store: str = "redis",
+        fold_bytes: int | None = None,
     ) -> None:
         self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.embedded = broker_url.startswith("memory://")
@@ -179,6 +180,8 @@ class ServiceFederation:
         )
         if hold_bytes is not None:
             config = replace(config, hold_bytes=hold_bytes)
+        if fold_bytes is not None:
+            config = replace(config, fold_bytes=fold_bytes)
         self._clients: set[str] = set()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -225,6 +228,7 @@ class ServiceFederation:
                     "server_lr": config.server_lr,
                     "keep_versions": config.keep_versions,
                     "hold_bytes": config.hold_bytes,
+                    "fold_bytes": config.fold_bytes,
                     "payload_store": self.payload_store,
                 }.items()
                 if value is not None

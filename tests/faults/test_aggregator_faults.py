@@ -162,9 +162,15 @@ def test_sigkill_an_aggregator_holding_a_partial_sum(
             wait_for(lambda: store.version() == 1, 120, "the survivor's commit")
             settle(tap, store, timeout=90)
             time.sleep(1.0)
-            [survivor] = _health(store).values()
-            counters = survivor["counters"]
-            assert isinstance(counters, dict)
+
+            def survivor_counters() -> dict[str, int]:
+                [info] = [info for pid, info in _health(store).items() if pid != victim]  # the victim's expires
+                counters = info["counters"]
+                assert isinstance(counters, dict)
+                return counters
+
+            wait_for(lambda: survivor_counters().get("rounds", 0) >= 1, 30, "the survivor's health after its commit")
+            counters = survivor_counters()
         result = ledger("aggregator SIGKILLed holding a partial sum", tap, store, victim_folded=holding)
     finally:
         tap.close()
