@@ -34,7 +34,7 @@ class AggregatorSettings(RecipeSettings):
     weighting: Literal["data_size", "uniform", "staleness"] = "data_size"
     staleness_exponent: float = Field(default=0.5, ge=0)
     max_staleness: int | None = Field(default=None, ge=0)
-    keep_versions: int | None = Field(default=20, ge=1, description="versions whose updates stay in Redis")
+    keep_versions: int | None = Field(default=20, ge=1, description="versions whose updates stay in the store")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics here")
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, description="larger payloads are chunked")
     max_update_bytes: int = Field(default=2 * 1024**3, ge=1, le=MAILBOX_MAX_BYTES // 2)

@@ -84,7 +84,7 @@ def aggregator(
     weighting: Annotated[str | None, typer.Option(help="data_size (default), uniform or staleness")] = None,
     staleness_exponent: Annotated[float | None, typer.Option(help="a in (1 + staleness)^-a")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="dead-letter updates more versions behind")] = None,
-    keep_versions: Annotated[int | None, typer.Option(help="versions whose updates and adapters stay in Redis")] = None,
+    keep_versions: Annotated[int | None, typer.Option(help="versions whose updates and adapters are kept")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
     chunk_bytes: Annotated[int | None, typer.Option(help="adapters larger than this go in chunks")] = None,
     max_update_bytes: Annotated[int | None, typer.Option(help="refuse updates larger than this")] = None,

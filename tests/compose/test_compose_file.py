@@ -315,6 +315,19 @@ def test_the_model_cache_volume_is_where_the_image_keeps_the_cache(
         assert f"model-cache:{cache}" in services[name]["volumes"], name
 
 
+def test_every_aggregator_shares_one_payload_store_on_a_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], dockerfile: Path
+) -> None:
+    """Any aggregator may finalise any round: scaled replicas must read each other's payloads, from a named
+    volume whose directory the image creates for its user."""
+    aggregator = services["aggregator"]
+    url = aggregator["environment"][f"{ENV_PREFIX}PAYLOAD_STORE"]
+    assert url.startswith("file:///")
+    folder = url[len("file://") :]
+    assert f"payloads:{folder}" in aggregator["volumes"] and "payloads" in compose["volumes"]
+    assert folder in dockerfile.read_text(), "the image makes the directory, owned by its user"
+
+
 def test_depends_on_names_services_that_can_meet_the_condition(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         depends = service.get("depends_on") or {}
