@@ -51,6 +51,7 @@ class LoadConfig:
     raw_every: int = 10  # measure the raw-pika floor on round 1 and every raw_every-th round after (0: never)
     hold_bytes: int | None = None  # the aggregator's (None: its default); 0 reads every update back from the store
     payload_store: str = "redis"  # where the aggregators keep update bytes (aggregator.payloads)
+    fold_bytes: int | None = None  # the aggregator's (None: its default); 0 folds nothing (aggregator.folding)
     # 0: the aggregator runs on a thread of this process; N: N `flexlora aggregator` processes, as deployed
     aggregators: int = 0
 
@@ -258,6 +259,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
         hold_bytes=config.hold_bytes,
         processes=config.aggregators,
         payload_store=config.payload_store,
+        fold_bytes=config.fold_bytes,
     )
     publishers = Publishers(fed, config.publishers)
     sampler = MemorySampler(config.redis_url, [p.pid for p in fed.procs])

@@ -295,6 +295,9 @@ def load(
     payload_store: Annotated[
         str, typer.Option(help="the aggregators' payload_store: redis, or file:///dir (update bytes out of Redis)")
     ] = "redis",
+    fold_bytes: Annotated[
+        int | None, typer.Option(min=0, help="the aggregators' fold_bytes (0: sum every update at close)")
+    ] = None,
     out: OutDir = Path("docs/experiments"),
     name: Annotated[str, typer.Option(help="file name stem of the results")] = "load",
 ) -> None:
@@ -326,6 +329,7 @@ def load(
         hold_bytes=hold_bytes,
         aggregators=aggregators,
         payload_store=payload_store,
+        fold_bytes=fold_bytes,
     )
     if aggregators and broker_url.startswith("memory://"):
         raise typer.BadParameter("--aggregators needs --broker-url amqp://… and --redis-url redis://…")
