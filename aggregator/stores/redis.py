@@ -456,9 +456,11 @@ class RedisRoundStore(RoundStore):
         pipe = self.r.pipeline(transaction=True)
         pipe.zrem(k.transfers_open, rid)
         pipe.hdel(k.transfer_owners, rid)
-        pipe.delete(k.transfer(rid), k.transfer_meta(rid))
-        pipe.execute()
-        self._forget(spilled)
+        pipe.delete(k.transfer(rid))
+        pipe.delete(k.transfer_meta(rid))
+        dropped = pipe.execute()[2]
+        if dropped:  # not if another aggregator recorded it meanwhile: its update names these bytes now
+            self._forget(spilled)
 
     def expire_transfers(self, now: float) -> list[ExpiredTransfer]:
         k = self.keys

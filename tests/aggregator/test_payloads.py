@@ -175,3 +175,26 @@ def test_an_aggregator_without_the_federations_payload_store_says_so(
     with pytest.raises(PayloadUnavailable, match="must use the same one"):
         elsewhere.round_updates(0)
     assert isinstance(PayloadUnavailable("x"), OSError), "the service retries it; it never drops the update"
+
+
+@pytest.mark.services
+def test_dropping_a_transfer_another_aggregator_just_recorded_keeps_its_bytes(
+    spilled: RedisRoundStore, files: FilePayloads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Aggregator B refuses a complete transfer (say, a norm outlier by its view of the round) while A, seeing
+    it otherwise, records it: B's drop must not delete bytes that A's recorded update now names."""
+    header, chunks = _chunked("update-raced")
+    for i, c in enumerate(chunks):
+        _put(spilled, header, i, c)
+    looked_up = spilled._locations
+
+    def then_recorded_elsewhere(keys: list[str]) -> list[str]:
+        found = looked_up(keys)
+        assert spilled.record_transfer(header, now=5.0) is RecordResult.RECORDED  # aggregator A, in between
+        return found
+
+    monkeypatch.setattr(spilled, "_locations", then_recorded_elsewhere)
+    spilled.drop_transfer(header.client_id, header.update_id)
+    monkeypatch.undo()
+    [recorded] = spilled.round_updates(0)
+    assert spilled.payload(recorded) == b"".join(chunks), "the recorded update's bytes are all there"
