@@ -19,6 +19,7 @@ Nothing here is a record: a crashed aggregator loses its sums and the next final
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from aggregator.rounds import record_id
 from aggregator.strategies import ClientMeta, Weighting
 from schemas.lora import LoraFactors
 from schemas.messages import LoraUpdate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,6 @@ class RoundFolder:
         self._lock = threading.Lock()
         self._fold: Folded | None = None
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
     def add(self, header: LoraUpdate, factors: Mapping[str, LoraFactors], round_id: int) -> None:
         """Fold a just-recorded update (`round_id`: the round open when it was recorded), in the background."""
@@ -132,8 +134,8 @@ class RoundFolder:
                     return
             try:
                 self._fold_one(job)
-            except BaseException as exc:  # never lost silently: the finaliser aggregates from the factors
-                self.error = exc
+            except Exception:  # said, not lost: the round is aggregated from the factors instead
+                log.exception("folding update %s failed; its round is summed from the factors", job.header.update_id)
                 with self._lock:
                     self._fold = None
             finally:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 # What a location's segments may hold: the characters of client ids, update ids, digests and tokens.
 _SEGMENT = re.compile(r"^(?!\.)[A-Za-z0-9_.\-]+$")  # no leading dot: temporary files have one
-SCHEMES = ("redis", "file://", "memory://")
 
 
 class PayloadUnavailable(OSError):
@@ -196,16 +195,23 @@ class FilePayloads(PayloadStore):
         return count, size
 
 
+def check_payload_url(url: str) -> str:
+    """`url` if it names a payload store (settings check it without opening one); ValueError if not."""
+    if url == "redis" or url.startswith("memory://"):
+        return url
+    if url.startswith("file://"):
+        if not url[len("file://") :].startswith("/"):
+            raise ValueError(f"a file:// payload store needs an absolute path (file:///srv/payloads), got {url!r}")
+        return url
+    raise ValueError(f"no payload store for {url!r}; give one of redis, file:///<dir>, memory://")
+
+
 def open_payloads(url: str, federation: str, *, fsync: bool = True) -> PayloadStore | None:
     """The payload store at `url` for `federation`: "redis" (None: Redis keeps the bytes, as it keeps the rest),
     `file:///dir` (the federation's bytes under dir/<federation>), or `memory://` (this process)."""
+    check_payload_url(url)
     if url == "redis":
         return None
     if url.startswith("memory://"):
         return MemoryPayloads()
-    if url.startswith("file://"):
-        path = url[len("file://") :]
-        if not path.startswith("/"):
-            raise ValueError(f"a file:// payload store needs an absolute path (file:///srv/payloads), got {url!r}")
-        return FilePayloads(Path(path) / check_location(federation), fsync=fsync)
-    raise ValueError(f"no payload store for {url!r}; give one of redis, file:///<dir>, memory://")
+    return FilePayloads(Path(url[len("file://") :]) / check_location(federation), fsync=fsync)

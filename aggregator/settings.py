@@ -100,9 +100,9 @@ class AggregatorSettings(RecipeSettings):
     @field_validator("payload_store")
     @classmethod
     def _known_payload_store(cls, url: str) -> str:
-        if url != "redis" and not url.startswith(("memory://", "file:///")):
-            raise ValueError(f"payload_store is redis, file:///<absolute dir> or memory://; got {url!r}")
-        return url
+        from aggregator.payloads import check_payload_url
+
+        return check_payload_url(url)
 
     def replication(self) -> Replication:
         return Replication(self.min_replicas, self.replica_timeout_s)

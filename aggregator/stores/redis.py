@@ -340,10 +340,10 @@ class RedisRoundStore(RoundStore):
         pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
         k = self.keys
-        payload_key = k.update_payload(record_id(header.client_id, header.update_id), header.payload.sha256)
+        rid = record_id(header.client_id, header.update_id)
+        payload_key = k.update_payload(rid, header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
-        rid = record_id(header.client_id, header.update_id)
         value = self._spill(f"updates/{rid}/{header.payload.sha256}", payload)
         self.r.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
         return self._run_record(header, payload_key, payload_key, now, max_staleness, pins, chunked=False)
@@ -618,10 +618,10 @@ class RedisRoundStore(RoundStore):
             for rid in rids:
                 pipe.hget(k.update(rid.decode()), "payload")
             payload_keys = [key for key in pipe.execute() if key is not None]
-            doomed = [*payload_keys, *(k.update(i.decode()) for i in rids), k.releases(version)]
+            adapters = list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
+            spilled = self._locations([*payload_keys, *adapters])  # only these hold bytes (or their markers)
+            doomed = [*payload_keys, *(k.update(i.decode()) for i in rids), k.releases(version), *adapters]
             doomed.append(k.round_norms(version - 1))
-            doomed += list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
-            spilled = self._locations(doomed)
             self.r.delete(*doomed)
             self._forget(spilled)
             dropped += len(payload_keys)
