@@ -16,7 +16,7 @@ from broker.transport import Message
 from schemas.errors import LoraLayoutError, Reason, SchemaError
 from schemas.lora import LoraFactors, RankRequest, module_shapes, split_lora
 from schemas.messages import HEADER_KEY, LoraUpdate, parse_update
-from schemas.tensors import all_finite, decode_tensors
+from schemas.tensors import decode_payload
 
 PIN_FINGERPRINT = "base_model_fingerprint"
 PIN_MODULES = "module_shapes"
@@ -57,7 +57,7 @@ def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> 
     """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module; `scale`
     is alpha / r, or a request giving each module its own (rank patterns).
     numpy on one BLAS thread: torch's or OpenBLAS's idle threads spin and starve the other aggregator
-    processes on a small machine (see schemas.tensors.all_finite)."""
+    processes on a small machine (see schemas.tensors.decode_payload)."""
     total = 0.0
     with threadpool_limits(limits={"openblas": 1}):
         for module, (a, b) in factors.items():
@@ -166,10 +166,10 @@ def validate_payload(
     limits: Limits = Limits(),
 ) -> ValidUpdate:
     """Integrity, safetensors, LoRA layout, the norm bound, then the federation's pinned base model and shapes."""
-    tensors = decode_tensors(body, header.payload)
+    decoded = decode_payload(body, header.payload)
     # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
     factors = split_lora(
-        tensors, rank=header.request, target_modules=header.target_modules, check_values=not all_finite(tensors)
+        decoded.tensors, rank=header.request, target_modules=header.target_modules, check_values=not decoded.finite
     )
     valid = ValidUpdate(header, factors)
     if limits.max_norm is not None and valid.norm > limits.max_norm:

@@ -7,7 +7,7 @@ tensors that are views into the buffer the chunks were reassembled into. The lay
 (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header length, a JSON header
 padded with spaces to 8 bytes, then the tensors' bytes in the order the library writes them (larger dtypes
 first, then by name), so `encode_pieces` gives the same bytes as `safetensors.torch.save` (a test checks
-this) and the library reads what it writes. Small payloads keep using the library (schemas.tensors).
+this) and the library reads what it writes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from schemas.errors import TensorDecodeError
 from schemas.messages import PayloadInfo
 
-# The dtypes a LoRA payload may hold (schemas.tensors.ALLOWED_DTYPES), by safetensors' names.
+# The dtypes a LoRA payload may hold, by safetensors' names.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -157,15 +157,23 @@ def tensor_from(entry: Entry, raw: bytearray | memoryview) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=entry.dtype).view(entry.shape)
 
 
-def view_tensors(buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse a safetensors payload into tensors that share `buffer`'s memory (see parse_header)."""
+def split_payload(buffer: bytearray | memoryview) -> tuple[memoryview, list[Entry]]:
+    """A safetensors payload's data section (a view, not a copy) and the tensors in it (see parse_header)."""
     view = memoryview(buffer).cast("B")
     n = header_length(view, len(view))
     data = view[8 + n :]
-    return {e.name: tensor_from(e, data[e.begin : e.end]) for e in parse_header(view[8 : 8 + n], len(data))}
+    return data, parse_header(view[8 : 8 + n], len(data))
+
+
+def view_tensors(buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Parse a safetensors payload into tensors that share `buffer`'s memory (see parse_header)."""
+    data, entries = split_payload(buffer)
+    return {e.name: tensor_from(e, data[e.begin : e.end]) for e in entries}
 
 
 def _offsets(name: str, entry: object) -> tuple[int, int]:
+    if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+        raise TensorDecodeError(f"tensor {name!r} has dtype {entry['dtype']}; only float dtypes are accepted")
     ok = (
         isinstance(entry, dict)
         and set(entry) == {"dtype", "shape", "data_offsets"}

@@ -3,7 +3,10 @@ the factors, whatever its weights turn out to be, and falls back to the factors 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from collections.abc import Sequence
 from typing import cast
 
 import pytest
@@ -24,7 +27,7 @@ from aggregator.planning import (
 )
 from aggregator.rounds import RoundPolicy, record_id
 from aggregator.service import AggregatorService
-from aggregator.strategies import FedIT, FlexLoRA, StalenessDiscount, Weighting, get_weighting
+from aggregator.strategies import ClientMeta, DataSize, FedIT, FlexLoRA, StalenessDiscount, Weighting, get_weighting
 from broker.connect import connect
 from broker.topology import Topology
 from broker.transports.memory import MemoryBroker
@@ -152,6 +155,74 @@ def test_where_the_sums_cannot_say_the_round_it_is_summed_from_the_factors() -> 
     assert folder.take(4) is None
     # Past the budget, updates are not folded (their round sums them from the factors).
     assert _fold(w, "exact", all_in, budget=100) is None
+
+
+class _Gated:
+    """Data-size weights that the test holds back: the fold worker waits in here with the batch it started."""
+
+    name = "data_size"
+
+    def __init__(self) -> None:
+        self.open, self.entered = threading.Event(), threading.Event()
+        self.calls: list[tuple[str, int | None]] = []  # (thread, its nice value where threads have their own)
+
+    def __call__(self, clients: Sequence[ClientMeta]) -> list[float]:
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if sys.platform == "linux" else None
+        self.calls.append((threading.current_thread().name, nice))
+        self.entered.set()
+        assert self.open.wait(10), "the test never let the fold go on"
+        return DataSize()(clients)
+
+
+def _gated_folder(budget: int) -> tuple[RoundFolder, _Gated, list[LoraUpdate], list[dict[str, LoraFactors]]]:
+    """A folder whose worker has started on update 0 and is held there, and four more updates for one base."""
+    gate = _Gated()
+    folder = RoundFolder(budget, gate, torch.float64, expected_updates=5)
+    clients = [_client(i, 8, 3, 10 * (i + 1)) for i in range(5)]
+    folder.add(clients[0][0], clients[0][1], 4)
+    assert gate.entered.wait(10)
+    return folder, gate, [c[0] for c in clients], [c[1] for c in clients]
+
+
+def test_a_finaliser_folds_the_backlog_itself_rather_than_wait_for_the_worker() -> None:
+    """The worker folds at the lowest priority (on Linux), so that ingestion comes first; what it has not started
+    when the round closes is folded by the finaliser, at the finaliser's own priority, and nothing is missing."""
+    folder, gate, headers, factors = _gated_folder(2**20)
+    for header, f in zip(headers[1:], factors[1:], strict=True):
+        folder.add(header, f, 4)
+    waiting_for_worker = folder._jobs.join
+
+    def join() -> None:  # the finaliser has taken the backlog by now; let the worker finish its batch
+        gate.open.set()
+        waiting_for_worker()
+
+    folder._jobs.join = join  # type: ignore[method-assign]
+    fold = folder.take(4)
+    assert fold is not None and set(fold.updates) == {record_id(h.client_id, h.update_id) for h in headers}
+    workers = [call for call in gate.calls if call[0] == "round-fold"]
+    assert len(workers) == 1, "the worker folded only the update it had started"
+    assert [name for name, _ in gate.calls].count(threading.current_thread().name) == 4
+    if sys.platform == "linux":
+        assert workers[0][1] == 19
+    q = "model.layers.0.q_proj"
+    expected = torch.stack(
+        [(10 * (i + 1)) / 150 * 2.0 * (f[q].B.double() @ f[q].A.double()) for i, f in enumerate(factors)]
+    )
+    total = sum(fold.updates[record_id(h.client_id, h.update_id)].raw_weight for h in headers)
+    assert torch.allclose(fold.sums[3][q] / total, expected.sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_a_fold_that_falls_behind_holds_a_bounded_backlog() -> None:
+    """Ingestion outpacing the worker: an update that would put more than the budget of factors in the backlog is
+    not folded (its round takes it from its factors), so memory stays within fold_bytes."""
+    one = sum(f.A.nbytes + f.B.nbytes for f in _client(0, 8, 3, 10)[1].values())
+    folder, gate, headers, factors = _gated_folder(int(2.5 * one))
+    for header, f in zip(headers[1:], factors[1:], strict=True):
+        folder.add(header, f, 4)
+    gate.open.set()
+    fold = folder.take(4)
+    assert fold is not None
+    assert set(fold.updates) == {record_id(h.client_id, h.update_id) for h in headers[:2]}
 
 
 def test_a_carried_residual_is_added_to_the_folded_round() -> None:
