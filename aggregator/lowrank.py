@@ -32,6 +32,8 @@ SvdMode = Literal["exact", "fast", "dense"]
 # Conditioning guard on the equilibrated triangular factor: CholeskyQR's loss of orthogonality grows
 # like eps·cond², so beyond ~1e4 (eps·cond² ≈ 1e-8 in float64) Householder QR takes over.
 _MAX_COND = 1e4
+# Exact mode takes a dense ΔW's top k from its float64 Gram matrix while every kept σ is at least this share of σ₁.
+_EXACT_GRAM_RATIO = 1e-4
 
 
 class NonFiniteError(ValueError):
@@ -240,6 +242,8 @@ def dense_top_svd(delta: torch.Tensor, k: int, *, mode: SvdMode = "exact") -> To
         raise ValueError(f"k must be at least 1, got {k}")
     if mode == "fast":
         return _dense_eigh(delta, k)
+    if mode == "exact":
+        return _dense_exact(delta.to(torch.float64), k)
     return _dense_svd(delta.to(torch.float64), k)
 
 
@@ -248,6 +252,22 @@ def _dense_svd(delta: torch.Tensor, k: int) -> TopSVD:
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     u, vh = _sign_fix(u[..., :k], vh[..., :k, :])
     return TopSVD(u, s[..., :k], vh, ["dense"] * delta.shape[0], [0.0] * delta.shape[0])
+
+
+def _dense_exact(delta: torch.Tensor, k: int) -> TopSVD:
+    """Exact mode on a dense float64 ΔW: the top k eigenpairs of its smaller Gram matrix, in float64. Squaring
+    costs σᵢ relative accuracy ε₆₄·(σ₁/σᵢ)², below 1e-8 (under float32's rounding of the released factors) for
+    every kept σᵢ ≥ 1e-4·σ₁; a module whose k-th σ is smaller than that takes the full SVD instead. Measured
+    on 2 cores, 30 × 576² and 30 × 192 × 576 at k = 64: 0.5 s against 1.4 s for the SVD."""
+    top = _dense_eigh(delta, k)
+    weak = torch.nonzero(~(top.S[..., -1] >= _EXACT_GRAM_RATIO * top.S[..., 0])).flatten()
+    paths = list(top.paths)
+    if len(weak):
+        full = _dense_svd(delta[weak], k)
+        top.U[weak], top.S[weak], top.Vh[weak] = full.U, full.S, full.Vh
+        for m in weak.tolist():
+            paths[m] = "dense"
+    return TopSVD(top.U, top.S, top.Vh, paths, top.excess)
 
 
 def _dense_eigh(delta: torch.Tensor, k: int) -> TopSVD:
@@ -260,7 +280,9 @@ def _dense_eigh(delta: torch.Tensor, k: int) -> TopSVD:
     theta, left = theta.clamp_min(0).to(torch.float64), left.to(torch.float64)
     s = theta.sqrt()
     floor = s[..., :1] * torch.finfo(torch.float32).eps * side.shape[-1]
-    right = (side.transpose(-1, -2).to(torch.float64) @ left) / torch.where(s > floor, s, torch.inf).unsqueeze(-2)
+    # In ΔW's dtype as well: a float64 copy of a float32 ΔW cost as much as the product.
+    right = (side.transpose(-1, -2) @ left.to(side.dtype)).to(torch.float64)
+    right = right / torch.where(s > floor, s, torch.inf).unsqueeze(-2)
     u, v = (right, left) if wide else (left, right)
     u, vh = _sign_fix(u, v.transpose(-1, -2))
     return TopSVD(u, s, vh, ["dense-eigh"] * delta.shape[0], [0.0] * delta.shape[0])
@@ -286,8 +308,10 @@ def top_svd(
     k = min(k, total_rank, d_out, d_in)
     if mode == "fast" and total_rank >= min(d_out, d_in):
         return _dense_top(p, q, k)
-    if mode == "dense" or total_rank >= min(d_out, d_in):
+    if mode == "dense":
         return _dense_svd(p.to(torch.float64) @ q.to(torch.float64), k)
+    if total_rank >= min(d_out, d_in):
+        return _dense_exact(p.to(torch.float64) @ q.to(torch.float64), k)
     if mode == "exact":
         u, s, vh, paths = _core_exact(p, q, k)
         u, vh = _sign_fix(u, vh)

@@ -242,6 +242,38 @@ def test_fast_mode_with_total_rank_above_the_width_uses_the_gram_eigenproblem(d_
     assert float(np.linalg.norm(delta - got)) <= (1 + 1e-4) * opt
 
 
+@pytest.mark.parametrize(("d_out", "d_in"), [(40, 24), (24, 40)])
+def test_exact_mode_on_a_dense_round_takes_the_float64_gram_eigenpairs_and_is_the_svds_cut(
+    d_out: int, d_in: int
+) -> None:
+    rng = np.random.default_rng(13)
+    clients = [_client(rng, d_out, d_in, r, 2.0 * r) for r in (8, 16, 8)]  # R = 32 ≥ min(d_out, d_in)
+    n = [3, 5, 2]
+    for target in (1, 6, 20):
+        reports: list[ModuleReport] = []
+        req = RankRequest(target, 2.0 * target)
+        got = _product(flexlora(clients, n, [req], torch.float64, reports=reports)[req]["m"], req)
+        assert reports[0].path == "dense-eigh"
+        want = _reference(clients, n, target)
+        assert np.linalg.norm(got - want) <= 1e-10 * float(np.linalg.norm(want)), target
+
+
+def test_exact_mode_takes_the_full_svd_where_squaring_would_lose_a_kept_singular_value() -> None:
+    """σ₁₀ ≈ 1e-7·σ₁: the Gram matrix would hold it to ~1e-2 relative; the released cut needs the SVD's."""
+    rng = np.random.default_rng(14)
+    strong = _client(rng, 12, 10, 8, 16.0)
+    weak = _client(rng, 12, 10, 4, 8.0)
+    weak.factors["m"].B.mul_(1e-7)
+    reports: list[ModuleReport] = []
+    req = RankRequest(10, 20.0)
+    got = _product(flexlora([strong, weak], [1, 1], [req], torch.float64, reports=reports)[req]["m"], req)
+    assert reports[0].path == "dense"
+    want = _reference([strong, weak], [1, 1], 10)
+    assert np.linalg.norm(got - want) <= 1e-12 * float(np.linalg.norm(want))
+    tail = _reference([strong, weak], [1, 1], 10) - _reference([strong, weak], [1, 1], 8)
+    assert np.linalg.norm((got - _reference([strong, weak], [1, 1], 8)) - tail) <= 1e-6 * np.linalg.norm(tail)
+
+
 @pytest.mark.parametrize("mode", ["exact", "fast", "dense"])
 @pytest.mark.parametrize("rank", [2, 6])  # total rank 4 < width 8 (factored paths) and 12 ≥ 8 (dense paths)
 @pytest.mark.parametrize(("factor", "value"), [("A", float("nan")), ("B", float("inf")), ("B", float("-inf"))])

@@ -157,6 +157,28 @@ def test_where_the_sums_cannot_say_the_round_it_is_summed_from_the_factors() -> 
     assert _fold(w, "exact", all_in, budget=100) is None
 
 
+def test_updates_below_the_dense_threshold_are_folded_once_the_round_is_seen_to_reach_it() -> None:
+    """A round of 5 whose first updates are rank 1 (5 × 1 < width 10): they wait, and are folded with the rest
+    once the round's mean rank says its total will reach the dense path; the round is the factors' sum."""
+    w = get_weighting("data_size")
+    folder = RoundFolder(2**20, w, torch.float64, expected_updates=5)
+    clients = [_client(i, rank, 3, 10 + i) for i, rank in enumerate((1, 1, 8, 2))]
+    for header, factors, _ in clients[:2]:
+        folder.add(header, factors, 4)
+    for header, factors, _ in clients[2:]:
+        folder.add(header, factors, 4)
+    fold = folder.take(4)
+    assert fold is not None and set(fold.updates) == {x.key for _, _, x in clients}
+    q = "model.layers.0.q_proj"
+    want = sum(
+        (10 + i) * (2.0 * (f[q].B.double() @ f[q].A.double())) for i, (_, f, _) in enumerate(clients)
+    )  # raw data-size weights and s = alpha / r = 2
+    assert isinstance(want, torch.Tensor) and torch.allclose(fold.sums[3][q], want, rtol=1e-12, atol=1e-12)
+    # A round that never reaches it folds nothing, and the updates it held back are let go.
+    folder.add(*_client(9, 1, 4, 10)[:2], 5)
+    assert folder.take(5) is None and folder._backlog_bytes == 0
+
+
 class _Gated:
     """Data-size weights that the test holds back: the fold worker waits in here with the batch it started."""
 
