@@ -97,9 +97,10 @@ class _Tally:
 def _yield_to_ingestion() -> None:
     """Run the calling thread (and the OpenMP threads it starts, which inherit this) at the lowest priority, on
     Linux, where each thread has its own: folding uses what ingestion leaves idle instead of competing with it,
-    so a burst of updates is recorded (and acked) as fast as without folding, and the fold catches up in the
-    gaps. Measured on 2 cores, 300 queued SmolLM2-shaped rank-8 updates: 58 updates/s with the worker at the
-    process's priority, 75 at the lowest, 98 without folding (bench/throughput.py has the same run)."""
+    and catches up in the gaps (a finaliser folds what is left itself: RoundFolder.take). Measured on 2 cores,
+    500 queued SmolLM2-shaped rank-8 updates, exact mode, one aggregator: about 70 updates/s recorded with the
+    worker at the process's priority, 97-107 at the lowest, 111-138 without folding. (SCHED_IDLE did no
+    better, and may starve the worker outright on a busy machine.)"""
     if sys.platform != "linux":  # elsewhere a thread id is no process id: setpriority would renice another
         return
     try:

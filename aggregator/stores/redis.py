@@ -145,6 +145,7 @@ class RedisRoundStore(RoundStore):
         self.replication = replication
         self.payloads = payloads  # None: Redis keeps the bytes too
         self._swept_at = time.monotonic()
+        self._version_seen = 0  # the version status() read last: which round's counters to read with it
         self._record = client.register_script(RECORD)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -320,14 +321,18 @@ class RedisRoundStore(RoundStore):
         return int(cast(bytes | None, self.r.get(self.keys.version)) or 0)
 
     def status(self) -> RoundStatus:
-        # One MULTI so the version and its round's counters are read together.
+        # One MULTI so the version and its round's counters are read together: the counters of the version this
+        # store saw last, which is the open one but right after a commit (then read again with the new one). One
+        # round trip, where reading the version first took two, on every step of the service.
+        guess = self._version_seen
         pipe = self.r.pipeline(transaction=True)
-        version = self.version()
         pipe.get(self.keys.version)
-        pipe.llen(self.keys.round_updates(version))
-        pipe.get(self.keys.round_opened(version))
+        pipe.llen(self.keys.round_updates(guess))
+        pipe.get(self.keys.round_opened(guess))
         raw_version, count, opened = pipe.execute()
-        if int(raw_version or 0) != version:  # a commit slipped in between; read again
+        version = int(raw_version or 0)
+        if version != guess:
+            self._version_seen = version
             return self.status()
         return RoundStatus(version, int(count), float(opened) if opened is not None else None)
 
@@ -345,8 +350,13 @@ class RedisRoundStore(RoundStore):
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         value = self._spill(f"updates/{rid}/{header.payload.sha256}", payload)
-        self.r.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
-        return self._run_record(header, payload_key, payload_key, now, max_staleness, pins, chunked=False)
+        pipe = self.r.pipeline(transaction=False)  # one round trip: the bytes, and the version to record against
+        pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
+        pipe.get(k.version)
+        _, raw_version = pipe.execute()
+        return self._run_record(
+            header, payload_key, payload_key, now, max_staleness, pins, chunked=False, version=int(raw_version or 0)
+        )
 
     def _run_record(
         self,
@@ -358,14 +368,16 @@ class RedisRoundStore(RoundStore):
         pins: Mapping[str, str] | None,
         *,
         chunked: bool,
+        version: int | None = None,
     ) -> RecordResult:
         """The RECORD script (its KEYS and ARGV in its order): `staged` holds the bytes, `payload` is the key the
-        recorded update's bytes live under (the same key unless the update came in chunks)."""
+        recorded update's bytes live under (the same key unless the update came in chunks); `version`: the
+        version the caller read just now, if it did (the script checks it, so a stale one costs a retry)."""
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         pins_args = [part for pin in sorted((pins or {}).items()) for part in pin]
-        for _ in range(_READ_AGAIN):
-            expected = self.version()
+        for attempt in range(_READ_AGAIN):
+            expected = version if attempt == 0 and version is not None else self.version()
             keys = [k.seen, k.version, k.update(rid), k.pins, staged, payload, k.transfers_open, k.transfer_meta(rid)]
             keys += [k.round_updates(expected), k.round_opened(expected), k.transfer_owners]
             args = [rid, header.model_dump_json(), repr(now), str(expected), header.base_version]

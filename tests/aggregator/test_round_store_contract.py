@@ -252,6 +252,25 @@ def test_redis_lua_keys_match_the_key_module(federation: str) -> None:
         s.wipe()
 
 
+def test_a_redis_store_sees_the_round_another_aggregator_opened_by_committing(federation: str) -> None:
+    """Each store reads the round status against the version it saw last; another process's commit moves it."""
+    mine, theirs = RedisRoundStore.from_url(REDIS_URL, federation), RedisRoundStore.from_url(REDIS_URL, federation)
+    try:
+        mine.record(_update("c1", "update-0001"), b"1", now=1.0)
+        assert mine.status() == RoundStatus(0, 1, 1.0)
+        for version in (1, 2):  # two commits by the other aggregator, unseen by this one
+            theirs.record(_update("c2", f"update-1{version}"), b"2", now=2.0)
+            lease = theirs.acquire(version - 1, "theirs", ttl_s=30)
+            assert lease is not None
+            consumed = theirs.status().count
+            assert theirs.commit(lease, consumed, [_release("c2", version)], _record(version), now=3.0)
+        assert mine.status() == RoundStatus(2, 0, None)
+        assert mine.record(_update("c1", "update-0003", base=2), b"3", now=4.0) is RecordResult.RECORDED
+        assert mine.status() == RoundStatus(2, 1, 4.0) and theirs.status() == RoundStatus(2, 1, 4.0)
+    finally:
+        mine.wipe()
+
+
 @pytest.mark.parametrize(
     ("count", "opened", "now", "closes"),
     [(4, 0.0, 0.0, True), (1, 0.0, 5.0, False), (2, 0.0, 9.9, False), (2, 0.0, 10.0, True), (0, None, 99.0, False)],
