@@ -252,11 +252,16 @@ class RoundFolder:
             sums = {m: torch.zeros((f.B.shape[0], f.A.shape[1]), dtype=self.dtype) for m, f in first.items()}
         raws = [self.weighting([ClientMeta(j.header.num_samples, fold.round_id - base_version)])[0] for j in jobs]
         requests = [j.header.request for j in jobs]
+        # A handful of torch calls per module, not a few per update: the worker holds the GIL for each, and at its
+        # low priority it can be descheduled holding it, which stalls the ingesting thread.
         for module, total in sums.items():
-            scales = [raw * req.at(module).alpha / req.at(module).rank for raw, req in zip(raws, requests, strict=True)]
-            b = torch.cat([j.factors[module].B.to(self.dtype) * s for j, s in zip(jobs, scales, strict=True)], dim=1)
-            a = torch.cat([j.factors[module].A.to(self.dtype) for j in jobs], dim=0)
-            total.addmm_(b, a)
+            columns: list[float] = []
+            for raw, req, job in zip(raws, requests, jobs, strict=True):
+                at = req.at(module)
+                columns += [raw * at.alpha / at.rank] * job.factors[module].B.shape[1]
+            b = torch.cat([j.factors[module].B for j in jobs], dim=1).to(self.dtype)
+            b.mul_(torch.tensor(columns, dtype=self.dtype))
+            total.addmm_(b, torch.cat([j.factors[module].A for j in jobs], dim=0).to(self.dtype))
         with self._lock:
             if self._fold is fold:
                 fold.sums[base_version] = sums
