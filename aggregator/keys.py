@@ -118,3 +118,7 @@ class Keys:
     @property
     def pins(self) -> str:  # hash of facts fixed by the first accepted update (base model, module shapes)
         return self._k("pins")
+
+    @property
+    def payload_store(self) -> str:  # marker of the file the federation's first payload-store aggregator wrote
+        return self._k("payload-store")

@@ -34,6 +34,11 @@ class PayloadUnavailable(OSError):
     service retries (and another aggregator may finalise the round) instead of dropping an accepted update."""
 
 
+class PayloadStoreMismatch(RuntimeError):
+    """This process's payload store is not the one the federation's payloads are in: an aggregator must not
+    start (it could not read the others' updates, nor they its own), so it says why and exits."""
+
+
 def check_location(location: str) -> str:
     parts = location.split("/")
     if not all(_SEGMENT.match(p) for p in parts):
@@ -77,6 +82,9 @@ class MemoryPayloads(PayloadStore):
         self._items: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
+    def __repr__(self) -> str:
+        return f"memory:// (process {os.getpid()})"
+
     def put(self, location: str, data: bytes | bytearray | memoryview) -> None:
         check_location(location)
         with self._lock:
@@ -118,6 +126,9 @@ class FilePayloads(PayloadStore):
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root, self.fsync = root, fsync
         root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"file://{self.root}"
 
     def _path(self, location: str) -> Path:
         return self.root / check_location(location)

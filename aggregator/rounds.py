@@ -337,6 +337,11 @@ class RoundStore(abc.ABC):
         updates were dropped. Without this a federation's Redis grows by every round's updates forever."""
 
     @abc.abstractmethod
+    def check_payload_store(self) -> None:
+        """Raise PayloadStoreMismatch unless this store keeps payloads where every other aggregator of the
+        federation does (a store whose bytes live with its records has nothing to check)."""
+
+    @abc.abstractmethod
     def record_health(self, owner: str, info: str, ttl_s: float) -> None:
         """Say that aggregator `owner` is alive, for `ttl_s` seconds; `info` is a JSON summary."""
 

@@ -119,6 +119,7 @@ class AggregatorService:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
+        self.store.check_payload_store()  # PayloadStoreMismatch: this process must not serve the federation
         self.transport.declare(self.topology.core())
         self.publish_pending()
 

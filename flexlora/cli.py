@@ -232,7 +232,13 @@ def aggregator(
         alive, owners = check_health(settings, host=socket.gethostname())
         console.print(f"{'alive' if alive else 'no live aggregator'}: {', '.join(owners) or '-'}")
         raise typer.Exit(code=0 if alive else 1)
-    run_aggregator(settings)
+    from aggregator.payloads import PayloadStoreMismatch
+
+    try:
+        run_aggregator(settings)
+    except PayloadStoreMismatch as exc:
+        console.print(f"[red]cannot start:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command()

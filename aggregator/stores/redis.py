@@ -11,7 +11,7 @@ from typing import Any, cast
 import redis
 
 from aggregator.keys import Keys
-from aggregator.payloads import PayloadStore, PayloadUnavailable
+from aggregator.payloads import PayloadStore, PayloadStoreMismatch, PayloadUnavailable
 from aggregator.rounds import (
     Blob,
     ChunkResult,
@@ -281,6 +281,36 @@ class RedisRoundStore(RoundStore):
     def _forget(self, locations: Sequence[str]) -> None:
         if self.payloads is not None and locations:
             self.payloads.delete(locations)
+
+    def check_payload_store(self) -> None:
+        """The first aggregator of a federation to use a payload store writes a file with a fresh token into it
+        and names it in Redis (as a marker, so the sweep keeps it); every later one must find that file in its
+        own payload store. So an aggregator on a host that does not share the directory, or one started without
+        the federation's payload store, refuses to start instead of failing on every round it finalises."""
+        key = self.keys.payload_store
+        current = cast(bytes | None, self.r.get(key))
+        if self.payloads is None:
+            if current is not None:
+                raise PayloadStoreMismatch(
+                    f"federation {self.keys.federation!r} keeps its payloads in a payload store; start this "
+                    "aggregator with the same payload_store as the others (--payload-store file:///<shared dir>)"
+                )
+            return
+        if current is None:
+            token = uuid.uuid4().hex
+            location = f"identity/{token}"
+            self.payloads.put(location, token.encode())
+            if self.r.set(key, SPILLED + location.encode(), nx=True):
+                return
+            self.payloads.delete([location])  # another aggregator named its own first
+            current = cast(bytes, self.r.get(key))
+        location = current[len(SPILLED) :].decode()
+        if self.payloads.get(location) != location.rsplit("/", 1)[-1].encode():
+            raise PayloadStoreMismatch(
+                f"this aggregator's payload store ({self.payloads!r}) does not hold {location!r}, which the first "
+                f"aggregator of federation {self.keys.federation!r} wrote into its own: every aggregator of a "
+                "federation must use the same payload store (for file://, a directory on a mount they all share)"
+            )
 
     def sweep_payloads(self, now: float | None = None) -> int:
         """Delete the payload store's bytes that no key of the federation names and that were written over a day

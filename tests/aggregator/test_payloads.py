@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,12 +12,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from aggregator.payloads import FilePayloads, MemoryPayloads, PayloadStore, PayloadUnavailable, open_payloads
+from aggregator.payloads import (
+    FilePayloads,
+    MemoryPayloads,
+    PayloadStore,
+    PayloadStoreMismatch,
+    PayloadUnavailable,
+    open_payloads,
+)
 from aggregator.rounds import RecordResult, StoredRelease
 from aggregator.stores.redis import SPILLED, RedisRoundStore
 from schemas.messages import PayloadInfo
 from tests.aggregator.test_round_store_contract import _chunked, _put, _record, _release, _update
-from tests.conftest import REDIS_URL
+from tests.conftest import AMQP_URL, REDIS_URL
 
 DAY = 24 * 3600.0
 
@@ -175,6 +184,37 @@ def test_an_aggregator_without_the_federations_payload_store_says_so(
     with pytest.raises(PayloadUnavailable, match="must use the same one"):
         elsewhere.round_updates(0)
     assert isinstance(PayloadUnavailable("x"), OSError), "the service retries it; it never drops the update"
+
+
+@pytest.mark.services
+def test_an_aggregator_whose_payload_store_is_not_the_federations_refuses_to_start(
+    spilled: RedisRoundStore, client: redis.Redis, federation: str, files: FilePayloads, tmp_path: Path
+) -> None:
+    spilled.check_payload_store()  # the first: it names the federation's payload store
+    RedisRoundStore(client, federation, payloads=FilePayloads(files.root)).check_payload_store()  # same directory
+    elsewhere = RedisRoundStore(client, federation, payloads=FilePayloads(tmp_path / "another-host"))
+    with pytest.raises(PayloadStoreMismatch, match=f"payload store \\(file://{tmp_path}/another-host\\) does not"):
+        elsewhere.check_payload_store()
+    with pytest.raises(PayloadStoreMismatch, match="start this aggregator with the same payload_store"):
+        RedisRoundStore(client, federation).check_payload_store()
+    assert spilled.sweep_payloads(now=time.time() + 30 * DAY) == 0, "the sweep keeps what names the store"
+    spilled.check_payload_store()
+    spilled.wipe()
+    assert files.usage() == (0, 0)
+    RedisRoundStore(client, federation).check_payload_store()  # a fresh federation may keep its bytes in Redis
+
+
+@pytest.mark.services
+def test_the_aggregator_process_says_why_it_cannot_start(
+    spilled: RedisRoundStore, federation: str, tmp_path: Path
+) -> None:
+    spilled.check_payload_store()
+    command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet", "--federation", federation]
+    command += ["--redis-url", REDIS_URL, "--broker-url", AMQP_URL, "--payload-store", f"file://{tmp_path}/b"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "cannot start" in said and "must use the same payload store" in said and "Traceback" not in said
 
 
 @pytest.mark.services

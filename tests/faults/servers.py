@@ -441,7 +441,10 @@ class OwnSentinel:
             f"dir {self.directory}",
             f"logfile {self.directory / 'sentinel.log'}",
             f"sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}",
-            f"sentinel down-after-milliseconds {name} 1000",
+            # Several seconds, as in production: at 1 s a loaded 2-core machine left a just-promoted primary
+            # unanswered long enough for a second failover, onto the restarted empty old primary, which then
+            # wiped the data every replica had (seen in tests/faults/test_sentinel.py, ~1 run in 4).
+            f"sentinel down-after-milliseconds {name} 5000",
             f"sentinel failover-timeout {name} 4000",
             f"sentinel parallel-syncs {name} 1",
         ]
