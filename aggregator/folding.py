@@ -162,10 +162,16 @@ class RoundFolder:
         """The fold of `round_id` with every update handed in folded (None: none for that round); the folder starts
         afresh after. What the worker has not started is folded here, on the caller's thread and at its priority,
         so a finaliser never waits on a backlog that the low-priority worker is working through."""
-        for batch_round, group in itertools.groupby(self._drain(), key=lambda job: job.round_id):
-            jobs = list(group)
-            for start in range(0, len(jobs), _BATCH_UPDATES):
-                self._fold_batch(batch_round, jobs[start : start + _BATCH_UPDATES])
+        waiting = self._drain()
+        try:
+            for batch_round, group in itertools.groupby(waiting, key=lambda job: job.round_id):
+                jobs = list(group)
+                for start in range(0, len(jobs), _BATCH_UPDATES):
+                    self._fold_batch(batch_round, jobs[start : start + _BATCH_UPDATES])
+        except Exception:  # as on the worker: the round is summed from the factors, never failed for a fold
+            log.exception("folding %d updates failed; their round is summed from the factors", len(waiting))
+            with self._lock:
+                self._fold = None
         with self._lock:
             fold, self._fold = self._fold, None
             if self._tally is not None and self._tally.round_id <= round_id:  # what waited is summed from factors

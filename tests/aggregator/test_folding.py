@@ -206,19 +206,24 @@ def _gated_folder(budget: int) -> tuple[RoundFolder, _Gated, list[LoraUpdate], l
     return folder, gate, [c[0] for c in clients], [c[1] for c in clients]
 
 
+def _open_once_taken(folder: RoundFolder, gate: _Gated) -> None:
+    """Let the held worker go on only once the finaliser has taken the backlog out of its queue."""
+    waiting_for_worker = folder._jobs.join
+
+    def join() -> None:
+        gate.open.set()
+        waiting_for_worker()
+
+    folder._jobs.join = join  # type: ignore[method-assign]
+
+
 def test_a_finaliser_folds_the_backlog_itself_rather_than_wait_for_the_worker() -> None:
     """The worker folds at the lowest priority (on Linux), so that ingestion comes first; what it has not started
     when the round closes is folded by the finaliser, at the finaliser's own priority, and nothing is missing."""
     folder, gate, headers, factors = _gated_folder(2**20)
     for header, f in zip(headers[1:], factors[1:], strict=True):
         folder.add(header, f, 4)
-    waiting_for_worker = folder._jobs.join
-
-    def join() -> None:  # the finaliser has taken the backlog by now; let the worker finish its batch
-        gate.open.set()
-        waiting_for_worker()
-
-    folder._jobs.join = join  # type: ignore[method-assign]
+    _open_once_taken(folder, gate)
     fold = folder.take(4)
     assert fold is not None and set(fold.updates) == {record_id(h.client_id, h.update_id) for h in headers}
     workers = [call for call in gate.calls if call[0] == "round-fold"]
@@ -232,6 +237,22 @@ def test_a_finaliser_folds_the_backlog_itself_rather_than_wait_for_the_worker() 
     )
     total = sum(fold.updates[record_id(h.client_id, h.update_id)].raw_weight for h in headers)
     assert torch.allclose(fold.sums[3][q] / total, expected.sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_a_fold_that_fails_on_the_finalisers_thread_leaves_the_round_to_the_factors() -> None:
+    folder, gate, headers, factors = _gated_folder(2**20)
+    for header, f in zip(headers[1:], factors[1:], strict=True):
+        folder.add(header, f, 4)
+
+    class Broken(_Gated):
+        def __call__(self, clients: Sequence[ClientMeta]) -> list[float]:
+            if threading.current_thread() is threading.main_thread():
+                raise RuntimeError("a bug in folding")
+            return super().__call__(clients)
+
+    gate.__class__ = Broken
+    _open_once_taken(folder, gate)
+    assert folder.take(4) is None, "no fold: the finaliser sums the round from the factors instead of failing"
 
 
 def test_a_fold_that_falls_behind_holds_a_bounded_backlog() -> None:
