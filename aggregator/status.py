@@ -25,6 +25,8 @@ class LiveAggregator:
     seen_s_ago: float  # since its last health write
     busy_s: float  # since its last completed step (large while a long SVD runs)
     counters: dict[str, int]
+    # The open round's sum it is folding (aggregator.folding): round, updates and bytes; None when it folds none.
+    fold: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def collect(
                 seen_s_ago=now - float(info.get("at", now)),
                 busy_s=now - float(info.get("last_step", now)),
                 counters={str(k): int(v) for k, v in (info.get("counters") or {}).items()},
+                fold={str(k): int(v) for k, v in info["fold"].items()} if info.get("fold") else None,
             )
         )
     status = store.status()
@@ -186,7 +189,7 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
         f"holds {fill} updates{deadline}"
     )
     agg = Table(title=f"{len(status.aggregators)} live aggregator(s)", title_justify="left")
-    for column in ("owner", "seen", "busy", "accepted", "refused", "rounds"):
+    for column in ("owner", "seen", "busy", "accepted", "refused", "rounds", "folding"):
         agg.add_column(column)
     for a in status.aggregators:
         refused = sum(v for k, v in a.counters.items() if k.startswith("refused:"))
@@ -197,6 +200,9 @@ def render(status: FederationStatus, console: Console, now: float) -> None:
             str(a.counters.get("accepted", 0)),
             str(refused),
             str(a.counters.get("rounds", 0)),
+            "-"
+            if a.fold is None
+            else f"round {a.fold['round']}: {a.fold['updates']} updates, {a.fold['bytes'] / 1e6:.1f} MB",
         )
     console.print(agg)
     if status.queues:

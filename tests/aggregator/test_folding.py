@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -324,3 +325,32 @@ def test_the_service_folds_what_it_records_and_reads_nothing_back(federation: st
     assert folded.keys() == summed.keys()
     for key, t in summed.items():
         assert torch.allclose(folded[key], t, rtol=1e-5, atol=1e-6), key
+
+
+def test_flexlora_status_shows_what_each_aggregator_is_folding(federation: str) -> None:
+    from rich.console import Console
+
+    from aggregator.status import collect, render
+    from aggregator.stores.memory import MemoryRoundStore
+    from tests.e2e.procs import wait_for
+
+    transport = connect("memory://", memory=MemoryBroker())
+    store = MemoryRoundStore()
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=3), poll_s=0.01)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    for i, rank in enumerate((4, 8)):
+        _valid(rig, f"c{i}", rank, seed=i)
+    sub = service.subscribe()
+    for _ in range(10):
+        service.step(sub)
+    sub.close()
+    wait_for(lambda: (service.folder.holding() or {}).get("updates") == 2, 10, "both updates folded")
+    store.record_health(config.owner, service.health_info(), ttl_s=60)
+    [live] = collect(store, None, federation, now=time.time()).aggregators
+    assert live.fold is not None and live.fold["round"] == 0 and live.fold["updates"] == 2 and live.fold["bytes"] > 0
+    console = Console(record=True, width=200)
+    render(collect(store, None, federation, now=time.time()), console, now=time.time())
+    assert "round 0: 2 updates" in console.export_text()
+    service.folder.close()
