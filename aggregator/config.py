@@ -90,8 +90,11 @@ class AggregatorConfig:
     signing_keys: Mapping[str, bytes] | None = None
     # Client-level differential privacy (aggregator.privacy); None: off.
     privacy: PrivacyConfig | None = None
-    # While the round store is unreachable an update is held and retried this long before being requeued.
-    store_retry_s: float = 60.0
+    # While the round store is unreachable an update is held and retried: until it answers (None), or this long
+    # before being given back (each give-back counts towards the updates queue's delivery limit of 5, after which
+    # RabbitMQ dead-letters the update). RabbitMQ's consumer timeout (30 min by default) closes a channel holding
+    # a delivery longer, which counts as one give-back: outages up to 5 × that lose nothing.
+    store_retry_s: float | None = None
     # Re-raise unexpected errors instead of requeueing: for tests and the embedded demo, where a bug
     # should fail loudly rather than loop through redeliveries.
     fail_fast: bool = False

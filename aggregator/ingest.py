@@ -3,14 +3,16 @@ goes wrong with one message is that message's failure, never the process's.
 
 A refusal (SchemaError) dead-letters the message with its reason; a bug anywhere below becomes reason
 `internal`, with the traceback logged, so a poison message is settled on its first delivery instead of being
-redelivered into one aggregator after another. Only an unreachable round store gives a message back (after
-holding it for `store_retry_s`), and only broker errors leave the guard, for the caller to reconnect.
+redelivered into one aggregator after another. An unreachable round store holds a message (retried until the
+store answers), and gives it back only when the process stops (or after `store_retry_s`, if set); only broker
+errors leave the guard, for the caller to reconnect.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -50,6 +52,7 @@ class Ingest:
         clock: Callable[[], float],
         answer_join: Callable[[StoredRelease], None],
         recorded: Callable[[LoraUpdate, Mapping[str, LoraFactors]], None] = lambda header, factors: None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.config = config
@@ -62,6 +65,7 @@ class Ingest:
         self.clock = clock
         self.answer_join = answer_join
         self.recorded = recorded  # told of every update this process recorded, with its validated factors
+        self.stopping = stopping  # the process is asked to stop: give back what the store cannot take now
 
     def handle(self, delivery: Delivery) -> None:
         """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
@@ -83,7 +87,7 @@ class Ingest:
             log.warning("dead-lettering %s (%s): %s", kind, exc.reason, exc.detail)
             self._dead_letter(delivery, exc.reason, exc.detail)
         except self.store.transient_errors:
-            # Not the message's fault and held for store_retry_s already: give it back for a later try.
+            # Not the message's fault, and held while the process could: give it back for a later try.
             self.counters["requeued"] += 1
             self.metrics.update("requeued")
             log.exception("could not record a %s; requeueing it", kind)
@@ -172,16 +176,19 @@ class Ingest:
         return valid, result
 
     def _retrying(self, work: Callable[[], _T]) -> _T:
-        """Run `work`, retrying while the store is unreachable (a Redis restart) for up to `store_retry_s`,
-        holding the message meanwhile: requeueing it would count towards the queue's delivery limit and
-        dead-letter sound updates during an outage of a few seconds."""
-        deadline = time.monotonic() + self.config.store_retry_s
+        """Run `work`, retrying while the store is unreachable (a Redis restart, a failover), holding the message
+        meanwhile: for as long as the outage lasts (`store_retry_s` None), or up to `store_retry_s`. Giving it
+        back counts towards the updates queue's delivery limit, so an outage longer than five give-backs would
+        dead-letter sound updates: a device's work lost to a Redis outage. A process asked to stop gives it back
+        at once (another aggregator, or this one restarted, records it)."""
+        limit = self.config.store_retry_s
+        deadline = math.inf if limit is None else time.monotonic() + limit
         wait = 0.1
         while True:
             try:
                 return work()
             except self.store.transient_errors as exc:
-                if self.config.fail_fast or time.monotonic() + wait > deadline:
+                if self.config.fail_fast or self.stopping() or time.monotonic() + wait > deadline:
                     raise
                 self.counters["store_retries"] += 1
                 log.warning("round store unreachable (%s); retrying in %.1fs", exc, wait)

@@ -99,6 +99,7 @@ class AggregatorService:
             config.policy.max_updates,
         )
         self._open_round_id = 0
+        self._stop = threading.Event()  # run()'s: set when the process is asked to stop
         self.ingest = Ingest(
             store,
             config,
@@ -111,6 +112,7 @@ class AggregatorService:
             clock=clock,
             answer_join=self.answer_join,
             recorded=self._recorded,
+            stopping=lambda: self._stop.is_set(),
         )
 
     def _recorded(self, header: LoraUpdate, factors: Mapping[str, LoraFactors]) -> None:
@@ -132,6 +134,7 @@ class AggregatorService:
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set. Broker errors propagate so the caller can reconnect."""
+        self._stop = stop
         self.setup()
         subscription = self.subscribe()
         done = threading.Event()

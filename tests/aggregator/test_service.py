@@ -342,6 +342,86 @@ def test_an_update_is_held_not_requeued_while_the_store_is_briefly_unreachable(f
     assert store.status().count == 1
 
 
+class _Clock:
+    """Time for aggregator.ingest that passes only when it sleeps: a long outage in no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Outage(MemoryRoundStore):
+    """Unreachable until the clock passes `until`."""
+
+    transient_errors = (ConnectionError,)
+
+    def __init__(self, clock: _Clock, until: float) -> None:
+        super().__init__()
+        self.clock, self.until = clock, until
+
+    def record(self, *args: Any, **kwargs: Any) -> RecordResult:
+        if self.clock.now < self.until:
+            raise ConnectionError("Redis is down")
+        return super().record(*args, **kwargs)
+
+
+def test_a_redis_outage_longer_than_the_delivery_limits_give_backs_dead_letters_nothing(
+    federation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten minutes down: five give-backs of 60 s each (the old default) dead-lettered the update as
+    delivery_limit, a device's work lost to an outage; it is held until Redis answers, and counted once."""
+    import aggregator.ingest as ingest_module
+
+    clock = _Clock()
+    monkeypatch.setattr(ingest_module, "time", clock)
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = _Outage(clock, until=600.0)
+    service = AggregatorService(transport, store, AggregatorConfig(federation=federation, poll_s=0.01))
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    assert _take_all(rig) == []
+    assert service.counters["requeued"] == 0 and clock.now >= 600.0
+    assert store.status().count == 1
+
+
+def test_an_update_held_through_an_outage_is_given_back_when_the_process_stops(
+    federation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aggregator.ingest as ingest_module
+
+    clock = _Clock()
+    monkeypatch.setattr(ingest_module, "time", clock)
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = _Outage(clock, until=float("inf"))
+    service = AggregatorService(transport, store, AggregatorConfig(federation=federation, poll_s=0.01))
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    stop = threading.Event()
+    service._stop = stop  # what run(stop) does
+    sub = service.subscribe()
+    delivery = sub.get(1.0)
+    assert delivery is not None
+    original = clock.sleep
+
+    def sleep(seconds: float) -> None:  # SIGTERM arrives an hour into the outage
+        original(seconds)
+        if clock.now > 3600:
+            stop.set()
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    service.handle(delivery)
+    sub.close()
+    assert service.counters["requeued"] == 1 and 3600 < clock.now < 3700
+    assert rig.transport.queue_depth(rig.topo.updates_queue) == 1, "back in the queue, for whoever comes next"
+
+
 def test_a_chunked_replay_is_refused_and_leaves_nothing_behind_to_expire(federation: str) -> None:
     from broker.chunked import publish_payload
 
