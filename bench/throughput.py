@@ -26,6 +26,7 @@ from typing import Any
 
 import pika
 
+from aggregator.payloads import open_payloads
 from aggregator.settings import AggregatorSettings
 from aggregator.stores.redis import RedisRoundStore
 from broker.connect import connect
@@ -85,7 +86,9 @@ def federation(
 ) -> Iterator[tuple[Topology, RedisRoundStore]]:
     """A fresh federation with its queues declared; deleted, with its Redis keys, however the body ends."""
     topology = Topology(new_federation())
-    store = RedisRoundStore.from_url(args.redis_url, topology.federation)
+    # Opened here too, so that wiping the store deletes the payloads (another benchmark's args may not name one).
+    payloads = open_payloads(getattr(args, "payload_store", "redis"), topology.federation)
+    store = RedisRoundStore.from_url(args.redis_url, topology.federation, payloads=payloads)
     mailboxes = [spec for c in clients for spec in topology.client(c)]
     try:
         transport.declare([*topology.core(), *mailboxes])
@@ -111,6 +114,7 @@ def aggregators(
     command = [sys.executable, "-m", "flexlora.cli", "aggregator", "--quiet", "--federation", fed]
     command += ["--max-updates", str(max_updates), "--svd-mode", svd_mode]
     command += ["--broker-url", args.broker_url, "--redis-url", args.redis_url]
+    command += ["--payload-store", getattr(args, "payload_store", "redis")]
     command += getattr(args, "aggregator_flags", [])  # what another benchmark adds (bench/guarantees.py)
     command += list(extra)
     procs: list[subprocess.Popen[bytes]] = []
@@ -259,6 +263,11 @@ def main() -> None:
         default=0.0,
         help="seconds between the turnaround round's last-but-one update being recorded and the last being published",
     )
+    parser.add_argument(
+        "--payload-store",
+        default=AggregatorSettings.model_fields["payload_store"].default,
+        help="the aggregators' payload store (redis, or file:///dir: a directory this machine may fill and empty)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds any one wait may take")
     parser.add_argument("--broker-url", default=AggregatorSettings.model_fields["broker_url"].default)
     parser.add_argument("--redis-url", default=AggregatorSettings.model_fields["redis_url"].default)
@@ -283,7 +292,7 @@ def main() -> None:
     one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
     ratio = None if one is None else one / raw["messages_per_s"]
     report = {
-        "settings": {k: getattr(args, k) for k in ("messages", "rank", "layers", "clients")}
+        "settings": {k: getattr(args, k) for k in ("messages", "rank", "layers", "clients", "payload_store")}
         | {"payload_bytes": len(payload), "header_bytes": len(header_json), "prefetch": PREFETCH},
         "raw_baseline": raw,
         "ingestion": runs,
