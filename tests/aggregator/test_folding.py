@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 import torch
+from rich.console import Console
 
 from aggregator.config import AggregatorConfig
 from aggregator.flexlora import ClientAdapter
@@ -28,6 +29,7 @@ from aggregator.planning import (
 )
 from aggregator.rounds import RoundPolicy, record_id
 from aggregator.service import AggregatorService
+from aggregator.status import collect, render
 from aggregator.strategies import ClientMeta, DataSize, FedIT, FlexLoRA, StalenessDiscount, Weighting, get_weighting
 from broker.connect import connect
 from broker.topology import Topology
@@ -37,7 +39,8 @@ from schemas.messages import LoraUpdate, PayloadInfo
 from schemas.recipe import DEFAULT_RECIPE
 from tests.aggregator.test_held import CountingStore
 from tests.aggregator.test_round_store_contract import _update
-from tests.aggregator.test_service import Rig, _serve_until, _valid
+from tests.aggregator.test_service import Rig, _memory_service, _serve_until, _valid
+from tests.e2e.procs import wait_for
 
 MODULES = {"model.layers.0.q_proj": (12, 10), "model.layers.0.v_proj": (6, 10), "model.layers.1.q_proj": (12, 10)}
 
@@ -328,18 +331,8 @@ def test_the_service_folds_what_it_records_and_reads_nothing_back(federation: st
 
 
 def test_flexlora_status_shows_what_each_aggregator_is_folding(federation: str) -> None:
-    from rich.console import Console
-
-    from aggregator.status import collect, render
-    from aggregator.stores.memory import MemoryRoundStore
-    from tests.e2e.procs import wait_for
-
-    transport = connect("memory://", memory=MemoryBroker())
-    store = MemoryRoundStore()
-    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=3), poll_s=0.01)
-    service = AggregatorService(transport, store, config)
-    service.setup()
-    rig = Rig(transport, store, service, Topology(federation))
+    rig = _memory_service(federation)
+    service, store, config = rig.service, rig.store, rig.service.config
     for i, rank in enumerate((4, 8)):
         _valid(rig, f"c{i}", rank, seed=i)
     sub = service.subscribe()
