@@ -98,9 +98,10 @@ def _yield_to_ingestion() -> None:
     """Run the calling thread (and the OpenMP threads it starts, which inherit this) at the lowest priority, on
     Linux, where each thread has its own: folding uses what ingestion leaves idle instead of competing with it,
     and catches up in the gaps (a finaliser folds what is left itself: RoundFolder.take). Measured on 2 cores,
-    500 queued SmolLM2-shaped rank-8 updates, exact mode, one aggregator: about 70 updates/s recorded with the
-    worker at the process's priority, 97-107 at the lowest, 111-138 without folding. (SCHED_IDLE did no
-    better, and may starve the worker outright on a busy machine.)"""
+    500 queued SmolLM2-shaped rank-8 updates, exact mode, one aggregator: 58 updates/s recorded with the
+    worker at the process's priority folding one update at a time, 109-114 at the lowest with the batches
+    below, 113-121 without folding (interleaved runs). SCHED_IDLE did no better, and may starve the worker
+    outright on a busy machine."""
     if sys.platform != "linux":  # elsewhere a thread id is no process id: setpriority would renice another
         return
     try:
@@ -163,15 +164,8 @@ class RoundFolder:
         afresh after. What the worker has not started is folded here, on the caller's thread and at its priority,
         so a finaliser never waits on a backlog that the low-priority worker is working through."""
         waiting = self._drain()
-        try:
-            for batch_round, group in itertools.groupby(waiting, key=lambda job: job.round_id):
-                jobs = list(group)
-                for start in range(0, len(jobs), _BATCH_UPDATES):
-                    self._fold_batch(batch_round, jobs[start : start + _BATCH_UPDATES])
-        except Exception:  # as on the worker: the round is summed from the factors, never failed for a fold
-            log.exception("folding %d updates failed; their round is summed from the factors", len(waiting))
-            with self._lock:
-                self._fold = None
+        for start in range(0, len(waiting), _BATCH_UPDATES):
+            self._fold_safely(waiting[start : start + _BATCH_UPDATES])
         with self._lock:
             fold, self._fold = self._fold, None
             if self._tally is not None and self._tally.round_id <= round_id:  # what waited is summed from factors
@@ -223,17 +217,23 @@ class RoundFolder:
                     self._thread = None
                     return
             try:
-                for round_id, batch in itertools.groupby(jobs, key=lambda job: job.round_id):
-                    self._fold_batch(round_id, list(batch))
-            except Exception:  # said, not lost: the round is aggregated from the factors instead
-                log.exception("folding %d updates failed; their round is summed from the factors", len(jobs))
-                with self._lock:
-                    self._fold = None
+                self._fold_safely(jobs)
             finally:
                 with self._lock:
                     self._backlog_bytes -= sum(job.nbytes for job in jobs)
                 for _ in jobs:
                     self._jobs.task_done()
+
+    def _fold_safely(self, jobs: list[_Job]) -> None:
+        """Fold a batch (on the worker or the finaliser); a failure is said, not lost: the fold is dropped and its
+        round aggregated from the factors instead, never failed for it."""
+        try:
+            for round_id, batch in itertools.groupby(jobs, key=lambda job: job.round_id):
+                self._fold_batch(round_id, list(batch))
+        except Exception:
+            log.exception("folding %d updates failed; their round is summed from the factors", len(jobs))
+            with self._lock:
+                self._fold = None
 
     def _fold_batch(self, round_id: int, jobs: list[_Job]) -> None:
         """Fold updates recorded while `round_id` was open: one product per module and base version for the whole

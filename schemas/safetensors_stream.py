@@ -165,12 +165,6 @@ def split_payload(buffer: bytearray | memoryview) -> tuple[memoryview, list[Entr
     return data, parse_header(view[8 : 8 + n], len(data))
 
 
-def view_tensors(buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse a safetensors payload into tensors that share `buffer`'s memory (see parse_header)."""
-    data, entries = split_payload(buffer)
-    return {e.name: tensor_from(e, data[e.begin : e.end]) for e in entries}
-
-
 def _offsets(name: str, entry: object) -> tuple[int, int]:
     if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
         raise TensorDecodeError(f"tensor {name!r} has dtype {entry['dtype']}; only float dtypes are accepted")
