@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import TypeVar
 
 from aggregator.config import AggregatorConfig
@@ -23,10 +24,18 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import RecordResult, RoundStore, StoredRelease
 from aggregator.security import Guard
 from aggregator.transfers import ChunkIntake
-from aggregator.validation import Limits, ValidUpdate, pin_accepted, refuse_conflict, validate_update
+from aggregator.validation import (
+    Limits,
+    ValidUpdate,
+    check_message,
+    check_pins,
+    pin_accepted,
+    refuse_conflict,
+    validate_update,
+)
 from broker.errors import BrokerError, PublishRefused
 from broker.topology import JOIN_ROUTING_KEY
-from broker.transport import Delivery, headers_size
+from broker.transport import Delivery, Message, headers_size
 from schemas.errors import Reason, SchemaError
 from schemas.lora import LoraFactors
 from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, LoraUpdate, parse_join
@@ -67,18 +76,26 @@ class Ingest:
         self.recorded = recorded  # told of every update this process recorded, with its validated factors
         self.stopping = stopping  # the process is asked to stop: give back what the store cannot take now
 
-    def handle(self, delivery: Delivery) -> None:
+    def checks_ahead(self, message: Message) -> bool:
+        """Whether `check_ahead` applies to this message: a whole update (not a join, nor a chunk of one)."""
+        return message.routing_key != JOIN_ROUTING_KEY and not ChunkIntake.is_chunk(message)
+
+    def check_ahead(self, message: Message) -> ValidUpdate:
+        """The checks of a whole update that need no store (aggregator.validation.check_message), on any thread: the
+        service runs them for the deliveries waiting behind the one it records. `handle` then takes the result (or
+        the refusal this raises) and finishes with the federation's pins."""
+        _check_headers_size(message)
+        return check_message(message, self.config.federation, self.limits, self.guard)
+
+    def handle(self, delivery: Delivery, checked: Future[ValidUpdate] | None = None) -> None:
         """Settle one delivery: ack it once its effect is recorded, dead-letter it with a reason, or (the store
-        being unreachable) give it back. Never raises but for broker errors (and, with fail_fast, bugs)."""
+        being unreachable) give it back. Never raises but for broker errors (and, with fail_fast, bugs).
+        `checked`: `check_ahead` of this delivery's message, run already (or running) on another thread."""
         kind = "join request" if delivery.message.routing_key == JOIN_ROUTING_KEY else "update"
         try:
-            size = headers_size(delivery.message.headers)
-            if size > MAX_HEADERS_BYTES:
-                raise SchemaError(
-                    f"headers take {size} bytes, over the limit of {MAX_HEADERS_BYTES}", reason=Reason.HEADER_SIZE
-                )
+            _check_headers_size(delivery.message)
             if kind == "update":
-                self._update(delivery)
+                self._update(delivery, checked)
             else:
                 self._join(delivery)
         except BrokerError:
@@ -115,8 +132,8 @@ class Ingest:
             log.warning("could not count a refusal in the store", exc_info=True)
 
     # --- updates --------------------------------------------------------------------------------------------
-    def _update(self, delivery: Delivery) -> None:
-        taken = self._retrying(lambda: self._take(delivery))
+    def _update(self, delivery: Delivery, checked: Future[ValidUpdate] | None) -> None:
+        taken = self._retrying(lambda: self._take(delivery, checked))
         if taken is None:
             return
         valid, result = taken
@@ -135,7 +152,9 @@ class Ingest:
             valid.header.base_version,
         )
 
-    def _take(self, delivery: Delivery) -> tuple[ValidUpdate, RecordResult] | None:
+    def _take(
+        self, delivery: Delivery, checked: Future[ValidUpdate] | None = None
+    ) -> tuple[ValidUpdate, RecordResult] | None:
         """Validate and record one update (None: a chunk kept, nothing more to do); SchemaError refuses it."""
         if ChunkIntake.is_chunk(delivery.message):
             chunk = self.intake.take(delivery.message, self.clock(), self.config.max_staleness, self.check_outlier)
@@ -145,9 +164,13 @@ class Ingest:
                 return None
             valid, result = chunk.valid, chunk.result
         else:
-            valid = validate_update(
-                delivery.message, self.config.federation, self.store, self.pins, self.limits, self.guard
-            )
+            if checked is None:
+                valid = validate_update(
+                    delivery.message, self.config.federation, self.store, self.pins, self.limits, self.guard
+                )
+            else:
+                valid = checked.result()  # raises its refusal (or error) here, as validate_update would
+                check_pins(self.store, valid, self.pins)
             self.check_outlier(valid)
             result = self.store.record(
                 valid.header, delivery.message.body, self.clock(), self.config.max_staleness, valid.pins
@@ -233,3 +256,10 @@ class Ingest:
         delivery.ack()
         self.counters["joins"] += 1
         self.metrics.joined()
+
+
+def _check_headers_size(message: Message) -> None:
+    size = headers_size(message.headers)
+    if size > MAX_HEADERS_BYTES:
+        reason = Reason.HEADER_SIZE
+        raise SchemaError(f"headers take {size} bytes, over the limit of {MAX_HEADERS_BYTES}", reason=reason)

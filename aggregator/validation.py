@@ -120,8 +120,16 @@ def validate_update(
     records it); every later update must match them, so updates from a different base model can never be
     averaged together.
     """
+    valid = check_message(message, federation, limits, guard)
+    check_pins(store, valid, pins)
+    return valid
+
+
+def check_message(message: Message, federation: str, limits: Limits, guard: Guard | None = None) -> ValidUpdate:
+    """Every check of `validate_update` that needs nothing but the message itself (all but the federation's pins):
+    safe to run on any thread, ahead of the store (aggregator.ingest)."""
     header = check_header(message, federation, limits, guard)
-    return validate_payload(header, message.body, store, pins, limits)
+    return check_payload(header, message.body, limits)
 
 
 def check_header(message: Message, federation: str, limits: Limits, guard: Guard | None = None) -> LoraUpdate:
@@ -166,6 +174,13 @@ def validate_payload(
     limits: Limits = Limits(),
 ) -> ValidUpdate:
     """Integrity, safetensors, LoRA layout, the norm bound, then the federation's pinned base model and shapes."""
+    valid = check_payload(header, body, limits)
+    check_pins(store, valid, pins)
+    return valid
+
+
+def check_payload(header: LoraUpdate, body: Payload, limits: Limits = Limits()) -> ValidUpdate:
+    """Integrity, safetensors, LoRA layout and the norm bound: the payload's checks that need no store."""
     decoded = decode_payload(body, header.payload)
     # The fast check covers the common case; when it fails, split_lora's per-module check names the culprit.
     factors = split_lora(
@@ -180,7 +195,6 @@ def validate_payload(
     if held != set(header.target_modules):
         missing = sorted(set(header.target_modules) - held)
         raise LoraLayoutError(f"target_modules lists {missing}, which no tensor of the payload holds")
-    check_pins(store, valid, pins)
     return valid
 
 

@@ -8,7 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.flexlora import ClientAdapter, ModuleReport, RankRequest, data_size_weights, flexlora
+from aggregator.flexlora import (
+    AggregationError,
+    ClientAdapter,
+    ModuleReport,
+    RankRequest,
+    data_size_weights,
+    flexlora,
+    flexlora_dense,
+)
 from aggregator.lowrank import SvdMode
 from schemas.lora import LoraFactors
 
@@ -287,6 +295,26 @@ def test_nonfinite_factors_are_named_on_every_path(mode: SvdMode, rank: int, fac
     bad = ClientAdapter({"m": LoraFactors(A=a, B=b)}, rank, 2.0 * rank)
     with pytest.raises(ValueError, match="client 1, module 'm': factors hold NaN or infinite values"):
         flexlora([good, bad], [1, 1], [RankRequest(rank, 2.0 * rank)], mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("shape", [(8, 6), (6, 8)])  # the Gram matrix of the rows, and of the columns
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 3e38])
+def test_a_folded_round_with_nonfinite_values_is_refused_with_its_modules(
+    mode: SvdMode, shape: tuple[int, int], value: float
+) -> None:
+    # A folded ΔW (aggregator.folding) is checked through its Gram matrix's diagonal, with no pass over ΔW itself:
+    # any NaN or Inf, anywhere in it, must still be refused, and so must a square past the working precision
+    # (3e38² overflows float32, fast mode's; exact mode works in float64, which holds it).
+    dense = {m: torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i, m in enumerate("ab")}
+    dense["b"][shape[0] - 1, shape[1] - 1] = value
+    if value == 3e38 and mode == "exact":
+        assert set(flexlora_dense(dense, [RankRequest(2, 4.0)], mode=mode)[RankRequest(2, 4.0)]) == {"a", "b"}
+        return
+    with pytest.raises(AggregationError, match=r"modules \['a', 'b'\]: the folded round holds NaN or infinite"):
+        flexlora_dense(dense, [RankRequest(2, 4.0)], mode=mode)
+    dense["b"][shape[0] - 1, shape[1] - 1] = 1.0
+    assert set(flexlora_dense(dense, [RankRequest(2, 4.0)], mode=mode)[RankRequest(2, 4.0)]) == {"a", "b"}
 
 
 def test_factors_that_overflow_float32_in_fast_mode_are_refused_with_the_module() -> None:
