@@ -80,6 +80,7 @@ class AggregatorService:
         # Deliveries taken from the subscription, each with its store-free checks running ahead (see `_next`).
         self._checking = ThreadPoolExecutor(1, thread_name_prefix="check-ahead")
         self._ahead: collections.deque[tuple[Delivery, Future[ValidUpdate] | None]] = collections.deque()
+        self._ahead_of: Subscription | None = None
         self._last_republish = 0.0
         self._privacy_refused: str | None = None  # why the open round may not commit (its ε would pass the budget)
         self._privacy_refused_round: int | None = None
@@ -229,6 +230,9 @@ class AggregatorService:
         the prefetch) is taken too, so its checks (sha256, safetensors parsing) run while this thread waits on the
         store and the broker for the one before; a delivery waiting here is unsettled like any other in flight,
         and goes back to the queue if the process stops."""
+        if self._ahead_of is not subscription:  # those of a closed subscription went back to the queue with it
+            self._ahead.clear()
+            self._ahead_of = subscription
         if not self._ahead:
             first = subscription.get(self.config.poll_s)
             if first is None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
+from redis.cluster import RedisCluster
 
 from aggregator.keys import Keys
 from aggregator.payloads import PayloadStore, PayloadStoreMismatch, PayloadUnavailable
@@ -326,20 +328,31 @@ class RedisRoundStore(RoundStore):
         return self.payloads.delete(orphans)
 
     def _replicated_call(
-        self, script: Any, keys: Sequence[str], args: Sequence[Any], what: str, safe_when: tuple[int, ...] | None
+        self,
+        script: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        what: str,
+        safe_when: tuple[int, ...] | None,
+        before: Callable[[Pipeline], object] | None = None,
     ) -> Any:
         """Run `script`; when it answers one of `safe_when` (None: whatever it answers), a write the caller acks
         or publishes next, wait
         until the required replicas hold it (WAIT) or raise NotReplicated. The script and the WAIT go down one
         connection: WAIT covers only the writes of the connection it is sent on, and another thread of this
-        process may take a pooled connection in between."""
+        process may take a pooled connection in between. `before` adds commands that go ahead of the script, in
+        the same round trip."""
         need = self.replication.replicas
-        if need == 0:
+        if need == 0 and before is None:
             return script(keys=keys, args=args)
         pipe = self.r.pipeline(transaction=False)
+        if before is not None:
+            before(pipe)
         script(keys=keys, args=args, client=pipe)
+        if need == 0:
+            return pipe.execute()[-1]
         pipe.wait(need, max(1, int(self.replication.timeout_s * 1000)))
-        done, got = pipe.execute()
+        done, got = pipe.execute()[-2:]
         if (safe_when is None or int(done) in safe_when) and int(got) < need:
             raise NotReplicated(
                 f"{what} reached the primary but {got} of the {need} replica(s) required within "
@@ -380,12 +393,21 @@ class RedisRoundStore(RoundStore):
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
         value = self._spill(f"updates/{rid}/{header.payload.sha256}", payload)
-        pipe = self.r.pipeline(transaction=False)  # one round trip: the bytes, and the version to record against
-        pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
-        pipe.get(k.version)
-        _, raw_version = pipe.execute()
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
+
+        before: Callable[[Pipeline], None] | None = write
+        # One round trip: the bytes, then the script, against the version status() saw last (the open round's but
+        # right after a commit, when the script says so and is run again with the version read afresh).
+        version = self._version_seen
+        if isinstance(self.r, RedisCluster):  # redis-py refuses a script in a cluster's pipeline: two round trips
+            pipe = self.r.pipeline(transaction=False)  # the bytes, and the version to record against
+            write(pipe)
+            pipe.get(k.version)
+            version, before = int(pipe.execute()[1] or 0), None
         return self._run_record(
-            header, payload_key, payload_key, now, max_staleness, pins, chunked=False, version=int(raw_version or 0)
+            header, payload_key, payload_key, now, max_staleness, pins, chunked=False, version=version, before=before
         )
 
     def _run_record(
@@ -399,10 +421,12 @@ class RedisRoundStore(RoundStore):
         *,
         chunked: bool,
         version: int | None = None,
+        before: Callable[[Pipeline], object] | None = None,
     ) -> RecordResult:
         """The RECORD script (its KEYS and ARGV in its order): `staged` holds the bytes, `payload` is the key the
         recorded update's bytes live under (the same key unless the update came in chunks); `version`: the
-        version the caller read just now, if it did (the script checks it, so a stale one costs a retry)."""
+        version the caller read just now, or saw last, if it did (the script checks it, so a stale one costs a
+        retry); `before`: commands sent ahead of the script's first run, in its round trip."""
         k = self.keys
         rid = record_id(header.client_id, header.update_id)
         pins_args = [part for pin in sorted((pins or {}).items()) for part in pin]
@@ -412,7 +436,9 @@ class RedisRoundStore(RoundStore):
             keys += [k.round_updates(expected), k.round_opened(expected), k.transfer_owners]
             args = [rid, header.model_dump_json(), repr(now), str(expected), header.base_version]
             args += [-1 if max_staleness is None else max_staleness, "1" if chunked else "0", *pins_args]
-            done = self._replicated_call(self._record, keys, args, f"update {header.update_id}", (0, 1))
+            done = self._replicated_call(
+                self._record, keys, args, f"update {header.update_id}", (0, 1), before if attempt == 0 else None
+            )
             if int(done) != 6:  # 6: a commit moved the version between the read and the script
                 break
         else:

@@ -267,6 +267,13 @@ def test_a_redis_store_sees_the_round_another_aggregator_opened_by_committing(fe
         assert mine.status() == RoundStatus(2, 0, None)
         assert mine.record(_update("c1", "update-0003", base=2), b"3", now=4.0) is RecordResult.RECORDED
         assert mine.status() == RoundStatus(2, 1, 4.0) and theirs.status() == RoundStatus(2, 1, 4.0)
+        # Recording goes against the version this store saw last, too: one more commit it has not seen, and its next
+        # update must still land in the round open now, not in the one it saw.
+        lease = theirs.acquire(2, "theirs", ttl_s=30)
+        assert lease is not None
+        assert theirs.commit(lease, 1, [_release("c2", 3)], _record(3), now=5.0)
+        assert mine.record(_update("c1", "update-0004", base=3), b"4", now=6.0) is RecordResult.RECORDED
+        assert theirs.status() == RoundStatus(3, 1, 6.0) and theirs.round_update_ids(3) == ["update-0004"]
     finally:
         mine.wipe()
 

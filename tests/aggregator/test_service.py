@@ -573,3 +573,28 @@ def test_a_rounds_adapters_go_out_once_per_distinct_cut_and_reach_every_particip
         transport.close()
         if isinstance(store, RedisRoundStore):
             store.wipe()
+
+
+def test_updates_taken_ahead_go_back_to_the_queue_when_the_service_stops(
+    rig: Rig, federation: str, amqp_cleanup: list[str]
+) -> None:
+    # The service takes what the broker has delivered (up to the prefetch) to check it ahead while it records the
+    # first; stopping there must hand the others back, for this or another aggregator to record, none lost.
+    clients = [f"c{i}" for i in range(5)]
+    amqp_cleanup.extend(rig.topo.adapter_queue(c) for c in clients)
+    for i, client in enumerate(clients):
+        _valid(rig, client, 4, seed=i)
+    sub = rig.service.subscribe()
+    try:
+        for _ in range(200):  # each step waits at most poll_s for a delivery
+            rig.service.step(sub)
+            if rig.store.status().count:
+                break
+    finally:
+        sub.close()
+    assert rig.store.status().count == 1
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=5), poll_s=0.05)
+    _serve_until(
+        Rig(rig.transport, rig.store, AggregatorService(rig.transport, rig.store, config), rig.topo), threading.Event()
+    )
+    assert sorted(c for c in rig.store.releases(1) if c != "_global") == clients
