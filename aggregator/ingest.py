@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from aggregator.config import AggregatorConfig
@@ -35,13 +35,51 @@ from aggregator.validation import (
 )
 from broker.errors import BrokerError, PublishRefused
 from broker.topology import JOIN_ROUTING_KEY
-from broker.transport import Delivery, Message, headers_size
+from broker.transport import Delivery, Message, Subscription, headers_size
 from schemas.errors import Reason, SchemaError
 from schemas.lora import LoraFactors
 from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, LoraUpdate, parse_join
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+
+class Lookahead:
+    """The deliveries an aggregator takes ahead of the one it records: what the broker has delivered (up to the
+    prefetch) is taken as soon as it is there, and a whole update's store-free checks (sha256, safetensors parsing,
+    `Ingest.check_ahead`) start on a thread of their own, so they run while the service waits on the store and the
+    broker for the one before. A delivery waiting here is unsettled like any other in flight, and goes back to the
+    queue when its subscription closes."""
+
+    def __init__(self, ingest: Ingest, depth: int) -> None:
+        self.ingest, self.depth = ingest, max(1, depth)
+        self._checking = ThreadPoolExecutor(1, thread_name_prefix="check-ahead")
+        self._ahead: collections.deque[tuple[Delivery, Future[ValidUpdate] | None]] = collections.deque()
+        self._of: Subscription | None = None
+
+    def next(self, subscription: Subscription, timeout: float) -> tuple[Delivery | None, Future[ValidUpdate] | None]:
+        """The next delivery to handle (None after `timeout` seconds without one), with its checks started."""
+        if self._of is not subscription:  # those of a closed subscription went back to the queue with it
+            self._ahead.clear()
+            self._of = subscription
+        if not self._ahead:
+            first = subscription.get(timeout)
+            if first is None:
+                return None, None
+            self._ahead.append(self._start(first))
+        while len(self._ahead) < self.depth and (more := subscription.get(0)) is not None:
+            self._ahead.append(self._start(more))
+        return self._ahead.popleft()
+
+    def close(self) -> None:
+        """Forget what waits here (its subscription closes, handing it back) and stop checking."""
+        self._ahead.clear()
+        self._checking.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, delivery: Delivery) -> tuple[Delivery, Future[ValidUpdate] | None]:
+        if not self.ingest.checks_ahead(delivery.message):
+            return delivery, None
+        return delivery, self._checking.submit(self.ingest.check_ahead, delivery.message)
 
 
 class Ingest:

@@ -9,8 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -20,16 +19,15 @@ from aggregator.culprits import drop_culprits
 from aggregator.flexlora import ClientAdapter
 from aggregator.folding import Folded, RoundFolder
 from aggregator.held import HeldUpdates
-from aggregator.ingest import Ingest
+from aggregator.ingest import Ingest, Lookahead
 from aggregator.joining import global_adapter
 from aggregator.metrics import AggregatorMetrics
 from aggregator.participants import client_adapters, participant_means, round_participants
 from aggregator.planning import Private, RoundInput, aggregate_round, fold_coefficients, round_weights
 from aggregator.privacy import BudgetExhausted, epsilon
-from aggregator.releasing import build_releases, release_template, send_release, shared_cuts
+from aggregator.publishing import Publisher, committed_releases
+from aggregator.releasing import build_releases, release_template
 from aggregator.rounds import (
-    GLOBAL_RELEASE,
-    Blob,
     Lease,
     RecordedUpdate,
     RoundRecord,
@@ -39,8 +37,7 @@ from aggregator.rounds import (
 )
 from aggregator.strategies import FlexLoRA
 from aggregator.transfers import ChunkIntake
-from aggregator.validation import ValidUpdate
-from broker.errors import BrokerError, ConnectionLost
+from broker.errors import BrokerError
 from broker.topology import Topology
 from broker.transport import Delivery, Subscription, Transport
 from schemas.errors import Reason
@@ -73,14 +70,15 @@ class AggregatorService:
         self.on_commit = on_commit
         self.counters: collections.Counter[str] = collections.Counter()
         self.metrics = metrics or AggregatorMetrics(config.federation)
-        self._declared_clients: set[str] = set()
-        # Mailboxes are declared on this thread while the main one aggregates (see finalise).
-        self._mailboxes = ThreadPoolExecutor(1, thread_name_prefix="mailboxes")
-        self._declaring: Future[None] | None = None
-        # Deliveries taken from the subscription, each with its store-free checks running ahead (see `_next`).
-        self._checking = ThreadPoolExecutor(1, thread_name_prefix="check-ahead")
-        self._ahead: collections.deque[tuple[Delivery, Future[ValidUpdate] | None]] = collections.deque()
-        self._ahead_of: Subscription | None = None
+        self.publisher = Publisher(
+            transport,
+            store,
+            self.topology,
+            self.metrics,
+            owner=config.owner,
+            chunk_bytes=config.chunk_bytes,
+            claim_s=config.lease_s,
+        )
         self._last_republish = 0.0
         self._privacy_refused: str | None = None  # why the open round may not commit (its ε would pass the budget)
         self._privacy_refused_round: int | None = None
@@ -120,10 +118,11 @@ class AggregatorService:
             counters=self.counters,
             metrics=self.metrics,
             clock=clock,
-            answer_join=self.answer_join,
+            answer_join=self.publisher.answer_join,
             recorded=self._recorded,
             stopping=lambda: self._stop.is_set(),
         )
+        self.lookahead = Lookahead(self.ingest, config.prefetch)
 
     def _recorded(self, header: LoraUpdate, factors: Mapping[str, LoraFactors]) -> None:
         self.held.hold(header, factors, self._open_round_id)
@@ -162,11 +161,10 @@ class AggregatorService:
                 self.store.record_health(self.config.owner, self.health_info(), ttl_s=0.001)
             except Exception:
                 log.debug("could not clear the health key; it expires by itself", exc_info=True)
-            subscription.close()  # hands back every unsettled delivery, those waiting in `_ahead` too
-            self._ahead.clear()
+            subscription.close()  # hands back every unsettled delivery, those waiting in the lookahead too
+            self.lookahead.close()
             self.folder.close()  # its sums go with it (a reconnect builds a new service)
-            self._mailboxes.shutdown(wait=False, cancel_futures=True)
-            self._checking.shutdown(wait=False, cancel_futures=True)
+            self.publisher.close()
 
     def health_info(self) -> str:
         return json.dumps(
@@ -200,7 +198,7 @@ class AggregatorService:
             done.wait(self.config.health_every_s)
 
     def step(self, subscription: Subscription) -> None:
-        delivery, checked = self._next(subscription)
+        delivery, checked = self.lookahead.next(subscription, self.config.poll_s)
         if delivery is not None:
             self.ingest.handle(delivery, checked)
         try:
@@ -224,29 +222,6 @@ class AggregatorService:
             time.sleep(min(5.0, self.config.poll_s * 10))
 
     # --- ingest ---------------------------------------------------------------------------------
-    def _next(self, subscription: Subscription) -> tuple[Delivery | None, Future[ValidUpdate] | None]:
-        """The next delivery to handle, with its store-free checks (Ingest.check_ahead) started, for a whole update,
-        on the check-ahead thread as soon as the delivery is taken. What else the broker has delivered (up to
-        the prefetch) is taken too, so its checks (sha256, safetensors parsing) run while this thread waits on the
-        store and the broker for the one before; a delivery waiting here is unsettled like any other in flight,
-        and goes back to the queue if the process stops."""
-        if self._ahead_of is not subscription:  # those of a closed subscription went back to the queue with it
-            self._ahead.clear()
-            self._ahead_of = subscription
-        if not self._ahead:
-            first = subscription.get(self.config.poll_s)
-            if first is None:
-                return None, None
-            self._ahead.append(self._check_ahead(first))
-        while len(self._ahead) < self.config.prefetch and (more := subscription.get(0)) is not None:
-            self._ahead.append(self._check_ahead(more))
-        return self._ahead.popleft()
-
-    def _check_ahead(self, delivery: Delivery) -> tuple[Delivery, Future[ValidUpdate] | None]:
-        if not self.ingest.checks_ahead(delivery.message):
-            return delivery, None
-        return delivery, self._checking.submit(self.ingest.check_ahead, delivery.message)
-
     def handle(self, delivery: Delivery) -> None:
         """Validate, record (idempotently), then ack; refusals go to the dead-letter queue with a reason."""
         self.ingest.handle(delivery)
@@ -388,8 +363,7 @@ class AggregatorService:
             return None
         # The participants' mailboxes are declared while the round is aggregated, not after: on an aggregator that
         # had not seen its clients, one declaration after another took a fifth of a 50-client round's turnaround.
-        clients = sorted({i.header.client_id for i in recorded})
-        self._declaring = self._mailboxes.submit(self._declare_mailboxes, clients)
+        self.publisher.declare_ahead(sorted({i.header.client_id for i in recorded}))
         self.counters["round_updates_read_back"] += read_back
         self.counters["round_updates_held"] += len(recorded) - read_back  # in the health info: what was saved
         self.counters["round_updates_folded"] += len(folded.updates) if folded is not None else 0
@@ -456,7 +430,7 @@ class AggregatorService:
         )
         if spent is not None:
             self.metrics.privacy(spent.epsilon, spent.epsilon_budget)
-        self.publish_version(version, committed=_in_memory(releases))
+        self.publish_version(version, committed=committed_releases(releases))
         if self.config.keep_versions is not None:
             self.store.prune(before_version=version - self.config.keep_versions + 1)
         if self.on_commit is not None:
@@ -465,80 +439,8 @@ class AggregatorService:
 
     # --- release --------------------------------------------------------------------------------
     def publish_version(self, version: int, committed: Mapping[str, StoredRelease] | None = None) -> None:
-        """Publish a committed version's adapters, unless another aggregator holds the claim to do it. `committed`:
-        the clients' releases as this process just committed them (not read back from the store)."""
-        if not self.store.claim_publish(version, self.config.owner, self.config.lease_s):
-            return
-        releases = committed
-        if releases is None:
-            releases = {c: r for c, r in self.store.releases(version).items() if c != GLOBAL_RELEASE}
-        self._await_declaring()
-        self._declare_mailboxes(sorted(releases))
-        # One message per distinct cut, routed by the broker to every mailbox that takes it.
-        for release, clients in shared_cuts(releases):
-            ready = [c for c in clients if c in self._declared_clients]
-            if not ready:
-                continue
-            try:
-                send_release(
-                    self.transport,
-                    self.topology,
-                    self.store,
-                    release,
-                    chunk_bytes=self.config.chunk_bytes,
-                    recipients=ready,
-                )
-            except ConnectionLost:
-                raise
-            except BrokerError:
-                # Refused as a whole (no mailbox took it): declare them afresh next time; joins catch them up.
-                self._declared_clients.difference_update(ready)
-                log.exception("could not publish version %d at rank %d", version, release.header.rank)
-                continue
-            for _ in ready:
-                self.metrics.published()
-        self.store.mark_published(version)
-
-    def _declare_mailboxes(self, clients: Sequence[str]) -> None:
-        """Declare, once per process, the mailboxes of `clients`: all in one call (one channel, 50 mailboxes in
-        85 ms where one call each took 211 ms), or, when the broker refuses that (a mailbox declared with other
-        arguments closes the channel), one by one. A refusing mailbox must not hold back the others' adapters, nor
-        fail every publication again: it is tried afresh next time, and a join catches its client up."""
-        new = [c for c in clients if c not in self._declared_clients]
-        if not new:
-            return
-        try:
-            self.transport.declare([spec for c in new for spec in self.topology.client(c)])
-        except ConnectionLost:
-            raise
-        except BrokerError:
-            for client_id in new:
-                try:
-                    self.transport.declare(self.topology.client(client_id))
-                except ConnectionLost:
-                    raise
-                except BrokerError:
-                    log.exception("could not declare the mailbox of %s; skipping it", client_id)
-                    continue
-                self._declared_clients.add(client_id)
-            return
-        self._declared_clients.update(new)
-
-    def _await_declaring(self) -> None:
-        """Wait for the declarations finalise started; what they could not declare is tried again by the caller."""
-        pending, self._declaring = self._declaring, None
-        if pending is None:
-            return
-        try:
-            pending.result()
-        except ConnectionLost:
-            raise
-        except BrokerError:
-            log.warning("declaring the round's mailboxes failed; trying again", exc_info=True)
-
-    def answer_join(self, release: StoredRelease) -> None:
-        """Send a join's answer into the client's mailbox without declaring it (PublishRefused if there is none)."""
-        send_release(self.transport, self.topology, self.store, release, chunk_bytes=self.config.chunk_bytes)
+        """Publish a committed version's adapters (aggregator.publishing), unless another aggregator claimed it."""
+        self.publisher.publish(version, committed)
 
     def publish_pending(self) -> None:
         """Publish committed versions whose adapters may not have gone out (their finaliser died)."""
@@ -550,11 +452,3 @@ class AggregatorService:
                 self.publish_version(version)
             else:
                 self.store.mark_published(version)
-
-
-def _in_memory(releases: Sequence[StoredRelease]) -> dict[str, StoredRelease] | None:
-    """The clients' releases, to publish as committed, when they are all held here; None when one is staged in the
-    store (the commit moved its chunks to the version's own key, so it is read back from there)."""
-    if any(isinstance(r.payload, Blob) for r in releases):
-        return None
-    return {r.header.client_id: r for r in releases if r.header.client_id != GLOBAL_RELEASE}
