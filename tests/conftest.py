@@ -14,6 +14,8 @@ REDIS_URL = os.environ.get("FLEXLORA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 # Every federation a test was handed: what the end-of-suite check looks for on the shared broker.
 FEDERATIONS: set[str] = set()
+# What the end-of-suite check found left behind (said in the terminal summary).
+LEFT_BEHIND: list[str] = []
 
 
 @pytest.fixture
@@ -70,10 +72,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             channel.queue_delete(name)
     finally:
         conn.close()
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"tests left {len(left)} queue(s) on the shared broker: {', '.join(left[:10])}", red=True)
+    LEFT_BEHIND.append(f"tests left {len(left)} queue(s) on the shared broker: {', '.join(left[:10])}")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Said last, just above the counts, so that a log's tail shows why a suite with every test passed failed."""
+    for line in LEFT_BEHIND:
+        terminalreporter.write_line(line, red=True)
 
 
 def delete_federation_queues(federation: str) -> None:
