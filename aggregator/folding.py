@@ -255,19 +255,37 @@ class RoundFolder:
             size = sum(f.B.shape[0] * f.A.shape[1] for f in first.values()) * self.dtype.itemsize
             if fold.nbytes + size > self.budget_bytes:
                 return  # past the budget: these updates are aggregated from their factors
-            sums = {m: torch.zeros((f.B.shape[0], f.A.shape[1]), dtype=self.dtype) for m, f in first.items()}
+            sums = _stacked_zeros({m: (f.B.shape[0], f.A.shape[1]) for m, f in first.items()}, self.dtype)
         raws = [self.weighting([ClientMeta(j.header.num_samples, fold.round_id - base_version)])[0] for j in jobs]
         requests = [j.header.request for j in jobs]
-        # A handful of torch calls per module, not a few per update: the worker holds the GIL for each, and at its
-        # low priority it can be descheduled holding it, which stalls the ingesting thread.
-        for module, total in sums.items():
+        # A handful of torch calls per group of same-shaped modules, not per module nor per update: each call gives
+        # the GIL back and takes it again, and a worker at the lowest priority that asks for it makes the ingesting
+        # thread hand it over and wait until the worker is scheduled (CPython's forced switch): with a few calls per
+        # module (240 a batch at SmolLM2 q/v) one aggregator ingested 20% fewer updates while folding.
+        for modules, stack in _stacks(sums):
+            ranks = [j.factors[modules[0]].B.shape[1] for j in jobs]
             columns: list[float] = []
-            for raw, req, job in zip(raws, requests, jobs, strict=True):
-                at = req.at(module)
-                columns += [raw * at.alpha / at.rank] * job.factors[module].B.shape[1]
-            b = torch.cat([j.factors[module].B for j in jobs], dim=1).to(self.dtype)
-            b.mul_(torch.tensor(columns, dtype=self.dtype))
-            total.addmm_(b, torch.cat([j.factors[module].A for j in jobs], dim=0).to(self.dtype))
+            for module in modules:
+                for raw, req, job, rank in zip(raws, requests, jobs, ranks, strict=True):
+                    at = req.at(module)
+                    if job.factors[module].B.shape[1] != rank:
+                        columns = []  # this update's modules differ in rank (a rank pattern): one module at a time
+                        break
+                    columns += [raw * at.alpha / at.rank] * rank
+                else:
+                    continue
+                break
+            if columns:
+                _fold_stacked(stack, modules, jobs, columns, self.dtype)
+                continue
+            for module in modules:
+                columns = []
+                for raw, req, job in zip(raws, requests, jobs, strict=True):
+                    at = req.at(module)
+                    columns += [raw * at.alpha / at.rank] * job.factors[module].B.shape[1]
+                b = torch.cat([j.factors[module].B for j in jobs], dim=1).to(self.dtype)
+                b.mul_(torch.tensor(columns, dtype=self.dtype))
+                sums[module].addmm_(b, torch.cat([j.factors[module].A for j in jobs], dim=0).to(self.dtype))
         with self._lock:
             if self._fold is fold:
                 fold.sums[base_version] = sums
@@ -280,3 +298,49 @@ class RoundFolder:
 
 def _base(job: _Job) -> int:
     return job.header.base_version
+
+
+def _stacked_zeros(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One zero sum per module, the modules of one shape as views into one (M, d_out, d_in) tensor (in order)."""
+    sums: dict[str, torch.Tensor] = {}
+    for shape, group in itertools.groupby(sorted(shapes, key=lambda m: (shapes[m], m)), key=lambda m: shapes[m]):
+        modules = list(group)
+        stack = torch.zeros((len(modules), *shape), dtype=dtype)
+        sums.update(zip(modules, stack.unbind(0), strict=True))
+    return dict(sorted(sums.items()))
+
+
+def _stacks(sums: Mapping[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
+    """The modules of `sums` with the stack their sums are the views of, in its order (_stacked_zeros); a sum that
+    is no such view (or whose stack holds others too) stands alone, as a stack of one that shares its memory."""
+    found: dict[int, list[tuple[int, str, torch.Tensor]]] = {}
+    alone: list[tuple[list[str], torch.Tensor]] = []
+    for module, total in sums.items():
+        base = total._base
+        if base is None or base.ndim != 3 or base.shape[1:] != total.shape:
+            alone.append(([module], total.unsqueeze(0)))
+            continue
+        index = (total.storage_offset() - base.storage_offset()) // total.numel()
+        found.setdefault(base.data_ptr(), []).append((index, module, base))
+    groups = alone
+    for members in found.values():
+        members.sort()
+        stack = members[0][2]
+        if [i for i, _, _ in members] == list(range(stack.shape[0])):
+            groups.append(([m for _, m, _ in members], stack))
+        else:
+            groups += [([m], sums[m].unsqueeze(0)) for _, m, _ in members]
+    return groups
+
+
+def _fold_stacked(
+    stack: torch.Tensor, modules: list[str], jobs: list[_Job], columns: list[float], dtype: torch.dtype
+) -> None:
+    """stack[i] += Σ_j B_ij diag(columns) A_ij for the modules of one stack, every update of one rank across them:
+    the factors of every module and update side by side (module-major), one batched product."""
+    count, d_out, d_in = stack.shape
+    b = torch.cat([j.factors[m].B for m in modules for j in jobs], dim=1).to(dtype)  # (d_out, M·R)
+    b.mul_(torch.tensor(columns, dtype=dtype))
+    a = torch.cat([j.factors[m].A for m in modules for j in jobs], dim=0).to(dtype)  # (M·R, d_in)
+    width = b.shape[1] // count
+    stack.baddbmm_(b.view(d_out, count, width).transpose(0, 1), a.view(count, width, d_in))

@@ -243,6 +243,41 @@ def test_a_finaliser_folds_the_backlog_itself_rather_than_wait_for_the_worker() 
     assert torch.allclose(fold.sums[3][q] / total, expected.sum(0), rtol=1e-10, atol=1e-12)
 
 
+def test_a_batch_of_updates_whose_modules_differ_in_rank_is_folded_as_the_sum_of_their_products() -> None:
+    """Modules of one shape are folded together, every update's factors side by side; an update with a rank
+    pattern (one q_proj at another rank than the other) makes its batch fold those modules one at a time. Either
+    way each sum is Σ raw_k (α_k/r_k) B_k A_k of its own module."""
+    patterns: list[dict[str, int]] = [{}, {"model.layers.1.q_proj": 3}, {}, {"v_proj": 5}]
+    clients = []
+    for i, pattern in enumerate(patterns):
+        header, _, _ = _client(i, 4, 3, 10 * (i + 1))
+        header = header.model_copy(update={"rank_pattern": pattern})
+        g = torch.Generator().manual_seed(100 + i)
+        factors = {}
+        for m, (d_out, d_in) in MODULES.items():
+            rank = header.request.at(m).rank
+            factors[m] = LoraFactors(torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g))
+        clients.append((header, factors))
+    for together in ([0, 2], [0, 1, 2, 3]):  # one rank across modules; then patterns in the batch
+        gate = _Gated()
+        folder = RoundFolder(2**20, gate, torch.float64, expected_updates=4)
+        folder.add(*clients[together[0]], 4)
+        assert gate.entered.wait(10)  # the worker holds the first; the rest wait, then go as one batch
+        for i in together[1:]:
+            folder.add(*clients[i], 4)
+        gate.open.set()
+        fold = folder.take(4)
+        folder.close()
+        assert fold is not None and len(fold.updates) == len(together)
+        for m in MODULES:
+            want = torch.zeros(MODULES[m], dtype=torch.float64)
+            for i in together:
+                header, factors = clients[i]
+                at = header.request.at(m)
+                want += 10 * (i + 1) * (at.alpha / at.rank) * (factors[m].B.double() @ factors[m].A.double())
+            assert torch.allclose(fold.sums[3][m], want, rtol=1e-12, atol=1e-12), (together, m)
+
+
 def test_a_fold_that_fails_on_the_finalisers_thread_leaves_the_round_to_the_factors() -> None:
     folder, gate, headers, factors = _gated_folder(2**20)
     for header, f in zip(headers[1:], factors[1:], strict=True):
