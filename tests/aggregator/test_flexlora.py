@@ -13,6 +13,8 @@ from aggregator.flexlora import (
     ClientAdapter,
     ModuleReport,
     RankRequest,
+    cut,
+    cut_modules,
     data_size_weights,
     flexlora,
     flexlora_dense,
@@ -383,3 +385,27 @@ def test_fast_mode_redoes_exactly_a_module_whose_certificate_fails(noise: float)
         want = _product(exact[req]["m"], req)
         # fast mode stacks the float32 factors in float32: the same answer up to float32 rounding.
         assert np.linalg.norm(_product(fast[req]["m"], req) - want) <= 1e-6 * np.linalg.norm(want)
+
+
+def test_cutting_a_batch_of_modules_gives_each_module_its_own_cut() -> None:
+    """One product for the whole batch where every module is cut alike; with a rank pattern, or where a module
+    has fewer singular values than the rank (zero-padded), each module as `cut` would make it."""
+    g = torch.Generator().manual_seed(7)
+    u, s, vh = (
+        torch.randn(3, 9, 4, generator=g),
+        torch.rand(3, 4, generator=g).double(),
+        torch.randn(3, 4, 11, generator=g),
+    )
+    modules = ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
+    requests = [
+        RankRequest(3, 6.0),
+        RankRequest(2, 16.0, rank_pattern=(("v_proj", 4),), alpha_pattern=(("v_proj", 8.0),)),
+        RankRequest(6, 12.0),  # more than the 4 singular values there are: padded
+    ]
+    for request in requests:
+        got = cut_modules(u, s, vh, modules, request)
+        assert list(got) == modules
+        for i, m in enumerate(modules):
+            want = cut(u[i], s[i], vh[i], request.at(m))
+            assert got[m].A.dtype == want.A.dtype == torch.float32 and got[m].B.dtype == torch.float32
+            assert torch.equal(got[m].A, want.A) and torch.allclose(got[m].B, want.B, rtol=1e-6, atol=0), (request, m)
