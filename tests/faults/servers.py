@@ -323,10 +323,12 @@ class OwnRedis:
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "optional"]
             ports += ["--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file)]
             ports += ["--tls-ca-cert-file", str(self.tls.ca_file)]
+            # Replication over TLS too (no server has a plain port), on a primary as well: Sentinel makes a primary
+            # that comes back after a failover the new one's replica, which without it tried plain TCP to a TLS
+            # port and never synchronised, so no record was ever safe again (WAIT answered 0 replicas).
+            ports += ["--tls-replication", "yes"]
         if self.replica_of is not None:
             ports += ["--replicaof", "127.0.0.1", str(self.replica_of)]
-            if self.tls is not None:  # its primary has no plain port either
-                ports += ["--tls-replication", "yes"]
         if self.cluster:
             ports += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.directory / "nodes.conf")]
             ports += ["--cluster-node-timeout", "2000"]

@@ -99,6 +99,14 @@ def _counted(store: RedisRoundStore) -> list[str]:
     return [i for r in range(store.version() + 1) for i in store.round_update_ids(r)]
 
 
+def _in_sync_with_a_primary(server: OwnRedis) -> bool:
+    try:
+        info = server.client().info("replication")
+    except redis.RedisError:
+        return False
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+
 def _counted_now(store: RedisRoundStore) -> list[str] | None:
     """What the test reads while it waits: None while the sentinels have no primary to name (mid-failover)."""
     try:
@@ -130,6 +138,8 @@ def test_the_primary_killed_mid_burst_sentinel_promotes_the_replica_and_nothing_
             lambda: len(_counted_now(store) or ()) == len(published), 90, "every update counted on the new primary"
         )
         wait_for(lambda: client.queue_depth(topology.updates_queue) == 0, 30, "nothing left to record")
+        # What makes records safe again (WAIT answered): without it every later update is only held, never acked.
+        wait_for(lambda: _in_sync_with_a_primary(ha.primary), 90, "the old primary back as the new one's replica")
         counted = _counted(store)
         lost = set(published) - set(counted)
         twice = len(counted) - len(set(counted))
