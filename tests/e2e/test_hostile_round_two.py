@@ -111,7 +111,10 @@ def start(federation: str, amqp_cleanup: list[str]) -> Iterator[Callable[..., Fe
 
     def run(**config: Any) -> Federation:
         topology = Topology(federation)
-        amqp_cleanup.extend(topology.adapter_queue(c) for c in [*(f"honest{i}" for i in range(8)), "joiner", "mallory"])
+        # "legacy" too: an aggregator declares the mailboxes of a round's participants while it aggregates, so one
+        # whose update the round then drops gets its mailbox all the same.
+        clients = [*(f"honest{i}" for i in range(8)), "joiner", "mallory", "legacy"]
+        amqp_cleanup.extend(topology.adapter_queue(c) for c in clients)
         store = RedisRoundStore.from_url(REDIS_URL, federation)
         settings = {"policy": RoundPolicy(max_updates=2), "poll_s": 0.05, "global_rank": 16, **config}
         service = AggregatorService(connect(AMQP_URL), store, AggregatorConfig(federation=federation, **settings))
