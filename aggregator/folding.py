@@ -32,7 +32,7 @@ import torch
 
 from aggregator.rounds import record_id
 from aggregator.strategies import ClientMeta, Weighting
-from schemas.lora import LoraFactors
+from schemas.lora import LoraFactors, RankRequest
 from schemas.messages import LoraUpdate
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Folded:
     round_id: int
     updates: dict[str, FoldedUpdate] = field(default_factory=dict)  # by record id
     sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # base version -> module -> dense
+    # base version -> the modules of one shape and the (M, d_out, d_in) tensor whose views their sums are
+    stacks: dict[int, list[tuple[list[str], torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -249,46 +251,30 @@ class RoundFolder:
             self._fold_base(fold, base_version, list(group))
 
     def _fold_base(self, fold: Folded, base_version: int, jobs: list[_Job]) -> None:
-        sums = fold.sums.get(base_version)
+        sums, stacks = fold.sums.get(base_version), fold.stacks.get(base_version, [])
         if sums is None:
             first = jobs[0].factors
             size = sum(f.B.shape[0] * f.A.shape[1] for f in first.values()) * self.dtype.itemsize
             if fold.nbytes + size > self.budget_bytes:
                 return  # past the budget: these updates are aggregated from their factors
-            sums = _stacked_zeros({m: (f.B.shape[0], f.A.shape[1]) for m, f in first.items()}, self.dtype)
+            sums, stacks = _stacked_zeros({m: (f.B.shape[0], f.A.shape[1]) for m, f in first.items()}, self.dtype)
         raws = [self.weighting([ClientMeta(j.header.num_samples, fold.round_id - base_version)])[0] for j in jobs]
         requests = [j.header.request for j in jobs]
         # A handful of torch calls per group of same-shaped modules, not per module nor per update: each call gives
         # the GIL back and takes it again, and a worker at the lowest priority that asks for it makes the ingesting
         # thread hand it over and wait until the worker is scheduled (CPython's forced switch): with a few calls per
         # module (240 a batch at SmolLM2 q/v) one aggregator ingested 20% fewer updates while folding.
-        for modules, stack in _stacks(sums):
-            ranks = [j.factors[modules[0]].B.shape[1] for j in jobs]
-            columns: list[float] = []
-            for module in modules:
-                for raw, req, job, rank in zip(raws, requests, jobs, ranks, strict=True):
-                    at = req.at(module)
-                    if job.factors[module].B.shape[1] != rank:
-                        columns = []  # this update's modules differ in rank (a rank pattern): one module at a time
-                        break
-                    columns += [raw * at.alpha / at.rank] * rank
-                else:
-                    continue
-                break
-            if columns:
+        for modules, stack in stacks:
+            columns = _columns(modules, jobs, raws, requests)
+            if columns is not None:
                 _fold_stacked(stack, modules, jobs, columns, self.dtype)
                 continue
-            for module in modules:
-                columns = []
-                for raw, req, job in zip(raws, requests, jobs, strict=True):
-                    at = req.at(module)
-                    columns += [raw * at.alpha / at.rank] * job.factors[module].B.shape[1]
-                b = torch.cat([j.factors[module].B for j in jobs], dim=1).to(self.dtype)
-                b.mul_(torch.tensor(columns, dtype=self.dtype))
-                sums[module].addmm_(b, torch.cat([j.factors[module].A for j in jobs], dim=0).to(self.dtype))
+            for i, module in enumerate(modules):  # an update's modules differ in rank (a rank pattern)
+                one = _columns([module], jobs, raws, requests) or []  # one module: never None
+                _fold_stacked(stack[i : i + 1], [module], jobs, one, self.dtype)
         with self._lock:
             if self._fold is fold:
-                fold.sums[base_version] = sums
+                fold.sums[base_version], fold.stacks[base_version] = sums, stacks
                 for job, raw in zip(jobs, raws, strict=True):
                     h = job.header
                     fold.updates[record_id(h.client_id, h.update_id)] = FoldedUpdate(
@@ -300,37 +286,34 @@ def _base(job: _Job) -> int:
     return job.header.base_version
 
 
-def _stacked_zeros(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One zero sum per module, the modules of one shape as views into one (M, d_out, d_in) tensor (in order)."""
+def _stacked_zeros(
+    shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], list[tuple[list[str], torch.Tensor]]]:
+    """One zero sum per module, and the stacks they are views of: one (M, d_out, d_in) tensor per shape."""
     sums: dict[str, torch.Tensor] = {}
+    stacks = []
     for shape, group in itertools.groupby(sorted(shapes, key=lambda m: (shapes[m], m)), key=lambda m: shapes[m]):
         modules = list(group)
         stack = torch.zeros((len(modules), *shape), dtype=dtype)
         sums.update(zip(modules, stack.unbind(0), strict=True))
-    return dict(sorted(sums.items()))
+        stacks.append((modules, stack))
+    return dict(sorted(sums.items())), stacks
 
 
-def _stacks(sums: Mapping[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
-    """The modules of `sums` with the stack their sums are the views of, in its order (_stacked_zeros); a sum that
-    is no such view (or whose stack holds others too) stands alone, as a stack of one that shares its memory."""
-    found: dict[int, list[tuple[int, str, torch.Tensor]]] = {}
-    alone: list[tuple[list[str], torch.Tensor]] = []
-    for module, total in sums.items():
-        base = total._base
-        if base is None or base.ndim != 3 or base.shape[1:] != total.shape:
-            alone.append(([module], total.unsqueeze(0)))
-            continue
-        index = (total.storage_offset() - base.storage_offset()) // total.numel()
-        found.setdefault(base.data_ptr(), []).append((index, module, base))
-    groups = alone
-    for members in found.values():
-        members.sort()
-        stack = members[0][2]
-        if [i for i, _, _ in members] == list(range(stack.shape[0])):
-            groups.append(([m for _, m, _ in members], stack))
-        else:
-            groups += [([m], sums[m].unsqueeze(0)) for _, m, _ in members]
-    return groups
+def _columns(
+    modules: list[str], jobs: list[_Job], raws: list[float], requests: list[RankRequest]
+) -> list[float] | None:
+    """Each factor column's coefficient raw_k·α_k/r_k, module by module and update by update (_fold_stacked's
+    order); None when an update's ranks differ between these modules, which then cannot share one product."""
+    columns: list[float] = []
+    for module in modules:
+        for raw, job, request in zip(raws, jobs, requests, strict=True):
+            rank = job.factors[module].B.shape[1]
+            if rank != job.factors[modules[0]].B.shape[1]:
+                return None
+            at = request.at(module)
+            columns += [raw * at.alpha / at.rank] * rank
+    return columns
 
 
 def _fold_stacked(
