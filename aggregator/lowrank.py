@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
+
+from aggregator.symeig import top_eigh
 
 SvdMode = Literal["exact", "fast", "dense"]
 # Conditioning guard on the equilibrated triangular factor: CholeskyQR's loss of orthogonality grows
@@ -91,22 +91,18 @@ def _top_eigh(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     38 ms and the certified block subspace iteration this replaced took 41 ms: eigvalsh 23 ms plus
     18 ms for its first four steps).
 
-    scipy's OpenBLAS runs single-threaded, one module per core at a time: its own idle threads spin for a
-    while after every call and slowed torch's BLAS threads by up to 2× on a 2-core machine."""
+    One module per core at a time, each on one OpenBLAS thread, through aggregator.symeig, which lets go of the
+    GIL while LAPACK runs (scipy.linalg.eigh does not: the modules were solved one after another)."""
     batch, n = sym.shape[0], sym.shape[-1]
     values = torch.empty((batch, k), dtype=sym.dtype)
     vectors = torch.empty((batch, n, k), dtype=sym.dtype)
 
     def solve(m: int) -> None:
-        w, v = scipy.linalg.eigh(
-            sym[m].numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False, lower=True
-        )
+        w, v = top_eigh(sym[m].numpy(), k)
         values[m] = torch.from_numpy(w).flip(-1)
         vectors[m] = torch.from_numpy(v).flip(-1)
 
-    # Only OpenBLAS (scipy's and numpy's) is limited; torch's MKL and OpenMP pools are left as they are.
-    # LAPACK releases the GIL, so modules are solved side by side, one per core.
-    with threadpool_limits(limits={"openblas": 1}), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(solve, range(batch)))
     return values, vectors
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from threadpoolctl import threadpool_limits
 
 from aggregator.rounds import Payload, RoundStore
 from aggregator.security import Guard
+from aggregator.symeig import one_blas_thread
 from broker.transport import Message
 from schemas.errors import LoraLayoutError, Reason, SchemaError
 from schemas.lora import LoraFactors, RankRequest, module_shapes, split_lora
@@ -57,18 +57,18 @@ def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> 
     """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module; `scale`
     is alpha / r, or a request giving each module its own (rank patterns).
     numpy on one BLAS thread: torch's or OpenBLAS's idle threads spin and starve the other aggregator
-    processes on a small machine (see schemas.tensors.decode_payload)."""
+    processes on a small machine (see schemas.tensors.decode_payload and aggregator.symeig)."""
+    one_blas_thread()
     total = 0.0
-    with threadpool_limits(limits={"openblas": 1}):
-        for module, (a, b) in factors.items():
-            a64 = a.detach().cpu().to(torch.float64).numpy()
-            b64 = b.detach().cpu().to(torch.float64).numpy()
-            if isinstance(scale, RankRequest):
-                at = scale.at(module)
-                s = at.alpha / at.rank
-            else:
-                s = scale
-            total += s * s * max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
+    for module, (a, b) in factors.items():
+        a64 = a.detach().cpu().to(torch.float64).numpy()
+        b64 = b.detach().cpu().to(torch.float64).numpy()
+        if isinstance(scale, RankRequest):
+            at = scale.at(module)
+            s = at.alpha / at.rank
+        else:
+            s = scale
+        total += s * s * max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
     return math.sqrt(total)
 
 
