@@ -73,3 +73,15 @@ def test_openblas_stays_on_one_thread() -> None:
     openblas = [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
     assert openblas, "numpy and scipy load OpenBLAS"
     assert all(lib["num_threads"] == 1 for lib in openblas)
+
+
+def test_without_the_cython_interface_scipy_gives_the_same_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another scipy build, where the Cython LAPACK interface cannot be reached: scipy.linalg.eigh, same answer."""
+    import aggregator.symeig as symeig
+
+    matrix = _symmetric(30, np.float64, seed=3)
+    fast_values, fast_vectors = top_eigh(matrix, 6)
+    monkeypatch.setattr(symeig, "_routine", lambda dtype: None)
+    values, vectors = top_eigh(matrix, 6)
+    np.testing.assert_allclose(values, fast_values, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(vectors), np.abs(fast_vectors), atol=1e-10)
