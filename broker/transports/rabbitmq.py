@@ -164,6 +164,18 @@ class RabbitMQTransport(Transport):
                     future.cancel()
                     raise ConnectionLost("the AMQP I/O thread did not answer in time") from None
 
+    def _post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the I/O thread, after everything asked of it before, without waiting for it."""
+        if threading.current_thread() is self._thread:
+            fn()
+            return
+        self._check()
+        assert self._conn is not None
+        try:
+            self._conn.add_callback_threadsafe(fn)
+        except Exception as exc:
+            raise _convert(exc) from exc
+
     def _check(self) -> None:
         if self._error is not None:
             raise ConnectionLost(str(self._error)) from self._error
@@ -287,7 +299,12 @@ class _RabbitDelivery(Delivery):
         self._sub.transport._call(run)
 
     def ack(self) -> None:
-        self._settle(lambda: self._channel.basic_ack(self._tag))
+        """Handed to the I/O thread without waiting for it: acks go out in the order they were made, ahead of
+        anything asked of the connection later (closing the subscription included), and an ack has no reply
+        to wait for. Waiting for the I/O thread to take it was a fifth of an ingesting aggregator's time
+        (py-spy, 800 queued updates). An ack that finds its channel closed is not sent (the broker redelivers
+        the message, and recording it again is a no-op); the subscription says so at its next `get`."""
+        self._sub.ack_later(self._channel, self._tag)
 
     def dead_letter(self, reason: str, detail: str = "") -> None:
         transport = self._sub.transport
@@ -321,6 +338,7 @@ class _RabbitSubscription(Subscription):
             return channel
 
         self._channel = transport._call(start)
+        self._lost: str | None = None  # why an ack sent without waiting could not be sent (None: all were)
 
     def _on_message(
         self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes
@@ -337,11 +355,36 @@ class _RabbitSubscription(Subscription):
         self._inbox.put(_RabbitDelivery(self, channel, method.delivery_tag, message))
 
     def get(self, timeout: float) -> Delivery | None:
+        self._check()
         try:
             return self._inbox.get(timeout=timeout)
         except queue.Empty:
             self.transport._check()
+            self._check()
             return None
+
+    def _check(self) -> None:
+        """Raise DeliveryGone once this subscription's channel is closed (by the broker: a refused ack, say) or an
+        ack could not be sent: what it held unsettled goes back to the queue, so the consumer subscribes again."""
+        if self._lost is not None:
+            raise DeliveryGone(self._lost)
+        if not self._channel.is_open:
+            raise DeliveryGone("the subscription's channel closed; the broker will redeliver its unsettled messages")
+
+    def ack_later(self, channel: BlockingChannel, tag: int) -> None:
+        """Queue `basic_ack(tag)` on the I/O thread (see _RabbitDelivery.ack); errors there are kept for `get`."""
+        self._check()
+
+        def run() -> None:
+            if not channel.is_open:
+                self._lost = "the channel closed before an ack was sent; the broker will redeliver that message"
+                return
+            try:
+                channel.basic_ack(tag)
+            except Exception as exc:  # never out of the I/O loop, which would take the whole connection down
+                self._lost = f"an ack could not be sent: {type(exc).__name__}: {exc}"
+
+        self.transport._post(run)
 
     def close(self) -> None:
         def run() -> None:

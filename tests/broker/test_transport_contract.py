@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from broker.connect import connect
-from broker.errors import BrokerError, PublishRefused
+from broker.errors import BrokerError, DeliveryGone, PublishRefused
 from broker.topology import UPDATE_ROUTING_KEY, BindingSpec, ExchangeSpec, QueueSpec, Topology
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
@@ -120,6 +120,42 @@ def test_unsettled_delivery_comes_back_redelivered(
     assert again.message.redelivered
     again.ack()
     second.close()
+
+
+def test_an_ack_is_settled_before_the_subscription_closes(
+    transport_factory: tuple[Factory, Topology], transport: Transport, topo: Topology
+) -> None:
+    """RabbitMQ's ack is handed to the I/O thread without waiting: it must still go out before the close that
+    follows it, or the message would come back to the next consumer."""
+    _publish_update(transport, topo, b"done")
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    got = sub.get(5)
+    assert got is not None
+    got.ack()
+    sub.close()
+    other = transport_factory[0]().subscribe(
+        topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange
+    )
+    assert other.get(1.0) is None
+    assert transport.queue_depth(topo.updates_queue) == 0
+    other.close()
+
+
+def test_settling_twice_is_refused_at_once_or_at_the_next_get(transport: Transport, topo: Topology) -> None:
+    """A consumer learns that its subscription can no longer settle anything (an ack the broker refused closes
+    the channel), so it subscribes again instead of waiting on a dead channel for deliveries that never come."""
+    _publish_update(transport, topo, b"twice")
+    sub = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    got = sub.get(5)
+    assert got is not None
+    got.ack()
+    with pytest.raises(DeliveryGone):
+        got.ack()  # the memory twin refuses here; RabbitMQ closes the channel, and the next get says so
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sub.get(0.2)
+    sub.close()
+    assert transport.queue_depth(topo.updates_queue) == 0  # the connection itself carries on
 
 
 def test_prefetch_limits_unacked_deliveries(transport: Transport, topo: Topology) -> None:
