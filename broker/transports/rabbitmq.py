@@ -273,6 +273,16 @@ class RabbitMQTransport(Transport):
         return self._call(run)
 
     def close(self) -> None:
+        if self._conn is not None and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            # What was handed to the I/O thread without waiting (acks) goes out before the connection closes; a
+            # wedged thread is not waited for longer than the join below would.
+            flushed = threading.Event()
+            try:
+                self._post(flushed.set)
+            except BrokerError:
+                log.debug("the connection was gone before closing", exc_info=True)
+            else:
+                flushed.wait(timeout=10)
         self._stopping.set()
         if self._conn is not None and self._thread.is_alive():
             try:

@@ -141,6 +141,21 @@ def test_an_ack_is_settled_before_the_subscription_closes(
     other.close()
 
 
+def test_an_ack_is_settled_before_the_connection_closes(
+    transport_factory: tuple[Factory, Topology], transport: Transport, topo: Topology
+) -> None:
+    _publish_update(transport, topo, b"last")
+    consumer = transport_factory[0]()
+    sub = consumer.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    got = sub.get(5)
+    assert got is not None
+    got.ack()
+    consumer.close()  # a client that acks its last message and leaves
+    other = transport.subscribe(topo.updates_queue, prefetch=1, dead_letter_exchange=topo.dead_letter_exchange)
+    assert other.get(2.0) is None  # an unsent ack would have handed it back with the connection
+    other.close()
+
+
 def test_settling_twice_is_refused_at_once_or_at_the_next_get(transport: Transport, topo: Topology) -> None:
     """A consumer learns that its subscription can no longer settle anything (an ack the broker refused closes
     the channel), so it subscribes again instead of waiting on a dead channel for deliveries that never come."""
