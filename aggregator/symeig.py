@@ -2,7 +2,7 @@
 two threads really solve two matrices at once.
 
 Two things kept a thread pool of solvers to one core (measured on this project's 2-core machine, 30 matrices of
-576² at k = 32: 0.31-0.34 s with one thread or two):
+576² at k = 32: 0.30-0.35 s with one thread or two):
 - scipy.linalg.eigh holds the GIL while LAPACK runs (its f2py wrapper of syevr is not declared thread-safe). Here the
   same routine is called through scipy's public Cython LAPACK interface (scipy.linalg.cython_lapack exports a
   function pointer per routine) via ctypes, which releases the GIL for the length of a foreign call. Where that
@@ -68,10 +68,6 @@ def one_blas_thread() -> None:
     ThreadpoolController().select(internal_api="openblas").limit(limits=1)
 
 
-def _int(value: int = 0) -> ctypes.c_int:
-    return ctypes.c_int(value)
-
-
 def top_eigh(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest eigenvalues (ascending) and their eigenvectors (n × k) of a symmetric float32 or float64
     matrix, of which only the lower triangle (in column-major terms) is read; the matrix is not modified."""
@@ -80,11 +76,10 @@ def top_eigh(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"a symmetric matrix is square, got {matrix.shape}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    one_blas_thread()
     routine = _routine(str(matrix.dtype)) if matrix.dtype in (np.float32, np.float64) else None
     if routine is None:
-        one_blas_thread()
         return scipy.linalg.eigh(matrix, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False, lower=True)  # type: ignore[no-any-return]
-    one_blas_thread()
     dtype = matrix.dtype
     # Column-major copy (syevr overwrites it). The matrix is symmetric, so its row-major buffer is the same matrix.
     a = np.array(matrix, dtype=dtype, order="F", copy=True)
@@ -92,16 +87,16 @@ def top_eigh(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.empty(n, dtype=dtype)
     z = np.empty((n, k), dtype=dtype, order="F")
     isuppz = np.empty(2 * k, dtype=np.intc)
-    found, info = _int(), _int()
-    size, lda, il, iu, ldz = _int(n), _int(n), _int(n - k + 1), _int(n), _int(n)
+    found, info = ctypes.c_int(), ctypes.c_int()
+    size, lda, il, iu, ldz = (ctypes.c_int(v) for v in (n, n, n - k + 1, n, n))
 
     def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
         routine(
             b"V", b"I", b"L", ctypes.byref(size), a.ctypes.data, ctypes.byref(lda),
             scalar.ctypes.data, scalar[1:].ctypes.data, ctypes.byref(il), ctypes.byref(iu), scalar[2:].ctypes.data,
             ctypes.byref(found), w.ctypes.data, z.ctypes.data, ctypes.byref(ldz), isuppz.ctypes.data_as(_INT),
-            work.ctypes.data, ctypes.byref(_int(lwork)), iwork.ctypes.data_as(_INT), ctypes.byref(_int(liwork)),
-            ctypes.byref(info),
+            work.ctypes.data, ctypes.byref(ctypes.c_int(lwork)), iwork.ctypes.data_as(_INT),
+            ctypes.byref(ctypes.c_int(liwork)), ctypes.byref(info),
         )  # fmt: skip
         if info.value != 0:
             raise EigenError(f"syevr failed with info = {info.value}")
