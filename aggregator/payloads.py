@@ -27,6 +27,7 @@ from pathlib import Path
 
 # What a location's segments may hold: the characters of client ids, update ids, digests and tokens.
 _SEGMENT = re.compile(r"^(?!\.)[A-Za-z0-9_.\-]+$")  # no leading dot: temporary files have one
+_MKDIR_TRIES = 3  # a folder pruned by a concurrent delete between making it and opening a file in it is made again
 
 
 class PayloadUnavailable(OSError):
@@ -135,13 +136,21 @@ class FilePayloads(PayloadStore):
 
     def put(self, location: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{self._TMP}{uuid.uuid4().hex}-{path.name}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        for attempt in range(_MKDIR_TRIES):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                f = open(tmp, "wb")  # noqa: SIM115 (closed below; the open alone is retried)
+            except FileNotFoundError:  # a delete (another thread or process) pruned the folder, empty, just now
+                if attempt == _MKDIR_TRIES - 1:
+                    raise
+                continue
+            with f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            break
         os.replace(tmp, path)
 
     def get(self, location: str) -> bytes | None:

@@ -194,6 +194,14 @@ class RoundStore(abc.ABC):
         pinned value makes it a CONFLICT, and those unset are set if (and only if) it is recorded, so two
         aggregators recording at once can never pin different facts."""
 
+    def prepare(self, header: LoraUpdate, payload: Payload) -> None:
+        """Optional, before `record` of this header and payload, on any thread: do the part of recording that is
+        only bytes, so `record` itself is left the quick atomic step (the service prepares the updates waiting
+        behind the one it records). A store that keeps the bytes elsewhere writes them there now; one that keeps
+        them with the round does nothing. Preparing changes nothing `status` or `round_updates` shows, and an
+        update prepared but never recorded leaves only what an update refused after `record` began would."""
+        return  # this default keeps the bytes with the round, in `record`
+
     # --- chunked transfers: an update's chunks may reach different aggregators, in any order, twice ----------
     @abc.abstractmethod
     def put_chunk(

@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from broker.topology import UPDATE_ROUTING_KEY, Topology
@@ -30,6 +31,14 @@ class SyntheticShape:
         return tuple(sorted({name.rsplit(".", 1)[-1] for name, _, _ in self.projections}))
 
 
+def _noise(gen: np.random.Generator, shape: tuple[int, int], std: float) -> torch.Tensor:
+    """Zero-mean uniform noise with standard deviation `std`, float32."""
+    out = gen.random(shape, dtype=np.float32)
+    out -= 0.5
+    out *= std * 12**0.5  # U(-1/2, 1/2) has variance 1/12
+    return torch.from_numpy(out)
+
+
 def synthetic_update(
     federation: str,
     client_id: str,
@@ -40,12 +49,14 @@ def synthetic_update(
     num_samples: int | None = None,
     seed: int = 0,
 ) -> tuple[LoraUpdate, bytes]:
-    """A well-formed update with random factors (B scaled small, as after a few LoRA steps)."""
-    gen = torch.Generator().manual_seed(seed)
+    """A well-formed update with random factors (B scaled small, as after a few LoRA steps). The values are
+    uniform noise of the stated spread: numpy draws them several times faster than normal noise, and a load run
+    makes hundreds of MB of them per round. numpy fills and hashlib hashes without the GIL, so updates made on
+    several threads are made side by side."""
+    gen = np.random.default_rng(seed)
     factors = {
         f"model.layers.{layer}.{name}": LoraFactors(
-            A=torch.randn(rank, d_in, generator=gen) / d_in**0.5,
-            B=torch.randn(d_out, rank, generator=gen) * 1e-2,
+            A=_noise(gen, (rank, d_in), d_in**-0.5), B=_noise(gen, (d_out, rank), 1e-2)
         )
         for layer in range(shape.layers)
         for name, d_out, d_in in shape.projections

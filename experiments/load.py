@@ -156,7 +156,7 @@ class MemorySampler:
     """Samples Redis `used_memory` (when the store is Redis), this process's RSS and the aggregator processes'
     every `every_s` on its own thread; `take()` returns the most seen since the last take."""
 
-    def __init__(self, redis_url: str, pids: Sequence[int] = (), every_s: float = 0.05) -> None:
+    def __init__(self, redis_url: str, pids: Sequence[int] = (), every_s: float = 0.25) -> None:
         self._redis = redis.Redis.from_url(redis_url) if redis_url.startswith(("redis://", "rediss://")) else None
         self._every = every_s
         self._pids = list(pids)  # aggregator processes: the largest one's RSS is sampled too
@@ -263,6 +263,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
     )
     publishers = Publishers(fed, config.publishers)
     sampler = MemorySampler(config.redis_url, [p.pid for p in fed.procs])
+    makers = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="make-update")  # one update per core
     try:
         with progress_bar(console) as progress:
             bar = progress.add_task("rounds", total=config.rounds)
@@ -271,10 +272,19 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                 sampler.take()
                 # The clients' training stand-in, timed apart: devices train in parallel, away from the federation.
                 generating = time.monotonic()
-                updates = [
-                    synthetic_update(fed.name, f"client-{c}", ranks[c], t, shape=shape, seed=_seed(config.seed, t, c))
+                made = [
+                    makers.submit(
+                        synthetic_update,
+                        fed.name,
+                        f"client-{c}",
+                        ranks[c],
+                        t,
+                        shape=shape,
+                        seed=_seed(config.seed, t, c),
+                    )
                     for c in chosen
                 ]
+                updates = [future.result() for future in made]
                 first = time.monotonic()
                 publishers.publish(updates)
                 published = time.monotonic()
@@ -311,6 +321,7 @@ def run_load(config: LoadConfig, console: Console | None = None) -> LoadReport:
                 del updates
                 progress.update(bar, advance=1, description=f"round {t + 1}: turnaround {done - first:.1f} s")
     finally:
+        makers.shutdown()
         sampler.close()
         publishers.close()
         fed.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pika
 
+from broker.transports.rabbitmq import read_in_large_pieces
 from schemas.messages import HEADER_KEY
 
 
@@ -30,7 +31,9 @@ class RawMove:
 
 
 def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: Any) -> None:
-    """Child process: ack `count` messages one by one, then report when the last ack went out."""
+    """Child process: ack `count` messages one by one, then report when the last ack went out. It reads the socket
+    as the transport does (read_in_large_pieces), so the floor is the broker's, not pika's 4 KiB reads'."""
+    read_in_large_pieces()
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
     channel.basic_qos(prefetch_count=prefetch)

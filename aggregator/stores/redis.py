@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -51,6 +53,7 @@ SPILLED = b"\xffflexlora-spilled:"
 _LOCATION_MAX = 512  # bytes of a marker read to find its location (locations are ids and digests: ~150 bytes)
 _SWEEP_EVERY_S = 3600.0
 _TRANSFER_GRACE_S = 60.0
+_PREPARED_MAX = 256  # locations `prepare` wrote that `record` may skip writing (the service prepares a few ahead)
 _READ_AGAIN = 100  # a script that says its caller's read is stale is retried this often (each a commit)
 _RECORD_RESULTS = {
     0: RecordResult.DUPLICATE,
@@ -66,6 +69,12 @@ class NotReplicated(redis.exceptions.ConnectionError):
     """A write reached the primary but not the replicas required in time. A store outage, for the caller: the
     message it came from is held and retried, never acked, so a failover that loses the write loses nothing
     that was acked (the redelivered message is recorded again, once)."""
+
+
+def _update_location(header: LoraUpdate) -> str:
+    """Where a payload store keeps a whole update's bytes (its sha256 in the name: a replay with other bytes lands
+    elsewhere)."""
+    return f"updates/{record_id(header.client_id, header.update_id)}/{header.payload.sha256}"
 
 
 def _servers(url: str, what: str) -> list[tuple[str, int]]:
@@ -146,6 +155,10 @@ class RedisRoundStore(RoundStore):
         self.keys = Keys(federation, prefix)
         self.replication = replication
         self.payloads = payloads  # None: Redis keeps the bytes too
+        # Payload-store locations `prepare` wrote and `record` has not yet used (the newest few: one not here is
+        # written again by `record`, which is only slower), shared with the threads that prepare.
+        self._prepared: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._prepared_lock = threading.Lock()
         self._swept_at = time.monotonic()
         self._version_seen = 0  # the version status() read last: which round's counters to read with it
         self._record = client.register_script(RECORD)
@@ -242,6 +255,16 @@ class RedisRoundStore(RoundStore):
             return data
         self.payloads.put(location, data)
         return SPILLED + location.encode()
+
+    def prepare(self, header: LoraUpdate, payload: Payload) -> None:
+        if self.payloads is None:
+            return
+        location = _update_location(header)
+        self.payloads.put(location, payload)  # the same bytes to the same place as `record` would: idempotent
+        with self._prepared_lock:
+            self._prepared[location] = True
+            while len(self._prepared) > _PREPARED_MAX:
+                self._prepared.popitem(last=False)
 
     def _resolve(self, value: bytes | None) -> bytes | None:
         """The bytes a value Redis kept stands for (itself, unless it is a marker)."""
@@ -392,7 +415,10 @@ class RedisRoundStore(RoundStore):
         payload_key = k.update_payload(rid, header.payload.sha256)
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
-        value = self._spill(f"updates/{rid}/{header.payload.sha256}", payload)
+        location = _update_location(header)
+        with self._prepared_lock:
+            prepared = self._prepared.pop(location, False)
+        value = SPILLED + location.encode() if prepared else self._spill(location, payload)
 
         def write(pipe: Pipeline) -> None:
             pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)

@@ -71,6 +71,25 @@ def test_a_write_that_died_half_way_is_never_a_payload(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "empty folders go with their last payload"
 
 
+def test_a_folder_pruned_between_making_it_and_writing_into_it_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread or aggregator deleting the last payload of a folder removes the folder; a write into it
+    that made it just before must not fail (it would dead-letter a sound update as `internal`)."""
+    store = FilePayloads(tmp_path)
+    mkdir, pruned = Path.mkdir, list[Path]()
+
+    def mkdir_then_pruned(self: Path, *args: object, **kwargs: object) -> None:
+        mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+        if self.name == "u-1" and not pruned:  # the payload's own folder, once
+            pruned.append(self)
+            self.rmdir()  # what a concurrent delete's pruning does to an empty folder
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_pruned)
+    store.put("updates/c1/u-1/abc", b"whole")
+    assert pruned and store.get("updates/c1/u-1/abc") == b"whole"
+
+
 def test_open_payloads_by_url(tmp_path: Path) -> None:
     assert open_payloads("redis", "f") is None
     assert isinstance(open_payloads("memory://", "f"), MemoryPayloads)
@@ -140,6 +159,32 @@ def test_redis_keeps_markers_and_the_payload_store_the_bytes(
     assert spilled.payload(release) == big[:2000]
     assert spilled.prune(before_version=2) == 2
     assert files.usage() == (0, 0), "pruning a version drops its updates' and adapters' bytes"
+
+
+@pytest.mark.services
+def test_a_prepared_update_is_written_once_and_recorded_as_a_marker(
+    spilled: RedisRoundStore, files: FilePayloads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = os.urandom(1 << 16)
+    info = PayloadInfo(size=len(big), sha256="b" * 64)
+    header = _update("c1", "update-prepared").model_copy(update={"payload": info})
+    spilled.prepare(header, big)
+    assert files.usage() == (1, len(big)), "prepare writes the bytes where record will name them"
+    writes: list[str] = []
+    put = files.put
+
+    def counted(location: str, data: bytes) -> None:
+        writes.append(location)
+        put(location, data)
+
+    monkeypatch.setattr(files, "put", counted)
+    assert spilled.record(header, big, now=1.0) is RecordResult.RECORDED
+    assert writes == [], "record names the prepared bytes without writing them again"
+    [got] = spilled.round_updates(0)
+    assert spilled.payload(got) == big
+    again = header.model_copy(update={"update_id": "update-unprepared"})
+    assert spilled.record(again, big, now=1.0) is RecordResult.RECORDED
+    assert len(writes) == 1, "an update not prepared is written by record"
 
 
 @pytest.mark.services

@@ -481,3 +481,15 @@ def test_a_staged_payload_belongs_to_its_federation(store: RoundStore) -> None:
     assert store.read_chunk(blob, 0) == b"abc"
     store.wipe()
     assert store.read_chunk(blob, 0) is None, "wipe removes what was staged, not only the federation's other keys"
+
+
+def test_preparing_an_update_shows_nothing_until_it_is_recorded(store: RoundStore) -> None:
+    prepared, never = _update("c1", "update-prepared"), _update("c2", "update-never-recorded")
+    store.prepare(prepared, b"abc")
+    store.prepare(never, b"xyz")
+    assert store.status() == RoundStatus(round_id=0, count=0, opened_at=None)
+    assert store.round_updates(0) == []
+    assert store.record(prepared, b"abc", now=1.0) is RecordResult.RECORDED
+    assert store.record(prepared, b"abc", now=2.0) is RecordResult.DUPLICATE
+    [got] = store.round_updates(0)
+    assert got.header == prepared and bytes(store.payload(got)) == b"abc"
