@@ -42,18 +42,20 @@ from schemas.messages import HEADER_KEY, MAX_HEADERS_BYTES, LoraUpdate, parse_jo
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+CHECK_AHEAD_THREADS = 2
 
 
 class Lookahead:
     """The deliveries an aggregator takes ahead of the one it records: what the broker has delivered (up to the
     prefetch) is taken as soon as it is there, and a whole update's store-free checks (sha256, safetensors parsing,
-    `Ingest.check_ahead`) start on a thread of their own, so they run while the service waits on the store and the
-    broker for the one before. A delivery waiting here is unsettled like any other in flight, and goes back to the
-    queue when its subscription closes."""
+    `Ingest.check_ahead`, which then prepares its bytes in the store) start on threads of their own, so they run
+    while the service waits on the store and the broker for the one before. There are CHECK_AHEAD_THREADS: one
+    update's bytes are written (and synced) to the payload store while the next is checked. A delivery waiting here
+    is unsettled like any other in flight, and goes back to the queue when its subscription closes."""
 
     def __init__(self, ingest: Ingest, depth: int) -> None:
         self.ingest, self.depth = ingest, max(1, depth)
-        self._checking = ThreadPoolExecutor(1, thread_name_prefix="check-ahead")
+        self._checking = ThreadPoolExecutor(CHECK_AHEAD_THREADS, thread_name_prefix="check-ahead")
         self._ahead: collections.deque[tuple[Delivery, Future[ValidUpdate] | None]] = collections.deque()
         self._of: Subscription | None = None
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from pika.adapters.utils import io_services_utils
 
 from broker.connect import connect
 from broker.errors import BrokerError, DeliveryGone, PublishRefused
 from broker.topology import UPDATE_ROUTING_KEY, BindingSpec, ExchangeSpec, QueueSpec, Topology
 from broker.transport import Transport
 from broker.transports.memory import MemoryBroker
+from broker.transports.rabbitmq import PIKA_READ_BYTES, read_in_large_pieces
 from schemas.messages import REASON_KEY
 from tests.conftest import AMQP_URL
 
@@ -81,6 +85,31 @@ def test_publish_consume_ack(transport: Transport, topo: Topology) -> None:
     assert sub.get(0.3) is None
     sub.close()
     assert transport.queue_depth(topo.updates_queue) == 0
+
+
+def test_large_bodies_of_many_frames_arrive_whole_and_in_order(transport: Transport, topo: Topology) -> None:
+    """Bodies of many AMQP frames, of sizes that end mid-frame and mid-read, back to back: what the transport's
+    socket reads (PIKA_READ_BYTES at a time, several frames each) must reassemble byte for byte."""
+    sizes = [PIKA_READ_BYTES * 3 + 1, 131_072 * 5 - 7, 1, 4_000_000 + 13]
+    bodies = [os.urandom(n) for n in sizes]
+    for body in bodies:
+        transport.publish(topo.updates_exchange, UPDATE_ROUTING_KEY, body, {}, message_id=str(len(body)))
+    sub = transport.subscribe(topo.updates_queue, prefetch=4, dead_letter_exchange=topo.dead_letter_exchange)
+    got = []
+    for _ in bodies:
+        delivery = sub.get(10)
+        assert delivery is not None
+        got.append(delivery.message.body)
+        delivery.ack()
+    sub.close()
+    assert [hashlib.sha256(b).hexdigest() for b in got] == [hashlib.sha256(b).hexdigest() for b in bodies]
+
+
+def test_pika_reads_the_socket_in_large_pieces() -> None:
+    """This pika has the read-size setting the transport raises (a pika upgrade that drops it would bring back
+    4 KiB reads, and three times the CPU per byte received: bench/pika_reads.py)."""
+    assert read_in_large_pieces()
+    assert io_services_utils._AsyncTransportBase._MAX_RECV_BYTES >= PIKA_READ_BYTES
 
 
 def test_unroutable_publish_is_refused(transport: Transport, topo: Topology) -> None:
