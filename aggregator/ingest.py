@@ -128,7 +128,10 @@ class Ingest:
         thread."""
         _check_headers_size(message)
         valid = check_message(message, self.config.federation, self.limits, self.guard)
-        self.store.prepare(valid.header, message.body)
+        try:
+            self.store.prepare(valid.header, message.body)
+        except self.store.transient_errors:  # `record` writes what was not prepared (and retries while it must)
+            log.info("could not prepare update %s ahead; recording writes it", valid.header.update_id[:8])
         return valid
 
     def handle(self, delivery: Delivery, checked: Future[ValidUpdate] | None = None) -> None:

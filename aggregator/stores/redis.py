@@ -257,14 +257,18 @@ class RedisRoundStore(RoundStore):
         return SPILLED + location.encode()
 
     def prepare(self, header: LoraUpdate, payload: Payload) -> None:
-        if self.payloads is None:
-            return
+        """The payload's bytes (to the payload store, if there is one) and its key in Redis (the bytes, or a marker
+        naming where they are), as `record` would write them: so the update's `record` is the script alone."""
         location = _update_location(header)
-        self.payloads.put(location, payload)  # the same bytes to the same place as `record` would: idempotent
+        value = self._spill(location, payload)  # the same bytes to the same place as `record` would: idempotent
+        self.r.set(self._payload_key(header), value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
         with self._prepared_lock:
             self._prepared[location] = True
             while len(self._prepared) > _PREPARED_MAX:
                 self._prepared.popitem(last=False)
+
+    def _payload_key(self, header: LoraUpdate) -> str:
+        return self.keys.update_payload(record_id(header.client_id, header.update_id), header.payload.sha256)
 
     def _resolve(self, value: bytes | None) -> bytes | None:
         """The bytes a value Redis kept stands for (itself, unless it is a marker)."""
@@ -410,27 +414,31 @@ class RedisRoundStore(RoundStore):
         max_staleness: int | None = None,
         pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
-        k = self.keys
-        rid = record_id(header.client_id, header.update_id)
-        payload_key = k.update_payload(rid, header.payload.sha256)
+        payload_key = self._payload_key(header)
+        # Against the version status() saw last (the open round's but right after a commit, when the script says so
+        # and is run again with the version read afresh).
+        version = self._version_seen
+        with self._prepared_lock:
+            prepared = self._prepared.pop(_update_location(header), False)
+        if prepared:
+            try:
+                return self._run_record(
+                    header, payload_key, payload_key, now, max_staleness, pins, chunked=False, version=version
+                )
+            except TransferGone:
+                pass  # what `prepare` wrote is gone (Redis restarted, or failed over, since): written again below
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
-        location = _update_location(header)
-        with self._prepared_lock:
-            prepared = self._prepared.pop(location, False)
-        value = SPILLED + location.encode() if prepared else self._spill(location, payload)
+        value = self._spill(_update_location(header), payload)
 
         def write(pipe: Pipeline) -> None:
             pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)
 
-        before: Callable[[Pipeline], None] | None = write
-        # One round trip: the bytes, then the script, against the version status() saw last (the open round's but
-        # right after a commit, when the script says so and is run again with the version read afresh).
-        version = self._version_seen
+        before: Callable[[Pipeline], None] | None = write  # one round trip: the bytes, then the script
         if isinstance(self.r, RedisCluster):  # redis-py refuses a script in a cluster's pipeline: two round trips
             pipe = self.r.pipeline(transaction=False)  # the bytes, and the version to record against
             write(pipe)
-            pipe.get(k.version)
+            pipe.get(self.keys.version)
             version, before = int(pipe.execute()[1] or 0), None
         return self._run_record(
             header, payload_key, payload_key, now, max_staleness, pins, chunked=False, version=version, before=before

@@ -188,6 +188,27 @@ def test_a_prepared_update_is_written_once_and_recorded_as_a_marker(
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("with_files", [False, True])
+def test_a_prepared_update_whose_key_redis_lost_is_written_again_by_record(
+    client: redis.Redis, federation: str, files: FilePayloads, with_files: bool
+) -> None:
+    """Preparing writes the payload's key ahead; Redis losing it before the record (a restart without persistence,
+    a failover to a replica that had not got it) must not refuse the update: record writes it again."""
+    store = RedisRoundStore(client, federation, payloads=files if with_files else None)
+    try:
+        big = os.urandom(1 << 16)
+        info = PayloadInfo(size=len(big), sha256="c" * 64)
+        header = _update("c1", "update-lost").model_copy(update={"payload": info})
+        store.prepare(header, big)
+        client.delete(store.keys.update_payload(f"c1/{header.update_id}", header.payload.sha256))
+        assert store.record(header, big, now=1.0) is RecordResult.RECORDED
+        [got] = store.round_updates(0)
+        assert store.payload(got) == big
+    finally:
+        store.wipe()
+
+
+@pytest.mark.services
 def test_dropped_expired_and_refused_bytes_do_not_stay(
     spilled: RedisRoundStore, files: FilePayloads, client: redis.Redis
 ) -> None:

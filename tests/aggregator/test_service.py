@@ -370,6 +370,33 @@ class _Outage(MemoryRoundStore):
         return super().record(*args, **kwargs)
 
 
+class _NoPreparing(MemoryRoundStore):
+    """Unreachable for `prepare` (on the check-ahead thread), reachable for everything else."""
+
+    transient_errors = (ConnectionError,)
+
+    def prepare(self, header: LoraUpdate, payload: Any) -> None:
+        raise ConnectionError("Redis is down")
+
+
+def test_an_update_whose_bytes_could_not_be_prepared_ahead_is_recorded(federation: str) -> None:
+    """Preparing ahead is an optimisation: a store error there must not hold, give back or refuse the update."""
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = _NoPreparing()
+    config = AggregatorConfig(federation=federation, poll_s=0.01, store_retry_s=0.5)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    _valid(rig, "c2", 4, seed=2)
+    sub = service.subscribe()
+    for _ in range(10):
+        service.step(sub)
+    sub.close()
+    assert service.counters["requeued"] == 0 and service.counters["accepted"] == 2
+    assert store.status().count == 2
+
+
 def test_a_redis_outage_longer_than_the_delivery_limits_give_backs_dead_letters_nothing(
     federation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
