@@ -168,17 +168,22 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
-            used = None
-            if self._redis is not None:
-                with contextlib.suppress(redis.RedisError):
-                    used = int(self._redis.info("memory")["used_memory"]) / 1e6
-            rss = _rss_mb() or 0.0
-            others = max((r for pid in self._pids if (r := _rss_mb(pid)) is not None), default=None)
-            with self._lock:
-                p = self._peaks
-                self._peaks = Peaks(_most(p.redis_mb, used), max(p.rss_mb, rss), _most(p.aggregator_rss_mb, others))
+            self._sample()
+
+    def _sample(self) -> None:
+        used = None
+        if self._redis is not None:
+            with contextlib.suppress(redis.RedisError):
+                used = int(self._redis.info("memory")["used_memory"]) / 1e6
+        rss = _rss_mb() or 0.0
+        others = max((r for pid in self._pids if (r := _rss_mb(pid)) is not None), default=None)
+        with self._lock:
+            p = self._peaks
+            self._peaks = Peaks(_most(p.redis_mb, used), max(p.rss_mb, rss), _most(p.aggregator_rss_mb, others))
 
     def take(self) -> Peaks:
+        """The most seen since the last take, this moment included (a round shorter than `every_s` has a reading)."""
+        self._sample()
         with self._lock:
             peaks, self._peaks = self._peaks, Peaks()
         return peaks
