@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import RecordedUpdate, RecordResult, RoundPolicy, RoundStore
+from aggregator.rounds import RecordedUpdate, RecordResult, RoundPolicy, RoundStatus, RoundStore
 from aggregator.service import AggregatorService
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.stores.redis import RedisRoundStore
@@ -254,6 +254,37 @@ def test_a_failing_round_does_not_stop_the_service(federation: str) -> None:
     sub.close()
     assert service.counters["round_errors"] == 2
     assert store.version() == 1, "the round went through once the store answered again"
+
+
+def test_one_aggregator_closes_its_round_at_the_update_that_fills_it_without_a_status_read_per_update(
+    federation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aggregator.service as service_module
+
+    class Counting(MemoryRoundStore):
+        reads = 0
+
+        def status(self) -> RoundStatus:
+            self.reads += 1
+            return super().status()
+
+    monkeypatch.setattr(service_module, "STATUS_EVERY_S", 3600.0)  # no reads for time's sake: only the rule's
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = Counting()
+    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=20), poll_s=0.01)
+    service = AggregatorService(transport, store, config)
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    for i in range(20):
+        _valid(rig, f"c{i}", 4, seed=i)
+    sub = service.subscribe()
+    steps = 0
+    while store.version() == 0 and steps < 40:
+        service.step(sub)
+        steps += 1
+    sub.close()
+    assert store.version() == 1 and steps == 20, "committed at the step that recorded the round's last update"
+    assert store.reads <= 4, f"{store.reads} status reads for 20 updates"
 
 
 def _memory_service(federation: str, **config: object) -> Rig:
