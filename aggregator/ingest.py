@@ -123,9 +123,8 @@ class Ingest:
     def check_ahead(self, message: Message) -> ValidUpdate:
         """The checks of a whole update that need no store (aggregator.validation.check_message), on any thread: the
         service runs them for the deliveries waiting behind the one it records. `handle` then takes the result (or
-        the refusal this raises) and finishes with the federation's pins. A sound update's bytes are then prepared
-        in the store (RoundStore.prepare: written to the payload store, if there is one), off the service's
-        thread."""
+        the refusal this raises) and finishes with the federation's pins. A sound update is then prepared in the
+        store (RoundStore.prepare: its bytes written where `record` will name them), off the service's thread."""
         _check_headers_size(message)
         valid = check_message(message, self.config.federation, self.limits, self.guard)
         try:

@@ -197,9 +197,10 @@ class RoundStore(abc.ABC):
     def prepare(self, header: LoraUpdate, payload: Payload) -> None:
         """Optional, before `record` of this header and payload, on any thread: do the part of recording that is
         only bytes, so `record` itself is left the quick atomic step (the service prepares the updates waiting
-        behind the one it records). A store that keeps the bytes elsewhere writes them there now; one that keeps
-        them with the round does nothing. Preparing changes nothing `status` or `round_updates` shows, and an
-        update prepared but never recorded leaves only what an update refused after `record` began would."""
+        behind the one it records). The Redis store writes the payload (to the payload store, synced, if there is
+        one) and its key now; this default leaves it all to `record`. Preparing changes nothing `status` or
+        `round_updates` shows, and an update prepared but never recorded leaves only what an update refused after
+        `record` began would (bytes that expire, or that a sweep takes, after a day)."""
         return  # this default keeps the bytes with the round, in `record`
 
     # --- chunked transfers: an update's chunks may reach different aggregators, in any order, twice ----------

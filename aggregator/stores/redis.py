@@ -155,8 +155,9 @@ class RedisRoundStore(RoundStore):
         self.keys = Keys(federation, prefix)
         self.replication = replication
         self.payloads = payloads  # None: Redis keeps the bytes too
-        # Payload-store locations `prepare` wrote and `record` has not yet used (the newest few: one not here is
-        # written again by `record`, which is only slower), shared with the threads that prepare.
+        # The updates (by payload location) whose bytes and key `prepare` wrote and `record` has not yet used: the
+        # newest few (one not here is written again by `record`, which is only slower), shared with the threads
+        # that prepare.
         self._prepared: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self._prepared_lock = threading.Lock()
         self._swept_at = time.monotonic()
