@@ -127,6 +127,7 @@ class Ingest:
         store (RoundStore.prepare: its bytes written where `record` will name them), off the service's thread."""
         _check_headers_size(message)
         valid = check_message(message, self.config.federation, self.limits, self.guard)
+        _ = valid.shapes  # cached: made here, not on the service's thread (check_pins and the record compare it)
         try:
             self.store.prepare(valid.header, message.body)
         except self.store.transient_errors:  # `record` writes what was not prepared (and retries while it must)
