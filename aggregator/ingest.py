@@ -127,7 +127,10 @@ class Ingest:
         store (RoundStore.prepare: its bytes written where `record` will name them), off the service's thread."""
         _check_headers_size(message)
         valid = check_message(message, self.config.federation, self.limits, self.guard)
-        _ = valid.shapes  # cached: made here, not on the service's thread (check_pins and the record compare it)
+        # valid.pins makes (and caches) the module shapes here, not on the service's thread. Facts that differ from
+        # those this process knows pinned are refused there (check_pins): none of such an update's bytes are kept.
+        if any(self.pins.get(name, value) != value for name, value in valid.pins.items()):
+            return valid
         try:
             self.store.prepare(valid.header, message.body)
         except self.store.transient_errors:  # `record` writes what was not prepared (and retries while it must)

@@ -410,6 +410,35 @@ class _NoPreparing(MemoryRoundStore):
         raise ConnectionError("Redis is down")
 
 
+def test_an_update_for_another_base_model_is_refused_without_its_bytes_being_written_ahead(federation: str) -> None:
+    """Bytes prepared for an update the pins refuse would stay in the store for a day: a client could fill it."""
+
+    class Preparing(MemoryRoundStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prepared: list[str] = []
+
+        def prepare(self, header: LoraUpdate, payload: Any) -> None:
+            self.prepared.append(header.client_id)
+
+    transport: Transport = connect("memory://", memory=MemoryBroker())
+    store = Preparing()
+    service = AggregatorService(transport, store, AggregatorConfig(federation=federation, poll_s=0.01))
+    service.setup()
+    rig = Rig(transport, store, service, Topology(federation))
+    _valid(rig, "c1", 4, seed=1)
+    sub = service.subscribe()
+    service.step(sub)
+    data, info = encode_tensors(_factors(4, 2))
+    other = _update(federation, "c2", 4, info, base_model_fingerprint="b" * 64)
+    _send(rig, data, {HEADER_KEY: other.model_dump_json()})
+    for _ in range(5):
+        service.step(sub)
+    sub.close()
+    assert service.counters["refused:base-model"] == 1
+    assert store.prepared == ["c1"]
+
+
 def test_an_update_whose_bytes_could_not_be_prepared_ahead_is_recorded(federation: str) -> None:
     """Preparing ahead is an optimisation: a store error there must not hold, give back or refuse the update."""
     transport: Transport = connect("memory://", memory=MemoryBroker())
