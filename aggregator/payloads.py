@@ -140,17 +140,15 @@ class FilePayloads(PayloadStore):
         for attempt in range(_MKDIR_TRIES):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                f = open(tmp, "wb")  # noqa: SIM115 (closed below; the open alone is retried)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                break
             except FileNotFoundError:  # a delete (another thread or process) pruned the folder, empty, just now
                 if attempt == _MKDIR_TRIES - 1:
                     raise
-                continue
-            with f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            break
         os.replace(tmp, path)
 
     def get(self, location: str) -> bytes | None:

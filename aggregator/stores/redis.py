@@ -415,12 +415,12 @@ class RedisRoundStore(RoundStore):
         max_staleness: int | None = None,
         pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
-        payload_key = self._payload_key(header)
+        payload_key, location = self._payload_key(header), _update_location(header)
         # Against the version status() saw last (the open round's but right after a commit, when the script says so
         # and is run again with the version read afresh).
         version = self._version_seen
         with self._prepared_lock:
-            prepared = self._prepared.pop(_update_location(header), False)
+            prepared = self._prepared.pop(location, False)
         if prepared:
             try:
                 return self._run_record(
@@ -430,7 +430,7 @@ class RedisRoundStore(RoundStore):
                 pass  # what `prepare` wrote is gone (Redis restarted, or failed over, since): written again below
         # NX: never overwrite a payload once written; the key names its sha256, so a replay with other bytes
         # lands elsewhere. Unrecorded payloads (refused, or a crash before the script) expire in a day.
-        value = self._spill(_update_location(header), payload)
+        value = self._spill(location, payload)
 
         def write(pipe: Pipeline) -> None:
             pipe.set(payload_key, value, nx=True, ex=_ORPHAN_PAYLOAD_TTL_S)

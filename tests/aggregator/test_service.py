@@ -269,12 +269,9 @@ def test_one_aggregator_closes_its_round_at_the_update_that_fills_it_without_a_s
             return super().status()
 
     monkeypatch.setattr(service_module, "STATUS_EVERY_S", 3600.0)  # no reads for time's sake: only the rule's
-    transport: Transport = connect("memory://", memory=MemoryBroker())
     store = Counting()
-    config = AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=20), poll_s=0.01)
-    service = AggregatorService(transport, store, config)
-    service.setup()
-    rig = Rig(transport, store, service, Topology(federation))
+    rig = _memory_service(federation, store, max_updates=20)
+    service = rig.service
     for i in range(20):
         _valid(rig, f"c{i}", 4, seed=i)
     sub = service.subscribe()
@@ -287,13 +284,15 @@ def test_one_aggregator_closes_its_round_at_the_update_that_fills_it_without_a_s
     assert store.reads <= 4, f"{store.reads} status reads for 20 updates"
 
 
-def _memory_service(federation: str, **config: object) -> Rig:
+def _memory_service(
+    federation: str, store: MemoryRoundStore | None = None, max_updates: int = 10, **config: object
+) -> Rig:
     transport: Transport = connect("memory://", memory=MemoryBroker())
-    store = MemoryRoundStore()
+    store = store or MemoryRoundStore()
     service = AggregatorService(
         transport,
         store,
-        AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=10), poll_s=0.01, **config),  # type: ignore[arg-type]
+        AggregatorConfig(federation=federation, policy=RoundPolicy(max_updates=max_updates), poll_s=0.01, **config),  # type: ignore[arg-type]
     )
     service.setup()
     return Rig(transport, store, service, Topology(federation))
@@ -421,11 +420,9 @@ def test_an_update_for_another_base_model_is_refused_without_its_bytes_being_wri
         def prepare(self, header: LoraUpdate, payload: Any) -> None:
             self.prepared.append(header.client_id)
 
-    transport: Transport = connect("memory://", memory=MemoryBroker())
     store = Preparing()
-    service = AggregatorService(transport, store, AggregatorConfig(federation=federation, poll_s=0.01))
-    service.setup()
-    rig = Rig(transport, store, service, Topology(federation))
+    rig = _memory_service(federation, store)
+    service = rig.service
     _valid(rig, "c1", 4, seed=1)
     sub = service.subscribe()
     service.step(sub)
@@ -441,12 +438,9 @@ def test_an_update_for_another_base_model_is_refused_without_its_bytes_being_wri
 
 def test_an_update_whose_bytes_could_not_be_prepared_ahead_is_recorded(federation: str) -> None:
     """Preparing ahead is an optimisation: a store error there must not hold, give back or refuse the update."""
-    transport: Transport = connect("memory://", memory=MemoryBroker())
     store = _NoPreparing()
-    config = AggregatorConfig(federation=federation, poll_s=0.01, store_retry_s=0.5)
-    service = AggregatorService(transport, store, config)
-    service.setup()
-    rig = Rig(transport, store, service, Topology(federation))
+    rig = _memory_service(federation, store, store_retry_s=0.5)
+    service = rig.service
     _valid(rig, "c1", 4, seed=1)
     _valid(rig, "c2", 4, seed=2)
     sub = service.subscribe()
