@@ -2,12 +2,14 @@
 
     python bench/throughput.py [--messages 500] [--aggregators 1 2 3] [--clients 50] [--layers 30] [--rank 8]
 
-Needs the local RabbitMQ and Redis. Raw: plain pika publishes synthetic-update bodies to a fresh quorum
-queue with confirms while a consumer process acks them; first publish to last ack. Ingestion: the same
-messages are queued first, then `flexlora aggregator` processes record them in Redis; timed from when all
-consume until the open round holds every one. Turnaround: `--clients` clients, one aggregator closing the
-round at the last update; from publishing that update (as soon as the others are recorded, or `--settle-s`
-later) until every mailbox holds its adapter, per SVD mode.
+Needs the local RabbitMQ and Redis. Ingestion: synthetic updates are queued first, then `flexlora aggregator`
+processes record them in Redis; each is paused once it consumes, and the clock runs from their resumption
+until the open round holds every one. Raw (the floor for ingestion): plain pika queues the same bodies in a
+fresh quorum queue with confirms, then a consumer process acks them, paused and resumed the same way
+(experiments/rawpika.drain). Also reported, not compared: the same bodies published while the consumer acks,
+first publish to last ack (rawpika.move), which one publisher waiting for each confirm bounds.
+Turnaround: `--clients` clients, one aggregator closing the round at the last update; from publishing that update
+(as soon as the others are recorded, or `--settle-s` later) until every mailbox holds its adapter, per SVD mode.
 Prints one JSON document; progress goes to stderr.
 """
 
@@ -64,19 +66,26 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs =
 
 
 def raw_baseline(args: argparse.Namespace, header_json: str, payload: bytes) -> dict[str, Any]:
-    raw = rawpika.move(
-        args.broker_url,
-        [len(payload)] * args.messages,
-        header_json=header_json,
-        prefetch=PREFETCH,
-        timeout_s=args.timeout,
-    )
+    """The floor for ingestion: raw pika's consumer emptying a full queue of the same messages, timed as
+    `ingestion` times an aggregator (rawpika.drain). And, for reference, the same messages published and consumed
+    at once (rawpika.move: what one publisher waiting for confirms lets through)."""
+    sizes = [len(payload)] * args.messages
+    options: dict[str, Any] = {"header_json": header_json, "prefetch": PREFETCH, "timeout_s": args.timeout}
+    drained = rawpika.drain(args.broker_url, sizes, **options)
+    moved = rawpika.move(args.broker_url, sizes, **options)
     return {
-        "queue": raw.queue,
-        "messages": raw.messages,
-        "seconds": raw.seconds,
-        "messages_per_s": raw.messages / raw.seconds,
-        "payload_mb_per_s": raw.mb_per_s,
+        "queue": drained.queue,
+        "messages": drained.messages,
+        "acked_before_timing": drained.acked_before,
+        "seconds": drained.seconds,
+        "messages_per_s": drained.messages_per_s,
+        "payload_mb_per_s": drained.mb_per_s,
+        "publish_and_consume": {
+            "queue": moved.queue,
+            "seconds": moved.seconds,
+            "messages_per_s": moved.messages_per_s,
+            "payload_mb_per_s": moved.mb_per_s,
+        },
     }
 
 

@@ -1,18 +1,27 @@
 """The floor a federation's byte path is measured against: plain pika moving the same messages through one quorum
-queue, with publisher confirms, while a consumer in another process acks them. No validation, no store, no
-aggregation: what the broker alone costs on this machine (bench/throughput.py, `flexlora sim load`)."""
+queue, with publisher confirms, and a consumer in another process that acks them. No validation, no store, no
+aggregation: what the broker alone costs on this machine.
+
+- `move`: publish while the consumer acks, timed from the first publish to the last ack (`flexlora sim load`,
+  whose rounds also publish and consume). One publisher waiting for each confirm bounds it.
+- `drain`: publish first, then time the consumer emptying the full queue, paused and resumed exactly as
+  bench/throughput.py times an aggregator's ingestion: the floor for an ingestion rate.
+"""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pika
+from pika.adapters.blocking_connection import BlockingChannel
 
 from broker.transports.rabbitmq import read_in_large_pieces
 from schemas.messages import HEADER_KEY
@@ -23,27 +32,31 @@ class RawMove:
     queue: str
     messages: int
     bytes: int
-    seconds: float  # first publish until the last ack
+    seconds: float  # move: first publish until the last ack; drain: the consumer's resumption until its last ack
+    acked_before: int = 0  # drain: acked in the moment between consuming and pausing, not timed
 
     @property
     def mb_per_s(self) -> float:
-        return self.bytes / 1e6 / self.seconds
+        return self.bytes * (self.messages - self.acked_before) / self.messages / 1e6 / self.seconds
+
+    @property
+    def messages_per_s(self) -> float:
+        return (self.messages - self.acked_before) / self.seconds
 
 
-def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: Any) -> None:
-    """Child process: ack `count` messages one by one, then report when the last ack went out. It reads the socket
-    as the transport does (read_in_large_pieces), so the floor is the broker's, not pika's 4 KiB reads'."""
+def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: Any, acked: Any) -> None:
+    """Child process: ack `count` messages one by one (counting them in `acked`), then report when the last ack went
+    out. It reads the socket as the transport does (read_in_large_pieces), so the floor is the broker's, not pika's
+    4 KiB reads'."""
     read_in_large_pieces()
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
     channel.basic_qos(prefetch_count=prefetch)
-    acked = 0
 
     def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
-        nonlocal acked
         ch.basic_ack(method.delivery_tag)
-        acked += 1
-        if acked == count:
+        acked.value += 1
+        if acked.value == count:
             ch.stop_consuming()
 
     channel.basic_consume(queue, on_message, auto_ack=False)
@@ -54,52 +67,100 @@ def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: 
     conn.close()
 
 
-def move(
-    url: str, sizes: Sequence[int], *, header_json: str = "{}", prefetch: int = 8, timeout_s: float = 600.0
-) -> RawMove:
-    """Publish one persistent message of each size (random bytes, a header of `header_json`) and time it until a
-    consumer has acked them all. The queue is deleted afterwards, however the run ends."""
-    if not sizes:
-        raise ValueError("nothing to move")
-    queue = f"flexlora.raw-{uuid.uuid4().hex[:8]}"
-    params = pika.URLParameters(url)
-    noise = os.urandom(max(sizes))
-    bodies = {size: noise[:size] for size in set(sizes)}  # made before the clock starts
-    # A process, not a thread: publisher and consumer would otherwise share one GIL, flattering the floor.
-    ctx = mp.get_context("spawn")
-    ready, done = ctx.Event(), ctx.Queue()
-    consumer = ctx.Process(target=_consume, args=(url, queue, len(sizes), prefetch, ready, done))
-    conn = pika.BlockingConnection(params)
-    try:
-        channel = conn.channel()
-        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.confirm_delivery()
-        consumer.start()
-        if not ready.wait(60):
-            raise TimeoutError("the raw consumer did not start")
-        properties = [
+class _Rig:
+    """A fresh quorum queue, a confirming publisher and a consumer process (not yet started)."""
+
+    def __init__(self, url: str, sizes: Sequence[int], header_json: str, prefetch: int) -> None:
+        if not sizes:
+            raise ValueError("nothing to move")
+        self.queue = f"flexlora.raw-{uuid.uuid4().hex[:8]}"
+        self.params = pika.URLParameters(url)
+        self.sizes = sizes
+        noise = os.urandom(max(sizes))
+        self.bodies = {size: noise[:size] for size in set(sizes)}  # made before any clock starts
+        self.properties = [
             pika.BasicProperties(
                 delivery_mode=pika.DeliveryMode.Persistent,
                 content_type="application/vnd.safetensors",
                 headers={HEADER_KEY: header_json},
                 message_id=str(uuid.uuid4()),
-                user_id=params.credentials.username,
+                user_id=self.params.credentials.username,
             )
             for _ in sizes
         ]
-        started = time.monotonic()
-        for size, props in zip(sizes, properties, strict=True):
-            channel.basic_publish("", queue, bodies[size], props, mandatory=True)
-        finished: float = done.get(timeout=timeout_s)
-        consumer.join(10)
-    finally:
-        if consumer.is_alive():
-            consumer.kill()
-        if consumer.pid is not None:
-            consumer.join()
-        if conn.is_open:
-            conn.close()
-        cleanup = pika.BlockingConnection(params)  # fresh: the publishing one may be what failed
-        cleanup.channel().queue_delete(queue)
+        # A process, not a thread: publisher and consumer would otherwise share one GIL, flattering the floor.
+        ctx = mp.get_context("spawn")
+        self.ready, self.done, self.acked = ctx.Event(), ctx.Queue(), ctx.Value("q", 0)
+        self.consumer = ctx.Process(
+            target=_consume, args=(url, self.queue, len(sizes), prefetch, self.ready, self.done, self.acked)
+        )
+        self.conn = pika.BlockingConnection(self.params)
+        self.channel: BlockingChannel = self.conn.channel()
+        self.channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        self.channel.confirm_delivery()
+
+    def start_consumer(self) -> None:
+        self.consumer.start()
+        if not self.ready.wait(60):
+            raise TimeoutError("the raw consumer did not start")
+
+    def publish(self) -> None:
+        for size, props in zip(self.sizes, self.properties, strict=True):
+            self.channel.basic_publish("", self.queue, self.bodies[size], props, mandatory=True)
+
+    def close(self) -> None:
+        if self.consumer.is_alive():
+            self.consumer.kill()
+        if self.consumer.pid is not None:
+            self.consumer.join()
+        if self.conn.is_open:
+            self.conn.close()
+        cleanup = pika.BlockingConnection(self.params)  # fresh: the publishing one may be what failed
+        cleanup.channel().queue_delete(self.queue)
         cleanup.close()
-    return RawMove(queue, len(sizes), sum(sizes), finished - started)
+
+
+@contextmanager
+def _rig(url: str, sizes: Sequence[int], header_json: str, prefetch: int) -> Iterator[_Rig]:
+    """The rig, its queue deleted afterwards however the run ends."""
+    rig = _Rig(url, sizes, header_json, prefetch)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def move(
+    url: str, sizes: Sequence[int], *, header_json: str = "{}", prefetch: int = 8, timeout_s: float = 600.0
+) -> RawMove:
+    """Publish one persistent message of each size (random bytes, a header of `header_json`) and time it until a
+    consumer has acked them all."""
+    with _rig(url, sizes, header_json, prefetch) as rig:
+        rig.start_consumer()
+        started = time.monotonic()
+        rig.publish()
+        finished: float = rig.done.get(timeout=timeout_s)
+        rig.consumer.join(10)
+        return RawMove(rig.queue, len(sizes), sum(sizes), finished - started)
+
+
+def drain(
+    url: str, sizes: Sequence[int], *, header_json: str = "{}", prefetch: int = 8, timeout_s: float = 600.0
+) -> RawMove:
+    """Publish the messages first (untimed), then time a consumer emptying the queue: it starts consuming, is
+    paused (SIGSTOP) as soon as it is, and the clock runs from its resumption to its last ack. What it acked in
+    the moment before the pause is in `acked_before` and out of `messages_per_s`."""
+    with _rig(url, sizes, header_json, prefetch) as rig:
+        rig.publish()
+        rig.start_consumer()
+        pid = rig.consumer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            before = int(rig.acked.value)
+            started = time.monotonic()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        finished: float = rig.done.get(timeout=timeout_s)
+        rig.consumer.join(10)
+        return RawMove(rig.queue, len(sizes), sum(sizes), finished - started, acked_before=before)
