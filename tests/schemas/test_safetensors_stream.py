@@ -48,6 +48,7 @@ def test_the_written_bytes_are_the_librarys_and_read_back_as_views(
     assert set(viewed) == set(tensors)
     for name, tensor in tensors.items():
         assert viewed[name].dtype == tensor.dtype and torch.equal(viewed[name], tensor)
+        assert viewed[name].is_contiguous() and viewed[name].shape == tensor.shape
 
 
 def test_read_tensors_share_the_buffer_rather_than_copy_it() -> None:
@@ -104,6 +105,19 @@ def test_malformed_payloads_are_refused_as_the_library_refuses_them(name: str) -
         decode_tensors(bytearray(data))
     with pytest.raises(TensorDecodeError):
         decode_tensors(data)
+
+
+def test_a_header_seen_before_is_still_checked_against_each_payloads_data() -> None:
+    # Headers are parsed once and remembered: the same header over data of another length is still refused, and a
+    # refused header is refused again (not remembered as sound).
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    assert decode_tensors(_with_header(header, struct.pack("<f", 1.5)))["a"].item() == 1.5
+    for _ in range(2):
+        with pytest.raises(TensorDecodeError, match="bytes after the tensors"):
+            decode_tensors(_with_header(header, b"\0" * 8))
+        with pytest.raises(TensorDecodeError, match="runs past"):
+            decode_tensors(_with_header({"a": {**header["a"], "data_offsets": [0, 8]}, "__metadata__": {}}, b"\0" * 4))
+    assert decode_tensors(_with_header(header, struct.pack("<f", 2.5)))["a"].item() == 2.5
 
 
 def test_integer_tensors_are_refused_on_both_paths() -> None:
