@@ -182,8 +182,7 @@ def tensors_from(entries: Sequence[Entry], data: bytearray | memoryview) -> dict
     shared, not copied: one buffer view per run of one dtype, each tensor a strided view of it. A frombuffer per
     tensor cost twice as much for the hundreds of small factors of an update."""
     out: dict[str, torch.Tensor] = {}
-    for dtype, group in itertools.groupby(entries, key=lambda e: e.dtype):
-        run = list(group)
+    for dtype, run in dtype_runs(entries):
         first, size = run[0].begin, dtype.itemsize
         if run[-1].end == first:  # only empty tensors: no buffer to view
             out.update((e.name, torch.empty(e.shape, dtype=dtype)) for e in run)
@@ -192,6 +191,12 @@ def tensors_from(entries: Sequence[Entry], data: bytearray | memoryview) -> dict
         for e in run:
             out[e.name] = flat.as_strided(e.shape, _contiguous_strides(e.shape), (e.begin - first) // size)
     return out
+
+
+def dtype_runs(entries: Sequence[Entry]) -> Iterator[tuple[torch.dtype, list[Entry]]]:
+    """Consecutive tensors of one dtype: parse_header's entries tile the data in order, so each run is one range."""
+    for dtype, run in itertools.groupby(entries, key=lambda e: e.dtype):
+        yield dtype, list(run)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from schemas.errors import PayloadIntegrityError
 from schemas.messages import PayloadInfo
-from schemas.safetensors_stream import Entry, encode_pieces, split_payload, tensors_from
+from schemas.safetensors_stream import dtype_runs, encode_pieces, split_payload, tensors_from
 
 _FINITE_BATCH = 4 * 1024 * 1024  # elements per finiteness check
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -55,19 +54,13 @@ def decode_payload(data: bytes | bytearray, info: PayloadInfo | None = None) -> 
     if info is not None:
         verify_payload(data, info)
     body, entries = split_payload(data if isinstance(data, bytearray) else bytearray(data))
-    finite = all(_finite(body[run[0].begin : run[-1].end], dtype) for dtype, run in _runs(entries))
+    finite = all(_finite(body[run[0].begin : run[-1].end], dtype) for dtype, run in dtype_runs(entries))
     return Decoded(tensors_from(entries, body), finite)
 
 
 def decode_tensors(data: bytes | bytearray, info: PayloadInfo | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors payload (see decode_payload)."""
     return decode_payload(data, info).tensors
-
-
-def _runs(entries: Sequence[Entry]) -> Iterator[tuple[torch.dtype, list[Entry]]]:
-    """Consecutive tensors of one dtype: parse_header's entries tile the data in order, so each run is one range."""
-    for dtype, run in itertools.groupby(entries, key=lambda e: e.dtype):
-        yield dtype, list(run)
 
 
 def _finite(raw: memoryview, dtype: torch.dtype) -> bool:
