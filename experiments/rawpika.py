@@ -15,8 +15,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +67,8 @@ def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: 
 
 
 class _Rig:
-    """A fresh quorum queue, a confirming publisher and a consumer process (not yet started)."""
+    """A fresh quorum queue, a confirming publisher and a consumer process (not yet started); as a context, the
+    queue is declared on entry and deleted on the way out, however the run ends."""
 
     def __init__(self, url: str, sizes: Sequence[int], header_json: str, prefetch: int) -> None:
         if not sizes:
@@ -94,10 +94,30 @@ class _Rig:
         self.consumer = ctx.Process(
             target=_consume, args=(url, self.queue, len(sizes), prefetch, self.ready, self.done, self.acked)
         )
-        self.conn = pika.BlockingConnection(self.params)
-        self.channel: BlockingChannel = self.conn.channel()
-        self.channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
-        self.channel.confirm_delivery()
+        self.conn: pika.BlockingConnection | None = None
+        self.channel: BlockingChannel | None = None
+
+    def __enter__(self) -> _Rig:
+        try:
+            self.conn = pika.BlockingConnection(self.params)
+            self.channel = self.conn.channel()
+            self.channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+            self.channel.confirm_delivery()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.consumer.is_alive():
+            self.consumer.kill()
+        if self.consumer.pid is not None:
+            self.consumer.join()
+        if self.conn is not None and self.conn.is_open:
+            self.conn.close()
+        cleanup = pika.BlockingConnection(self.params)  # fresh: the publishing one may be what failed
+        cleanup.channel().queue_delete(self.queue)
+        cleanup.close()
 
     def start_consumer(self) -> None:
         self.consumer.start()
@@ -105,29 +125,9 @@ class _Rig:
             raise TimeoutError("the raw consumer did not start")
 
     def publish(self) -> None:
+        assert self.channel is not None, "publish inside the rig's context"
         for size, props in zip(self.sizes, self.properties, strict=True):
             self.channel.basic_publish("", self.queue, self.bodies[size], props, mandatory=True)
-
-    def close(self) -> None:
-        if self.consumer.is_alive():
-            self.consumer.kill()
-        if self.consumer.pid is not None:
-            self.consumer.join()
-        if self.conn.is_open:
-            self.conn.close()
-        cleanup = pika.BlockingConnection(self.params)  # fresh: the publishing one may be what failed
-        cleanup.channel().queue_delete(self.queue)
-        cleanup.close()
-
-
-@contextmanager
-def _rig(url: str, sizes: Sequence[int], header_json: str, prefetch: int) -> Iterator[_Rig]:
-    """The rig, its queue deleted afterwards however the run ends."""
-    rig = _Rig(url, sizes, header_json, prefetch)
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def move(
@@ -135,7 +135,7 @@ def move(
 ) -> RawMove:
     """Publish one persistent message of each size (random bytes, a header of `header_json`) and time it until a
     consumer has acked them all."""
-    with _rig(url, sizes, header_json, prefetch) as rig:
+    with _Rig(url, sizes, header_json, prefetch) as rig:
         rig.start_consumer()
         started = time.monotonic()
         rig.publish()
@@ -150,7 +150,7 @@ def drain(
     """Publish the messages first (untimed), then time a consumer emptying the queue: it starts consuming, is
     paused (SIGSTOP) as soon as it is, and the clock runs from its resumption to its last ack. What it acked in
     the moment before the pause is in `acked_before` and out of `messages_per_s`."""
-    with _rig(url, sizes, header_json, prefetch) as rig:
+    with _Rig(url, sizes, header_json, prefetch) as rig:
         rig.publish()
         rig.start_consumer()
         pid = rig.consumer.pid
