@@ -6,8 +6,11 @@ Needs the local RabbitMQ and Redis. Ingestion: synthetic updates are queued firs
 processes record them in Redis; each is paused once it consumes, and the clock runs from their resumption
 until the open round holds every one. Raw (the floor for ingestion): plain pika queues the same bodies in a
 fresh quorum queue with confirms, then a consumer process acks them, paused and resumed the same way
-(experiments/rawpika.drain). Also reported, not compared: the same bodies published while the consumer acks,
-first publish to last ack (rawpika.move), which one publisher waiting for each confirm bounds.
+(experiments/rawpika.drain). Beside it, the same drain by a consumer that hashes and keeps each body (in Redis, or
+the `--payload-store`) before acking it: the least work an aggregator must do for an update, and so the most an
+aggregator could ingest on this machine (`keeping`; ratio `ingestion_ratio_1_aggregator_to_keeping`). Also
+reported, not compared: the same bodies published while the consumer acks, first publish to last ack
+(rawpika.move), which one publisher waiting for each confirm bounds.
 Turnaround: `--clients` clients, one aggregator closing the round at the last update; from publishing that update
 (as soon as the others are recorded, or `--settle-s` later) until every mailbox holds its adapter, per SVD mode.
 Prints one JSON document; progress goes to stderr.
@@ -67,11 +70,14 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs =
 
 def raw_baseline(args: argparse.Namespace, header_json: str, payload: bytes) -> dict[str, Any]:
     """The floor for ingestion: raw pika's consumer emptying a full queue of the same messages, timed as
-    `ingestion` times an aggregator (rawpika.drain). And, for reference, the same messages published and consumed
-    at once (rawpika.move: what one publisher waiting for confirms lets through)."""
+    `ingestion` times an aggregator (rawpika.drain); the same drain keeping each body first; and, for reference,
+    the same messages published and consumed at once (rawpika.move: what one publisher waiting for confirms lets
+    through)."""
     sizes = [len(payload)] * args.messages
     options: dict[str, Any] = {"header_json": header_json, "prefetch": PREFETCH, "timeout_s": args.timeout}
     drained = rawpika.drain(args.broker_url, sizes, **options)
+    keep = rawpika.Keep(args.redis_url, getattr(args, "payload_store", "redis"))
+    kept = rawpika.drain(args.broker_url, sizes, keep=keep, **options)
     moved = rawpika.move(args.broker_url, sizes, **options)
     return {
         "queue": drained.queue,
@@ -80,6 +86,15 @@ def raw_baseline(args: argparse.Namespace, header_json: str, payload: bytes) -> 
         "seconds": drained.seconds,
         "messages_per_s": drained.messages_per_s,
         "payload_mb_per_s": drained.mb_per_s,
+        "keeping": {
+            "queue": kept.queue,
+            "payload_store": keep.payload_store,
+            "threads": keep.threads,
+            "acked_before_timing": kept.acked_before,
+            "seconds": kept.seconds,
+            "messages_per_s": kept.messages_per_s,
+            "payload_mb_per_s": kept.mb_per_s,
+        },
         "publish_and_consume": {
             "queue": moved.queue,
             "seconds": moved.seconds,
@@ -300,6 +315,7 @@ def main() -> None:
                     rounds.append(turnaround(args, transport, shape, mode, hold, fold))
     one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
     ratio = None if one is None else one / raw["messages_per_s"]
+    to_keeping = None if one is None else one / raw["keeping"]["messages_per_s"]
     report = {
         "settings": {k: getattr(args, k) for k in ("messages", "rank", "layers", "clients", "payload_store")}
         | {"payload_bytes": len(payload), "header_bytes": len(header_json), "prefetch": PREFETCH},
@@ -307,6 +323,7 @@ def main() -> None:
         "ingestion": runs,
         "ingestion_ratio_1_aggregator_to_raw": ratio,
         "ingestion_ratio_target": INGESTION_TARGET,
+        "ingestion_ratio_1_aggregator_to_keeping": to_keeping,
         "turnaround": rounds,
     }
     print(json.dumps(report, indent=2))

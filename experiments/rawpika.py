@@ -6,22 +6,31 @@ aggregation: what the broker alone costs on this machine.
   whose rounds also publish and consume). One publisher waiting for each confirm bounds it.
 - `drain`: publish first, then time the consumer emptying the full queue, paused and resumed exactly as
   bench/throughput.py times an aggregator's ingestion: the floor for an ingestion rate.
+- `drain` with `keep`: the same, but the consumer does the least an aggregator must do before it acks an update:
+  hash the body (sha256, which names the payload) and keep it where the round store would (Redis, or a payload
+  store), on two threads beside pika's, so hashing and keeping overlap the socket reads. No parsing, no checks,
+  no bookkeeping, no aggregation: the floor for an ingestion rate that keeps what it acks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import multiprocessing as mp
 import os
 import signal
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pika
+import redis
 from pika.adapters.blocking_connection import BlockingChannel
 
+from aggregator.payloads import FilePayloads, open_payloads
 from broker.transports.rabbitmq import read_in_large_pieces
 from schemas.messages import HEADER_KEY
 
@@ -43,20 +52,68 @@ class RawMove:
         return (self.messages - self.acked_before) / self.seconds
 
 
-def _consume(url: str, queue: str, count: int, prefetch: int, ready: Any, done: Any, acked: Any) -> None:
+@dataclass(frozen=True)
+class Keep:
+    """Where a keeping consumer keeps each body: `payload_store` "redis" (a key in `redis_url`, as the round store
+    keeps a payload by default) or a payload store's URL (aggregator.payloads)."""
+
+    redis_url: str
+    payload_store: str = "redis"
+    threads: int = 2
+
+    def keeper(self, queue: str) -> Any:
+        """A function keeping one body under a name; in the consumer's process."""
+        payloads = open_payloads(self.payload_store, queue)
+        if payloads is None:
+            client = redis.Redis.from_url(self.redis_url)
+            return lambda name, body: client.set(f"{queue}:{name}", body, ex=600)
+        return lambda name, body: payloads.put(f"raw/{name}", body)
+
+    def wipe(self, queue: str) -> None:
+        """Delete what a consumer of `queue` kept."""
+        payloads = open_payloads(self.payload_store, queue)
+        if payloads is not None:
+            payloads.wipe()
+            if isinstance(payloads, FilePayloads):
+                with contextlib.suppress(OSError):  # the queue's own folder, empty now
+                    payloads.root.rmdir()
+            return
+        with redis.Redis.from_url(self.redis_url) as client:
+            for key in client.scan_iter(f"{queue}:*", count=1000):
+                client.delete(key)
+
+
+def _consume(
+    url: str, queue: str, count: int, prefetch: int, ready: Any, done: Any, acked: Any, keep: Keep | None = None
+) -> None:
     """Child process: ack `count` messages one by one (counting them in `acked`), then report when the last ack went
     out. It reads the socket as the transport does (read_in_large_pieces), so the floor is the broker's, not pika's
-    4 KiB reads'."""
+    4 KiB reads'. With `keep`, each body is hashed and kept on `keep.threads` threads first, and acked after."""
     read_in_large_pieces()
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
     channel.basic_qos(prefetch_count=prefetch)
 
-    def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
-        ch.basic_ack(method.delivery_tag)
+    def settle(tag: int) -> None:  # on pika's thread
+        channel.basic_ack(tag)
         acked.value += 1
         if acked.value == count:
-            ch.stop_consuming()
+            channel.stop_consuming()
+
+    if keep is None:
+
+        def on_message(_ch: Any, method: Any, _properties: Any, body: bytes) -> None:
+            settle(method.delivery_tag)
+
+    else:
+        keeper, workers = keep.keeper(queue), ThreadPoolExecutor(keep.threads)
+
+        def kept(tag: int, body: bytes) -> None:
+            keeper(f"{tag}-{hashlib.sha256(body).hexdigest()}", body)
+            conn.add_callback_threadsafe(lambda: settle(tag))
+
+        def on_message(_ch: Any, method: Any, _properties: Any, body: bytes) -> None:
+            workers.submit(kept, method.delivery_tag, body)
 
     channel.basic_consume(queue, on_message, auto_ack=False)
     ready.set()
@@ -70,7 +127,9 @@ class _Rig:
     """A fresh quorum queue, a confirming publisher and a consumer process (not yet started); as a context, the
     queue is declared on entry and deleted on the way out, however the run ends."""
 
-    def __init__(self, url: str, sizes: Sequence[int], header_json: str, prefetch: int) -> None:
+    def __init__(
+        self, url: str, sizes: Sequence[int], header_json: str, prefetch: int, keep: Keep | None = None
+    ) -> None:
         if not sizes:
             raise ValueError("nothing to move")
         self.queue = f"flexlora.raw-{uuid.uuid4().hex[:8]}"
@@ -92,8 +151,9 @@ class _Rig:
         ctx = mp.get_context("spawn")
         self.ready, self.done, self.acked = ctx.Event(), ctx.Queue(), ctx.Value("q", 0)
         self.consumer = ctx.Process(
-            target=_consume, args=(url, self.queue, len(sizes), prefetch, self.ready, self.done, self.acked)
+            target=_consume, args=(url, self.queue, len(sizes), prefetch, self.ready, self.done, self.acked, keep)
         )
+        self.keep = keep
         self.conn: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
 
@@ -118,6 +178,8 @@ class _Rig:
         cleanup = pika.BlockingConnection(self.params)  # fresh: the publishing one may be what failed
         cleanup.channel().queue_delete(self.queue)
         cleanup.close()
+        if self.keep is not None:
+            self.keep.wipe(self.queue)
 
     def start_consumer(self) -> None:
         self.consumer.start()
@@ -145,12 +207,19 @@ def move(
 
 
 def drain(
-    url: str, sizes: Sequence[int], *, header_json: str = "{}", prefetch: int = 8, timeout_s: float = 600.0
+    url: str,
+    sizes: Sequence[int],
+    *,
+    header_json: str = "{}",
+    prefetch: int = 8,
+    timeout_s: float = 600.0,
+    keep: Keep | None = None,
 ) -> RawMove:
     """Publish the messages first (untimed), then time a consumer emptying the queue: it starts consuming, is
     paused (SIGSTOP) as soon as it is, and the clock runs from its resumption to its last ack. What it acked in
-    the moment before the pause is in `acked_before` and out of `messages_per_s`."""
-    with _Rig(url, sizes, header_json, prefetch) as rig:
+    the moment before the pause is in `acked_before` and out of `messages_per_s`. With `keep`, the consumer hashes
+    and keeps each body before acking it (what it kept is deleted on the way out)."""
+    with _Rig(url, sizes, header_json, prefetch, keep) as rig:
         rig.publish()
         rig.start_consumer()
         pid = rig.consumer.pid

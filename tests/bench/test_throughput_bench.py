@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import AMQP_URL, REDIS_URL
 
@@ -27,6 +28,9 @@ def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
     assert raw["messages"] == 30
     assert raw["messages_per_s"] > 0 and raw["payload_mb_per_s"] > 0 and raw["seconds"] > 0
     assert 0 <= raw["acked_before_timing"] < 30  # the floor is timed as ingestion is: a drain of a full queue
+    kept = raw["keeping"]  # the same drain, each body hashed and kept in Redis before its ack
+    assert kept["payload_store"] == "redis" and kept["messages_per_s"] > 0 and kept["seconds"] > 0
+    assert 0 <= kept["acked_before_timing"] < 30
     moved = raw["publish_and_consume"]
     assert moved["messages_per_s"] > 0 and moved["payload_mb_per_s"] > 0 and moved["seconds"] > 0
     assert [r["aggregators"] for r in report["ingestion"]] == [1, 2]
@@ -35,6 +39,7 @@ def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
         assert 0 <= run["recorded_before_all_consuming"] < 30
     assert report["ingestion_ratio_1_aggregator_to_raw"] > 0
     assert report["ingestion_ratio_target"] == 0.9
+    assert report["ingestion_ratio_1_aggregator_to_keeping"] > 0
     assert [t["svd_mode"] for t in report["turnaround"]] == ["exact", "fast"]
     for turn in report["turnaround"]:
         assert turn["participants"] == turn["clients"] == 6
@@ -46,4 +51,6 @@ def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
         ["rabbitmqctl", "list_queues", "-q", "name"], check=True, capture_output=True, text=True, timeout=30
     ).stdout.split()
     assert not [q for q in queues if any(f".{fed}." in q for fed in federations)]
-    assert raw["queue"] not in queues and moved["queue"] not in queues
+    assert raw["queue"] not in queues and kept["queue"] not in queues and moved["queue"] not in queues
+    with redis.Redis.from_url(REDIS_URL) as client:  # what the keeping consumer kept is deleted too
+        assert not list(client.scan_iter(f"{kept['queue']}:*"))
