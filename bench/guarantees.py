@@ -43,8 +43,6 @@ def main() -> None:
     parser.add_argument("--broker-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     args = parser.parse_args()
     template, payload = synthetic_update(new_federation(), "c00000", args.rank, 0, shape=SyntheticShape(args.layers))
-    log(f"raw baseline: {args.messages} messages of {len(payload) / 1e6:.2f} MB")
-    raw = raw_baseline(args, template.model_dump_json(), payload)
     with tempfile.TemporaryDirectory(prefix="flexlora-bench-") as tmp:
         primary = OwnRedis(Path(tmp) / "primary", appendonly=False)
         primary.start()
@@ -53,6 +51,8 @@ def main() -> None:
             replica.start()
             wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", 30, "the replica")
             args.redis_url = primary.url
+            log(f"raw baseline: {args.messages} messages of {len(payload) / 1e6:.2f} MB")
+            raw = raw_baseline(args, template.model_dump_json(), payload)  # keeping into the primary, replicated
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
             with connect(args.broker_url, connection_name="flexlora-bench") as transport:
                 for repeat in range(args.repeats):

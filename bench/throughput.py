@@ -11,6 +11,7 @@ the `--payload-store`) before acking it: the least work an aggregator must do fo
 aggregator could ingest on this machine (`keeping`; ratio `ingestion_ratio_1_aggregator_to_keeping`). Also
 reported, not compared: the same bodies published while the consumer acks, first publish to last ack
 (rawpika.move), which one publisher waiting for each confirm bounds.
+`--ingestion-fold-bytes 1073741824 0` adds runs without folding: the byte path alone, without FlexLoRA's sums.
 Turnaround: `--clients` clients, one aggregator closing the round at the last update; from publishing that update
 (as soon as the others are recorded, or `--settle-s` later) until every mailbox holds its adapter, per SVD mode.
 Prints one JSON document; progress goes to stderr.
@@ -42,6 +43,7 @@ from experiments import rawpika
 from schemas.messages import LoraUpdate
 
 PREFETCH = int(AggregatorSettings.model_fields["prefetch"].default)
+FOLD_BYTES = int(AggregatorSettings.model_fields["fold_bytes"].default)
 INGESTION_TARGET = 0.9
 TURNAROUND_TARGET_S = 1.0
 Procs = Sequence[subprocess.Popen[bytes]]
@@ -163,7 +165,12 @@ def aggregators(
 
 
 def ingestion(
-    args: argparse.Namespace, transport: Transport, count: int, template: LoraUpdate, payload: bytes
+    args: argparse.Namespace,
+    transport: Transport,
+    count: int,
+    template: LoraUpdate,
+    payload: bytes,
+    fold_bytes: int = FOLD_BYTES,
 ) -> dict[str, Any]:
     n = args.messages
     with federation(args, transport) as (topology, store):
@@ -186,7 +193,8 @@ def ingestion(
 
             # Start-up (importing torch) is not ingestion, and an early aggregator must not drain the queue
             # while a later one starts: each is paused once it consumes, and all resume together.
-            with aggregators(args, count, fed, n + 1, "exact", on_start=pause_once_consuming) as procs:
+            extra = ("--fold-bytes", str(fold_bytes))
+            with aggregators(args, count, fed, n + 1, "exact", pause_once_consuming, extra) as procs:
                 recorded_before = store.status().count
                 started = time.monotonic()
                 for proc in procs:
@@ -200,6 +208,7 @@ def ingestion(
     rate = (n - recorded_before) / seconds
     return {
         "aggregators": count,
+        "fold_bytes": fold_bytes,
         "federation": fed,
         "messages": n,
         "recorded_before_all_consuming": recorded_before,  # in the moment between consuming and pausing
@@ -278,8 +287,16 @@ def main() -> None:
         "--fold-bytes",
         type=int,
         nargs="+",
-        default=[AggregatorSettings.model_fields["fold_bytes"].default],
+        default=[FOLD_BYTES],
         help="the aggregator's fold_bytes in the turnaround round; several: one round each (0: no folding)",
+    )
+    parser.add_argument(
+        "--ingestion-fold-bytes",
+        type=int,
+        nargs="+",
+        default=[FOLD_BYTES],
+        help="the aggregators' fold_bytes in the ingestion runs; several: a run each (0: no folding, the byte path "
+        "alone); the ratios take the first",
     )
     parser.add_argument(
         "--settle-s",
@@ -305,15 +322,16 @@ def main() -> None:
     runs = []
     with connect(args.broker_url, connection_name="flexlora-bench") as transport:
         for count in args.aggregators:
-            log(f"ingestion with {count} aggregator(s)")
-            runs.append(ingestion(args, transport, count, template, payload))
+            for fold in args.ingestion_fold_bytes:
+                log(f"ingestion with {count} aggregator(s), fold_bytes {fold}")
+                runs.append(ingestion(args, transport, count, template, payload, fold))
         rounds = []
         for mode in args.svd_modes:
             for hold in args.hold_bytes:
                 for fold in args.fold_bytes:
                     log(f"turnaround of {args.clients} clients, svd mode {mode}, hold_bytes {hold}, fold_bytes {fold}")
                     rounds.append(turnaround(args, transport, shape, mode, hold, fold))
-    one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)
+    one = next((r["updates_per_s"] for r in runs if r["aggregators"] == 1), None)  # at the first fold_bytes
     ratio = None if one is None else one / raw["messages_per_s"]
     to_keeping = None if one is None else one / raw["keeping"]["messages_per_s"]
     report = {

@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 import redis
 
+from aggregator.settings import AggregatorSettings
 from tests.conftest import AMQP_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
+FOLD = AggregatorSettings.model_fields["fold_bytes"].default
 
 
 @pytest.mark.services
 @pytest.mark.slow
 def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
     command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--messages", "30", "--clients", "6"]
-    command += ["--layers", "1", "--aggregators", "1", "2", "--timeout", "60"]
+    command += ["--layers", "1", "--aggregators", "1", "2", "--ingestion-fold-bytes", str(FOLD), "0", "--timeout", "60"]
     command += ["--broker-url", AMQP_URL, "--redis-url", REDIS_URL]
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120, cwd=ROOT)
     report = json.loads(out.stdout)
@@ -33,7 +35,8 @@ def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
     assert 0 <= kept["acked_before_timing"] < 30
     moved = raw["publish_and_consume"]
     assert moved["messages_per_s"] > 0 and moved["payload_mb_per_s"] > 0 and moved["seconds"] > 0
-    assert [r["aggregators"] for r in report["ingestion"]] == [1, 2]
+    # each count of aggregators with folding (the default) and without (the byte path alone)
+    assert [(r["aggregators"], r["fold_bytes"]) for r in report["ingestion"]] == [(1, FOLD), (1, 0), (2, FOLD), (2, 0)]
     for run in report["ingestion"]:
         assert run["seconds"] > 0 and run["updates_per_s"] > 0 and run["payload_mb_per_s"] > 0
         assert 0 <= run["recorded_before_all_consuming"] < 30
