@@ -17,6 +17,7 @@ measured the choice against Redis and a RabbitMQ stream (docs/experiments.md).
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import threading
@@ -194,6 +195,7 @@ class FilePayloads(PayloadStore):
                 yield path.relative_to(self.root).as_posix()
 
     def wipe(self) -> int:
+        """Delete the federation's files and its folder (made again by the next `put`)."""
         gone = 0
         for folder, dirs, files in os.walk(self.root, topdown=False):
             for name in files:
@@ -201,6 +203,8 @@ class FilePayloads(PayloadStore):
                 gone += not name.startswith(self._TMP)
             for name in dirs:
                 Path(folder, name).rmdir()
+        with contextlib.suppress(OSError):  # gone already, or written into again since: either way, done
+            self.root.rmdir()
         return gone
 
     def usage(self) -> tuple[int, int]:

@@ -14,7 +14,6 @@ aggregation: what the broker alone costs on this machine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -30,7 +29,7 @@ import pika
 import redis
 from pika.adapters.blocking_connection import BlockingChannel
 
-from aggregator.payloads import FilePayloads, open_payloads
+from aggregator.payloads import open_payloads
 from broker.transports.rabbitmq import read_in_large_pieces
 from schemas.messages import HEADER_KEY
 
@@ -74,9 +73,6 @@ class Keep:
         payloads = open_payloads(self.payload_store, queue)
         if payloads is not None:
             payloads.wipe()
-            if isinstance(payloads, FilePayloads):
-                with contextlib.suppress(OSError):  # the queue's own folder, empty now
-                    payloads.root.rmdir()
             return
         with redis.Redis.from_url(self.redis_url) as client:
             for key in client.scan_iter(f"{queue}:*", count=1000):

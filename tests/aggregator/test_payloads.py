@@ -71,6 +71,19 @@ def test_a_write_that_died_half_way_is_never_a_payload(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "empty folders go with their last payload"
 
 
+def test_wiping_a_federations_files_leaves_no_folder_and_writing_after_still_works(tmp_path: Path) -> None:
+    """A wiped federation (a finished benchmark, `flexlora` resetting one) leaves nothing in the shared directory,
+    not even an empty folder of its name; an aggregator still writing after it makes the folders again."""
+    store = FilePayloads(tmp_path / "fed-1")
+    store.put("updates/c1/u-1/abc", b"whole")
+    store.put("staged/t1/0", b"adapter")
+    assert store.wipe() == 2
+    assert list(tmp_path.iterdir()) == []
+    assert store.wipe() == 0  # wiping again (nothing there, not even the folder) is no error
+    store.put("updates/c1/u-2/def", b"again")
+    assert store.get("updates/c1/u-2/def") == b"again" and store.usage() == (1, 5)
+
+
 def test_a_folder_pruned_between_making_it_and_writing_into_it_is_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
