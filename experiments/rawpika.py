@@ -15,12 +15,13 @@ aggregation: what the broker alone costs on this machine.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 import os
 import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from aggregator.payloads import open_payloads
 from broker.transports.rabbitmq import read_in_large_pieces
 from schemas.messages import HEADER_KEY
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Keep:
     payload_store: str = "redis"
     threads: int = 2
 
-    def keeper(self, queue: str) -> Any:
+    def keeper(self, queue: str) -> Callable[[str, bytes], object]:
         """A function keeping one body under a name; in the consumer's process."""
         payloads = open_payloads(self.payload_store, queue)
         if payloads is None:
@@ -105,7 +108,12 @@ def _consume(
         keeper, workers = keep.keeper(queue), ThreadPoolExecutor(keep.threads)
 
         def kept(tag: int, body: bytes) -> None:
-            keeper(f"{tag}-{hashlib.sha256(body).hexdigest()}", body)
+            try:
+                keeper(f"{tag}-{hashlib.sha256(body).hexdigest()}", body)
+            except Exception as exc:  # said to the parent at once, not after its whole timeout
+                done.put(f"keeping a body failed: {type(exc).__name__}: {exc}")
+                conn.add_callback_threadsafe(channel.stop_consuming)
+                return
             conn.add_callback_threadsafe(lambda: settle(tag))
 
         def on_message(_ch: Any, method: Any, _properties: Any, body: bytes) -> None:
@@ -175,12 +183,23 @@ class _Rig:
         cleanup.channel().queue_delete(self.queue)
         cleanup.close()
         if self.keep is not None:
-            self.keep.wipe(self.queue)
+            try:
+                self.keep.wipe(self.queue)
+            except (redis.RedisError, OSError):  # not over what failed the run; Redis keys expire in 10 minutes
+                log.warning("could not delete what the raw consumer of %s kept", self.queue, exc_info=True)
 
     def start_consumer(self) -> None:
         self.consumer.start()
         if not self.ready.wait(60):
             raise TimeoutError("the raw consumer did not start")
+
+    def finished(self, timeout_s: float) -> float:
+        """When the consumer's last ack went out (the system-wide monotonic clock); raises what it failed with."""
+        said = self.done.get(timeout=timeout_s)
+        if isinstance(said, str):
+            raise RuntimeError(f"the raw consumer stopped: {said}")
+        self.consumer.join(10)
+        return float(said)
 
     def publish(self) -> None:
         assert self.channel is not None, "publish inside the rig's context"
@@ -197,9 +216,7 @@ def move(
         rig.start_consumer()
         started = time.monotonic()
         rig.publish()
-        finished: float = rig.done.get(timeout=timeout_s)
-        rig.consumer.join(10)
-        return RawMove(rig.queue, len(sizes), sum(sizes), finished - started)
+        return RawMove(rig.queue, len(sizes), sum(sizes), rig.finished(timeout_s) - started)
 
 
 def drain(
@@ -226,6 +243,4 @@ def drain(
             started = time.monotonic()
         finally:
             os.kill(pid, signal.SIGCONT)
-        finished: float = rig.done.get(timeout=timeout_s)
-        rig.consumer.join(10)
-        return RawMove(rig.queue, len(sizes), sum(sizes), finished - started, acked_before=before)
+        return RawMove(rig.queue, len(sizes), sum(sizes), rig.finished(timeout_s) - started, acked_before=before)
