@@ -126,6 +126,29 @@ def test_a_folded_round_is_the_round_summed_from_the_factors(mode: str, weightin
         assert torch.allclose(got[key], want[key], rtol=tol, atol=tol * float(want[key].abs().max())), key
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_batches_folded_one_after_another_sum_as_one_would(mode: str) -> None:
+    """The worker folds each batch into buffers kept from the batch before: a batch of fewer factor columns than
+    the last (rank 8, then 2, 4, 4, 2) uses part of them, and none of the earlier batch's columns may leak in."""
+    w = get_weighting("data_size")
+    folder = RoundFolder(2**20, w, torch.float32 if mode == "fast" else torch.float64, expected_updates=5)
+    order = [2, 0, 4, 1, 3]
+    for n, i in enumerate(order, start=1):
+        _, rank, base, samples = ROUND[i]
+        header, factors, _ = _client(i, rank, base, samples)
+        folder.add(header, factors, 4)
+        wait_for(lambda: (folder.holding() or {}).get("updates") == n, 10, f"update {n} folded on its own")  # noqa: B023
+    folded = folder.take(4)
+    folder.close()
+    assert folded is not None and len(folded.updates) == len(order)
+    plan, reference = _plan(mode, w, folded), _plan(mode, w, None)
+    tol = 1e-5 if mode == "fast" else 1e-10
+    got, want = _products(plan.result.adapters), _products(reference.result.adapters)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=tol, atol=tol * float(want[key].abs().max())), key
+
+
 def test_a_fold_assumes_one_staleness_and_the_round_corrects_it() -> None:
     """Folded while round 3 was open, counted in round 4: every update is one version staler than assumed."""
     w = StalenessDiscount(exponent=1.0)
