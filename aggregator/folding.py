@@ -244,9 +244,10 @@ class RoundFolder:
                         break
                 if not jobs:
                     self._thread = None
-                    with self._folding:
-                        self._workspace.clear()
-                    return
+            if not jobs:  # let the buffers go: taking _folding outside _lock, as a fold does (_folding, then _lock)
+                with self._folding:
+                    self._workspace.clear()
+                return
             try:
                 self._fold_safely(jobs)
             finally:
