@@ -78,8 +78,9 @@ class Keep:
             payloads.wipe()
             return
         with redis.Redis.from_url(self.redis_url) as client:
-            for key in client.scan_iter(f"{queue}:*", count=1000):
-                client.delete(key)
+            keys = list(client.scan_iter(f"{queue}:*", count=1000))
+            if keys:
+                client.delete(*keys)  # one round trip, not one a key
 
 
 def _consume(
