@@ -45,7 +45,8 @@ from schemas.messages import LoraUpdate
 PREFETCH = int(AggregatorSettings.model_fields["prefetch"].default)
 FOLD_BYTES = int(AggregatorSettings.model_fields["fold_bytes"].default)
 INGESTION_TARGET = 0.9
-TURNAROUND_TARGET_S = 1.0
+# Issue 16: a 50-client round turns around in at most 1 s in fast mode and 2 s in exact mode.
+TURNAROUND_TARGET_S = {"fast": 1.0, "exact": 2.0}
 Procs = Sequence[subprocess.Popen[bytes]]
 
 
@@ -263,8 +264,8 @@ def turnaround(
         "round_payload_mb": sum(len(p) for _, p in updates) / 1e6,
         "turnaround_seconds": finished - started,
         "aggregate_seconds": record.aggregate_seconds,
-        "target_seconds": TURNAROUND_TARGET_S,
-        "meets_target": finished - started <= TURNAROUND_TARGET_S,
+        "target_seconds": TURNAROUND_TARGET_S[svd_mode],
+        "meets_target": finished - started <= TURNAROUND_TARGET_S[svd_mode],
     }
 
 

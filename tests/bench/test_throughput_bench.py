@@ -44,10 +44,13 @@ def test_benchmark_reports_every_figure_and_leaves_no_queues() -> None:
     assert report["ingestion_ratio_target"] == 0.9
     assert report["ingestion_ratio_1_aggregator_to_keeping"] > 0
     assert [t["svd_mode"] for t in report["turnaround"]] == ["exact", "fast"]
+    # each mode is held to its own target (issue 16: exact 2 s, fast 1 s), and the verdict follows the figure
+    assert [t["target_seconds"] for t in report["turnaround"]] == [2.0, 1.0]
     for turn in report["turnaround"]:
         assert turn["participants"] == turn["clients"] == 6
         assert turn["turnaround_seconds"] > 0 and turn["aggregate_seconds"] > 0
         assert turn["turnaround_seconds"] >= turn["aggregate_seconds"]
+        assert turn["meets_target"] == (turn["turnaround_seconds"] <= turn["target_seconds"])
 
     federations = [r["federation"] for r in [*report["ingestion"], *report["turnaround"]]]
     queues = subprocess.run(
