@@ -12,7 +12,7 @@ import json
 import logging
 
 from aggregator.participants import client_adapters
-from aggregator.rounds import RecordedUpdate, RoundStore
+from aggregator.rounds import Lease, RecordedUpdate, RoundStore
 from aggregator.strategies import Strategy
 from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
 from broker.topology import UPDATE_ROUTING_KEY, Topology
@@ -50,15 +50,16 @@ def find_culprits(
 
 
 def drop_culprits(
-    store: RoundStore, transport: Transport, topology: Topology, strategy: Strategy, round_id: int
+    store: RoundStore, transport: Transport, topology: Topology, strategy: Strategy, lease: Lease
 ) -> list[str]:
-    """Take the updates that cannot be aggregated out of the open round; returns the ids dropped."""
+    """Take the updates that cannot be aggregated out of the leased round; returns the ids dropped."""
+    round_id = lease.round_id
     recorded = store.round_updates(round_id)
     dropped = []
     for header, detail in find_culprits(store, strategy, recorded):
         update_id = header.update_id
-        if not store.drop_update(round_id, header.client_id, update_id):
-            continue  # the round moved on meanwhile
+        if not store.drop_update(lease, header.client_id, update_id):
+            continue  # the round moved on meanwhile, or another aggregator took its lease
         log.error("round %d: dropping update %s from %s: %s", round_id, update_id, header.client_id, detail)
         headers = {HEADER_KEY: header.model_dump_json(), REASON_KEY: REASON, DETAIL_KEY: detail}
         try:

@@ -375,6 +375,8 @@ class RoundStore(abc.ABC):
         """A federation fact, or None while unset (reading never sets it)."""
 
     @abc.abstractmethod
-    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
-        """Take an update out of a still-open round (it cannot be aggregated); its id stays counted as seen, so
-        a redelivery is not counted again. False when the round or the update is no longer there."""
+    def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
+        """Take an update out of the leased round, still open (it cannot be aggregated); its id stays counted as
+        seen, so a redelivery is not counted again. Fenced like `commit`: only the holder of the round's newest
+        token may drop, so a finaliser that lost its lease cannot take an update out of the round another is
+        about to commit. False when the round, the update or the lease is no longer there."""

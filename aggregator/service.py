@@ -287,7 +287,7 @@ class AggregatorService:
         except Exception:
             # Not Redis, not the broker: an update the round cannot aggregate. Drop it (refused, "aggregation")
             # rather than fail the round every few seconds forever; with none to blame, retry as before.
-            dropped = drop_culprits(self.store, self.transport, self.topology, self.strategy, lease.round_id)
+            dropped = drop_culprits(self.store, self.transport, self.topology, self.strategy, lease)
             for _ in dropped:
                 self._refused(REFUSED_AGGREGATION)
             if not dropped:

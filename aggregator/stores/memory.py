@@ -279,6 +279,12 @@ class MemoryRoundStore(RoundStore):
                 if round_id + 1 < before_version:
                     for rid in ids:
                         dropped += self._updates.pop(rid, None) is not None
+            # What only an open round needs (its opening time, lease, fence and norms) goes with its payloads.
+            for per_round in (self._opened, self._leases, self._fences, self._norms):
+                for round_id in [r for r in per_round if r + 1 < before_version]:
+                    del per_round[round_id]
+            for version in [v for v in self._publish_claims if v < before_version]:
+                del self._publish_claims[version]
             for version in [v for v in self._releases if v < before_version]:
                 for release in self._releases.pop(version).values():
                     if isinstance(release.payload, Blob):
@@ -317,11 +323,12 @@ class MemoryRoundStore(RoundStore):
         with self._lock:
             return self._pins.get(name)
 
-    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
+    def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
         rid = record_id(client_id, update_id)
+        round_id = lease.round_id
         with self._lock:
             ids = self._rounds.get(round_id, [])
-            if round_id != self._version or rid not in ids:
+            if round_id != self._version or self._fences.get(round_id) != lease.token or rid not in ids:
                 return False
             ids.remove(rid)
             self._updates.pop(rid, None)

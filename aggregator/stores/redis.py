@@ -724,7 +724,8 @@ class RedisRoundStore(RoundStore):
             adapters = list(self.r.scan_iter(match=k.adapter_prefix(version) + "*", count=200))
             spilled = self._locations([*payload_keys, *adapters])  # only these hold bytes (or their markers)
             doomed = [*payload_keys, *(k.update(i.decode()) for i in rids), k.releases(version), *adapters]
-            doomed.append(k.round_norms(version - 1))
+            # What only an open round needs (its opening time, fence and norms) goes with its payloads.
+            doomed += [k.round_norms(version - 1), k.round_opened(version - 1), k.fence(version - 1)]
             self.r.delete(*doomed)
             self._forget(spilled)
             dropped += len(payload_keys)
@@ -761,15 +762,16 @@ class RedisRoundStore(RoundStore):
         value = cast(bytes | None, self.r.hget(self.keys.pins, name))
         return None if value is None else value.decode()
 
-    def drop_update(self, round_id: int, client_id: str, update_id: str) -> bool:
+    def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
         k = self.keys
-        rid = record_id(client_id, update_id)
+        rid, round_id = record_id(client_id, update_id), lease.round_id
         for _ in range(_READ_AGAIN):
             payload = cast(bytes | None, self.r.hget(k.update(rid), "payload"))
             # No payload: the update is not recorded; its own payload key (never written) keeps the script simple.
-            keys = [k.version, k.round_updates(round_id), k.update(rid), payload.decode() if payload else k.update(rid)]
+            own = payload.decode() if payload else k.update(rid)
+            keys = [k.version, k.fence(round_id), k.round_updates(round_id), k.update(rid), own]
             spilled = self._locations([payload]) if payload else []
-            done = int(self._drop_update(keys=keys, args=[str(round_id), rid]))
+            done = int(self._drop_update(keys=keys, args=[str(round_id), str(lease.token), rid]))
             if done == 1:
                 self._forget(spilled)
             if done != -1:

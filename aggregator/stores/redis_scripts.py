@@ -108,12 +108,14 @@ return {got, info[1] or '', info[2] or '0'}
 
 # DROP_UPDATE: take one update out of the open round (it could not be aggregated); its id stays in `seen`.
 # `payload` is the key the caller read from the update's hash (a recorded update's payload key never changes).
-# Returns 1 dropped, 0 not (the round moved on, or the update is not in it), -1 the payload key is not the one
-# recorded (read it again).
+# Fenced like COMMIT: only the holder of the round's newest token may drop. Returns 1 dropped, 0 not (the round
+# moved on, the lease is another's, or the update is not in it), -1 the payload key is not the one recorded (read
+# it again).
 DROP_UPDATE = """
-local version, round_updates, update, payload = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local round, id = tonumber(ARGV[1]), ARGV[2]
+local version, fence, round_updates, update, payload = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local round, token, id = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 if tonumber(redis.call('GET', version) or '0') ~= round then return 0 end
+if redis.call('GET', fence) ~= token then return 0 end
 if (redis.call('HGET', update, 'payload') or payload) ~= payload then return -1 end
 if redis.call('LREM', round_updates, 1, id) == 0 then return 0 end
 redis.call('DEL', payload, update)

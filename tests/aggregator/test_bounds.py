@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.rounds import ChunkResult, RecordResult, RoundStore
+from aggregator.rounds import ChunkResult, Lease, RecordResult, RoundStore
 from aggregator.stores.memory import MemoryRoundStore
 from aggregator.strategies import shares
 from broker.transport import dead_letter_headers, headers_size
@@ -75,11 +75,12 @@ def test_reading_a_pin_never_sets_it(store: RoundStore) -> None:
 def test_a_dropped_update_leaves_the_round_and_is_not_counted_again(store: RoundStore) -> None:
     for n in (1, 2):
         assert store.record(_update(f"c{n}", f"update-{n}"), b"abc", 0.0) is RecordResult.RECORDED
-    assert store.drop_update(0, "c1", "update-1")
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None and store.drop_update(lease, "c1", "update-1")
     assert store.status().count == 1 and [u.header.update_id for u in store.round_updates(0)] == ["update-2"]
-    assert not store.drop_update(0, "c1", "update-1")
+    assert not store.drop_update(lease, "c1", "update-1")
     assert store.record(_update("c1", "update-1"), b"abc", 0.0) is RecordResult.DUPLICATE
-    assert not store.drop_update(1, "c2", "update-2")  # not the open round
+    assert not store.drop_update(Lease(1, "agg", lease.token), "c2", "update-2")  # not the open round
 
 
 def test_a_client_claiming_huge_data_takes_no_more_than_its_capped_share(federation: str) -> None:

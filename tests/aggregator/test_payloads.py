@@ -236,7 +236,8 @@ def test_dropped_expired_and_refused_bytes_do_not_stay(
     assert spilled.record(kept, b"abc", now=1.0) is RecordResult.RECORDED
     culprit = _update("c2", "update-culprit")
     assert spilled.record(culprit, b"bad", now=1.0) is RecordResult.RECORDED
-    assert spilled.drop_update(0, "c2", "update-culprit")
+    lease = spilled.acquire(0, "agg", ttl_s=30)
+    assert lease is not None and spilled.drop_update(lease, "c2", "update-culprit")
     # Refused (from the future): its bytes were written before the verdict and are an orphan now.
     assert spilled.record(_update("c3", "update-future", base=9), b"zzz", now=1.0) is RecordResult.FUTURE
     assert files.usage()[0] == 2

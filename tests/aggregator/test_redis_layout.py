@@ -57,6 +57,25 @@ def test_every_key_of_a_federation_hashes_to_one_slot(client: redis.Redis, feder
         store.wipe()
 
 
+def test_a_pruned_round_leaves_only_its_membership_behind(client: redis.Redis, federation: str) -> None:
+    """Rounds committed and pruned as the service does (keep_versions=2): Redis keeps each old round's membership
+    (the exactly-once guard reads it) and the history, nothing else of it, however many rounds go by."""
+    store = RedisRoundStore(client, federation)
+    try:
+        for v in range(12):
+            assert store.record(_update(f"c{v}", f"update-{v}", base=v), b"payload", now=1.0) is RecordResult.RECORDED
+            store.note_norm(v, 1.0)
+            lease = store.acquire(v, "agg", ttl_s=30)
+            assert lease is not None and store.commit(lease, 1, [_release("c", v + 1)], _record(v + 1), now=2.0)
+            store.prune(before_version=v + 1 - 2 + 1)
+        prefix = Keys(federation).namespace
+        old = [k[len(prefix) :] for k in _keys(client, federation) if k.startswith(prefix + "round:")]
+        pruned = {k for k in old if int(k.split(":")[1]) < 10}
+        assert pruned == {f"round:{v}:updates" for v in range(10)}
+    finally:
+        store.wipe()
+
+
 def _to_older_layout(client: redis.Redis, federation: str) -> None:
     """What an older release kept: the same keys without braces, and update hashes naming such payload keys."""
     new, old = Keys(federation).namespace, Keys(federation).legacy_namespace

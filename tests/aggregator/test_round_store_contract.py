@@ -89,7 +89,8 @@ def test_update_ids_are_scoped_per_client(store: RoundStore) -> None:
     got = {u.header.client_id: bytes(store.payload(u)) for u in store.round_updates(0)}
     assert got == {"mallory": b"abc", "victim": b"xyz"}
     assert store.round_update_ids(0) == ["update-shared", "update-shared"]
-    assert store.drop_update(0, "mallory", "update-shared")
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None and store.drop_update(lease, "mallory", "update-shared")
     assert [u.header.client_id for u in store.round_updates(0)] == ["victim"]
 
 
@@ -197,6 +198,24 @@ def test_a_stale_lease_holder_cannot_commit(store: RoundStore) -> None:
     assert store.version() == 0
     assert store.commit(fresh, consumed=1, releases=[_release("c1", 1)], record=_record(1), now=2.0)
     assert store.version() == 1
+
+
+def test_a_stale_lease_holder_cannot_drop_an_update_from_the_round_another_commits(store: RoundStore) -> None:
+    """A finaliser paused past its lease must not take an update out of the round while the new holder commits
+    the updates it read by count: the late one would be acked, then neither aggregated nor carried over."""
+    for n in (1, 2, 3):
+        store.record(_update(f"c{n}", f"update-{n}"), b"x", now=1.0)
+    stale = store.acquire(0, "paused", ttl_s=0.05)
+    assert stale is not None
+    time.sleep(0.15)
+    fresh = store.acquire(0, "other", ttl_s=30)
+    assert fresh is not None
+    read = store.round_update_ids(0)  # what the new holder aggregates: three updates
+    assert store.record(_update("c4", "update-4"), b"x", now=2.0) is RecordResult.RECORDED  # arrives meanwhile
+    assert not store.drop_update(stale, "c2", "update-2")
+    assert store.commit(fresh, consumed=len(read), releases=[_release("c1", 1)], record=_record(1), now=3.0)
+    assert store.round_update_ids(0) == ["update-1", "update-2", "update-3"]
+    assert store.round_update_ids(1) == ["update-4"], "the late update is carried into the next round"
 
 
 def test_commit_needs_at_least_the_consumed_updates(store: RoundStore) -> None:
@@ -328,6 +347,7 @@ def test_health_keys_expire(store: RoundStore) -> None:
 def test_prune_drops_old_payloads_and_releases_but_keeps_the_guard_and_history(store: RoundStore) -> None:
     for v in range(4):  # versions 1..4, one update each
         store.record(_update(f"c{v}", f"update-p{v}", base=v), b"payload", now=1.0)
+        store.note_norm(v, 1.5)
         lease = store.acquire(v, "agg", ttl_s=30)
         assert lease is not None
         assert store.commit(lease, 1, [_release("c", v + 1)], _record(v + 1), now=2.0)
@@ -336,6 +356,7 @@ def test_prune_drops_old_payloads_and_releases_but_keeps_the_guard_and_history(s
     assert store.round_update_ids(0) == ["update-p0"], "membership outlives the payloads"
     assert [u.header.update_id for u in store.round_updates(2)] == ["update-p2"]
     assert store.releases(1) == {} and store.releases(2) == {}
+    assert store.norms(1) == [] and store.norms(2) == [1.5], "what only an open round needs goes with it"
     assert set(store.releases(3)) == {"c"}
     assert [h.version for h in store.history()] == [1, 2, 3, 4]
     assert store.record(_update("c0", "update-p0", base=4), b"payload", now=3.0) is RecordResult.DUPLICATE
