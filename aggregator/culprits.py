@@ -13,7 +13,7 @@ import logging
 
 from aggregator.participants import client_adapters
 from aggregator.rounds import Lease, RecordedUpdate, RoundStore
-from aggregator.strategies import Strategy
+from aggregator.strategies import Strategy, finite_result
 from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
 from broker.topology import UPDATE_ROUTING_KEY, Topology
 from broker.transport import Transport
@@ -41,7 +41,7 @@ def find_culprits(
             own = json.dumps({m: list(s) for m, s in module_shapes(client.factors).items()}, sort_keys=True)
             if shapes is not None and own != shapes:
                 raise ValueError("its module shapes are not the federation's")
-            strategy.aggregate([client], [1.0], [h.request])
+            finite_result(strategy.aggregate([client], [1.0], [h.request]))
         except store.transient_errors:
             raise
         except Exception as exc:

@@ -26,7 +26,15 @@ from aggregator.folding import Folded
 from aggregator.privacy import PrivacyConfig
 from aggregator.registry import strategy_spec
 from aggregator.rounds import GLOBAL_RELEASE
-from aggregator.strategies import AggregationResult, ClientMeta, FlexLoRA, Strategy, Weighting, shares
+from aggregator.strategies import (
+    AggregationResult,
+    ClientMeta,
+    FlexLoRA,
+    Strategy,
+    Weighting,
+    finite_result,
+    shares,
+)
 from schemas.lora import LoraFactors
 from schemas.recipe import Recipe
 
@@ -137,7 +145,7 @@ def aggregate_round(
         result = strategy.aggregate([i.adapter for i in inputs], weights, list(wanted.values()), carried)
     if eta != 1.0:
         result = _scaled(result, eta)
-    return RoundPlan(weights, wanted, result, {**result.info, **info})
+    return RoundPlan(weights, wanted, finite_result(result), {**result.info, **info})
 
 
 def round_weights(
@@ -258,7 +266,7 @@ def _private_round(
     counted = {id(i) for i in used}
     weights = [config.weight(i.num_samples) / private.expected_clients if id(i) in counted else 0.0 for i in inputs]
     info = {**noisy.info, "starts_missing": float(len(inputs) - len(used))}
-    return RoundPlan(weights, wanted, AggregationResult(adapters=adapters, info=info), info)
+    return RoundPlan(weights, wanted, finite_result(AggregationResult(adapters=adapters, info=info)), info)
 
 
 def _scaled(result: AggregationResult, factor: float) -> AggregationResult:

@@ -64,6 +64,17 @@ class StrategyError(AggregationError):
     """Inputs a strategy cannot aggregate; the message names the offending client, module or request."""
 
 
+def finite_result(result: AggregationResult) -> AggregationResult:
+    """`result`, if every factor of every adapter is finite; else StrategyError naming the first that is not.
+    Finite inputs can still overflow: values near float32's range (5e18 is enough) sum, cut and cast to inf, and
+    a release of inf would reach every participant and the global that every later round starts from."""
+    for request, adapter in result.adapters.items():
+        for module, factors in adapter.items():
+            if not (bool(torch.isfinite(factors.A).all()) and bool(torch.isfinite(factors.B).all())):
+                raise StrategyError(f"the {request.describe()} cut of module {module!r} holds NaN or infinite values")
+    return result
+
+
 # --- weighting -------------------------------------------------------------------------------------------------
 # Every scheme returns un-normalised weights: strategies normalise anyway, and raw values (sample counts) are
 # easier to log and to check than fractions.

@@ -68,7 +68,10 @@ def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> 
             s = at.alpha / at.rank
         else:
             s = scale
-        total += s * s * max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum()))
+        squared = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+        if not math.isfinite(squared):  # overflowed (inf, or inf·0 = NaN): max(0, NaN) once made this 0
+            return math.inf
+        total += s * s * max(0.0, squared)
     return math.sqrt(total)
 
 
@@ -187,7 +190,7 @@ def check_payload(header: LoraUpdate, body: Payload, limits: Limits = Limits()) 
         decoded.tensors, rank=header.request, target_modules=header.target_modules, check_values=not decoded.finite
     )
     valid = ValidUpdate(header, factors)
-    if limits.max_norm is not None and valid.norm > limits.max_norm:
+    if limits.max_norm is not None and not valid.norm <= limits.max_norm:
         raise SchemaError(
             f"‖ΔW‖ = {valid.norm:.4g} exceeds the federation's bound {limits.max_norm:.4g}", reason=Reason.NORM
         )

@@ -14,7 +14,8 @@ from schemas.ranks import RankRequest as RankRequest  # re-exported: the LoRA la
 # PEFT saves `base_model.model.<module path>.lora_A.weight`; keeping that prefix means a payload
 # can be written straight to an adapter directory and loaded with PeftModel.from_pretrained.
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<factor>[AB])\.weight$")
+# A module's name has the bounds of the headers' (schemas.messages.ModuleName): at most 256 characters.
+_KEY = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]{1,256})\.lora_(?P<factor>[AB])\.weight$")
 
 
 class LoraFactors(NamedTuple):
@@ -96,6 +97,10 @@ def split_lora(
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2:
             raise LoraLayoutError(f"module {module!r}: factors must be 2-D, got {tuple(a.shape)}, {tuple(b.shape)}")
+        if a.shape[1] == 0 or b.shape[0] == 0:  # such an update would pin shapes no honest update has
+            raise LoraLayoutError(f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} have an empty side")
+        if targets is not None and module.rsplit(".", 1)[-1] not in targets:
+            raise LoraLayoutError(f"module {module!r} is not one of the declared target modules {list(targets)}")
         declared = request.at(module).rank if request is not None else rank
         if a.shape[0] != declared or b.shape[1] != declared:
             how = "" if request is None or request.uniform else " (the module's rank by the rank pattern)"
@@ -103,8 +108,6 @@ def split_lora(
                 f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have the declared rank "
                 f"{declared}{how}"
             )
-        if targets is not None and module.rsplit(".", 1)[-1] not in targets:
-            raise LoraLayoutError(f"module {module!r} is not one of the declared target modules {list(targets)}")
         if check_values and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise LoraLayoutError(f"module {module!r} holds NaN or infinite values")
         factors[module] = LoraFactors(a, b)

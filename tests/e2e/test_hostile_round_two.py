@@ -276,6 +276,33 @@ def test_an_update_the_round_cannot_aggregate_is_dropped_not_retried_forever(sta
     fed.honest_round((5, 6, 7))
 
 
+def test_an_update_whose_finite_values_overflow_the_round_is_dropped_and_no_release_holds_inf(
+    start: Callable[..., Federation],
+) -> None:
+    """Every value 5e18: finite, so accepted, but its product overflows float32 in the cut. It once committed
+    releases of inf to every participant, and every later round failed on the inf global it started from."""
+    import torch
+
+    from schemas.tensors import decode_tensors
+
+    fed = start(policy=RoundPolicy(max_updates=3))
+    factors = {
+        f"model.layers.{i}.self_attn.q_proj": LoraFactors(torch.full((8, 64), 5e18), torch.full((64, 8), 5e18))
+        for i in range(2)
+    }
+    body, info = encode_tensors(join_lora(factors))
+    header, _ = honest(fed.name, "mallory", seed=9)
+    fed.raw({HEADER_KEY: header.model_copy(update={"payload": info}).model_dump_json()}, body, "values of 5e18")
+    fed.honest_round((1, 2, 3))  # the round fails on mallory's update, drops it, and commits the honest ones
+    assert fed.store.refusals() == {"aggregation": 1}
+    assert fed.dead_letters(1)[header.update_id][REASON_KEY] == "aggregation"
+    [record] = fed.store.history()
+    assert sorted(p.client_id for p in record.participants) == ["honest1", "honest2", "honest3"]
+    for release in fed.store.releases(1).values():
+        assert all(bool(torch.isfinite(t).all()) for t in decode_tensors(fed.store.payload(release)).values())
+    fed.honest_round((4, 5, 6))
+
+
 def test_a_bug_while_handling_a_message_dead_letters_it_as_internal(
     start: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
 ) -> None:
