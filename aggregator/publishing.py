@@ -54,6 +54,8 @@ class Publisher:
         the clients' releases as this process just committed them (None: read them back from the store)."""
         if not self.store.claim_publish(version, self.owner, self.claim_s):
             return
+        if version not in self.store.unpublished():  # published by another since the caller read it pending
+            return
         releases = committed
         if releases is None:
             releases = {c: r for c, r in self.store.releases(version).items() if c != GLOBAL_RELEASE}

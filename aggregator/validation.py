@@ -54,8 +54,10 @@ class Limits:
 
 
 def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> float:
-    """‖ΔW‖_F of the whole update without forming any ΔW: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r per module; `scale`
-    is alpha / r, or a request giving each module its own (rank patterns).
+    """‖ΔW‖_F of the whole update, per module by whichever is cheaper: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), r × r, or the
+    product itself where it is smaller (a rank above the module's sides: a rank-4096 update of 1 × 1 modules once
+    made two 4096² Grams a module, 5 s of CPU a MB); `scale` is alpha / r, or a request giving each module its
+    own (rank patterns).
     numpy on one BLAS thread: torch's or OpenBLAS's idle threads spin and starve the other aggregator
     processes on a small machine (see schemas.tensors.decode_payload and aggregator.symeig)."""
     one_blas_thread()
@@ -68,7 +70,11 @@ def update_norm(factors: dict[str, LoraFactors], scale: float | RankRequest) -> 
             s = at.alpha / at.rank
         else:
             s = scale
-        squared = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+        rank, (d_out, d_in) = a64.shape[0], (b64.shape[0], a64.shape[1])
+        if d_out * d_in <= rank * (d_out + d_in):
+            squared = float(((b64 @ a64) ** 2).sum())
+        else:
+            squared = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
         if not math.isfinite(squared):  # overflowed (inf, or inf·0 = NaN): max(0, NaN) once made this 0
             return math.inf
         total += s * s * max(0.0, squared)

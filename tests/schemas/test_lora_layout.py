@@ -76,3 +76,13 @@ def test_pattern_keys_that_are_not_wire_keys_keep_peft_s_search() -> None:
     keys = ["layers\\.[0-3]\\.q_proj", "q_proj"]
     for module in ("model.layers.2.q_proj", "model.layers.7.q_proj", "model.layers.2.v_proj"):
         assert pattern_key(tuple(keys), module) == peft_key(keys, module)
+
+
+@pytest.mark.parametrize(("rank", "d_out", "d_in"), [(8, 64, 48), (4096, 1, 1), (100, 20, 30)])
+def test_the_norm_is_the_products_whichever_way_it_is_computed(rank: int, d_out: int, d_in: int) -> None:
+    """By Gram matrices where the rank is below the module's sides, by the product where it is above (a rank-4096
+    update of 1 x 1 modules once cost two 4096² Grams a module)."""
+    gen = torch.Generator().manual_seed(rank)
+    a = torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+    assert update_norm({MODULE: LoraFactors(a, b)}, 0.5) == pytest.approx(0.5 * float(torch.linalg.norm(b @ a)))
