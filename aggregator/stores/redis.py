@@ -526,10 +526,15 @@ class RedisRoundStore(RoundStore):
             return ChunkResult.BUSY
         # Acked next: a chunk a failover could take back would lose the update, so it is made safe first.
         what = f"chunk {index} of update {update_id}"
-        # A chunk's location names its transfer's signature (header and chunking) and index: one content only.
+        # A chunk's location names its transfer's signature (header and chunking), its index and this copy: the
+        # signature does not cover a chunk's own bytes, so a second copy with other bytes, under the first's name,
+        # would have replaced bytes the transfer's marker names, after they were checked.
         digest = hashlib.sha256(signature.encode()).hexdigest()[:32]
-        value = self._spill(f"transfers/{rid}/{digest}/{index}", body)
+        location = f"transfers/{rid}/{digest}/{index}-{uuid.uuid4().hex[:16]}"
+        value = self._spill(location, body)
         added, have = self._replicated_call(self._put_chunk, [k.transfer(rid)], [str(index), value, ttl_ms], what, None)
+        if not int(added) and self.payloads is not None and self.r.hget(k.transfer(rid), str(index)) != value:
+            self._forget([location])  # a copy kept before this one is the chunk: this one's bytes are named nowhere
         if int(have) >= count:
             return ChunkResult.COMPLETE
         return ChunkResult.STORED if int(added) else ChunkResult.DUPLICATE

@@ -157,6 +157,7 @@ def test_redis_keeps_markers_and_the_payload_store_the_bytes(
     header, chunks = _chunked("update-chunky")
     for i, c in enumerate(chunks):
         _put(spilled, header, i, c)
+        _put(spilled, header, i, c)  # a redelivered chunk: its second copy's file is not kept
     assert spilled.record_transfer(header, now=2.0) is RecordResult.RECORDED
     staged = spilled.put_blob("cut-8", [big[:1000], big[1000:2000]], ttl_s=60)
     assert _redis_bytes(client, federation) < 16_000, "Redis holds records and markers, not the megabyte"

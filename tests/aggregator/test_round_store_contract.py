@@ -406,6 +406,21 @@ def test_chunks_in_any_order_and_twice_complete_once_and_record_their_bytes(stor
     assert store.expire_transfers(now=1e9) == [], "nothing of a counted update is left to expire"
 
 
+def test_a_second_copy_of_a_chunk_with_other_bytes_never_replaces_the_first(store: RoundStore) -> None:
+    """The transfer is complete and its whole payload checked; another copy of chunk 0 (same header and chunking,
+    other bytes) comes before the record. Files named by the transfer and index alone were overwritten, and the
+    counted bytes were not the checked ones."""
+    header, chunks = _chunked()
+    for i, chunk in enumerate(chunks):
+        _put(store, header, i, chunk)
+    checked = store.transfer_payload(header.client_id, header.update_id, header.payload.size)
+    assert checked is not None
+    assert _put(store, header, 0, b"EVIL!") is ChunkResult.COMPLETE
+    assert store.record_transfer(header, now=11.0) is RecordResult.RECORDED
+    [got] = store.round_updates(0)
+    assert bytes(store.payload(got)) == bytes(checked) == b"".join(chunks)
+
+
 def test_a_chunk_under_another_header_is_a_mismatch(store: RoundStore) -> None:
     header, chunks = _chunked()
     _put(store, header, 0, chunks[0], sig="first")
