@@ -108,7 +108,8 @@ class ChunkIntake:
             raise SchemaError(
                 f"update id {header.update_id} was counted already with another payload", reason=Reason.REPLAY
             )
-        if state is ChunkResult.RECORDED:
+        if state is ChunkResult.RECORDED:  # counted already: what is left of this transfer goes (see _record)
+            self.store.drop_transfer(header.client_id, header.update_id)
             return ChunkOutcome("counted")
         if state is not ChunkResult.COMPLETE:
             return ChunkOutcome("stored")
@@ -119,7 +120,9 @@ class ChunkIntake:
             valid = validate_payload(header, payload, self.store, self.pins, self.limits)
             if admit is not None:
                 admit(valid)  # the service's own checks (the round's norm median), before it counts
-        except SchemaError:
+        except self.store.transient_errors:
+            raise
+        except Exception:  # refused, or a fault of ours (dead-lettered "internal"): its chunks go with it
             self.store.drop_transfer(header.client_id, header.update_id)
             raise
         del payload  # the factors are views into it; this is only the last name of the buffer itself
@@ -138,6 +141,9 @@ class ChunkIntake:
             log.warning("update %s expired while its last chunk was being handled; not counted", header.update_id)
             return ChunkOutcome("gone")
         if result is RecordResult.DUPLICATE:
+            # counted already (whole, or this transfer by another aggregator): whatever is left of it goes, or the
+            # reaper would report a counted update as expired and refused
+            self.store.drop_transfer(header.client_id, header.update_id)
             return ChunkOutcome("counted")
         return ChunkOutcome("complete", result=result)
 

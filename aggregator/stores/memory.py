@@ -89,10 +89,7 @@ class MemoryRoundStore(RoundStore):
         rid = record_id(header.client_id, header.update_id)
         with self._lock:
             if rid in self._seen:
-                had = self._updates.get(rid)
-                if had is not None and had.header.payload.sha256 != header.payload.sha256:
-                    return RecordResult.REPLAY
-                return RecordResult.DUPLICATE
+                return self._seen_again(rid, header)
             if header.base_version > self._version:
                 return RecordResult.FUTURE
             if max_staleness is not None and self._version - header.base_version > max_staleness:
@@ -109,6 +106,13 @@ class MemoryRoundStore(RoundStore):
             ids.append(rid)
             self._opened.setdefault(self._version, now)
             return RecordResult.RECORDED
+
+    def _seen_again(self, rid: str, header: LoraUpdate) -> RecordResult:
+        """An id counted already: a replay if it was counted with another payload, else a duplicate."""
+        had = self._updates.get(rid)
+        if had is not None and had.header.payload.sha256 != header.payload.sha256:
+            return RecordResult.REPLAY
+        return RecordResult.DUPLICATE
 
     def put_chunk(
         self,
@@ -161,9 +165,10 @@ class MemoryRoundStore(RoundStore):
         max_staleness: int | None = None,
         pins: Mapping[str, str] | None = None,
     ) -> RecordResult:
+        rid = record_id(header.client_id, header.update_id)
         with self._lock:
-            if record_id(header.client_id, header.update_id) in self._seen:
-                return RecordResult.DUPLICATE
+            if rid in self._seen:
+                return self._seen_again(rid, header)
         payload = self.transfer_payload(header.client_id, header.update_id, header.payload.size)
         if payload is None:
             raise TransferGone(f"the chunks of update {header.update_id} were dropped before it was recorded")

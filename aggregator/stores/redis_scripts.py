@@ -26,6 +26,8 @@ if redis.call('SISMEMBER', seen, id) == 1 then
   if had and had ~= payload then return 4 end
   return 0
 end
+-- Chunks that expired (reported incomplete) or were dropped: gone, before any other verdict would count it twice.
+if chunked and redis.call('EXISTS', staged) == 0 then return -1 end
 local v = redis.call('GET', version) or '0'
 if v ~= expected then return 6 end
 if base > tonumber(v) then return 3 end
@@ -35,7 +37,6 @@ for i = first_pin, #ARGV, 2 do
   if pinned and pinned ~= ARGV[i + 1] then return 5 end
 end
 if chunked then
-  if redis.call('EXISTS', staged) == 0 then return -1 end
   redis.call('RENAME', staged, payload)
   redis.call('PERSIST', payload)
   redis.call('ZREM', open_transfers, id)

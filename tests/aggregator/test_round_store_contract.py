@@ -441,6 +441,28 @@ def test_an_idle_transfer_expires_once_and_cannot_be_recorded_after(store: Round
     assert store.round_updates(0) == []
 
 
+def test_a_transfer_that_expired_is_gone_even_when_it_is_also_stale(store: RoundStore) -> None:
+    """Reported expired (incomplete) by the reaper, then its last chunk's record: gone, not refused "stale" as
+    well, which counted one update refused twice."""
+    header, chunks = _chunked()
+    _put(store, header, 0, chunks[0], now=10.0)
+    store.record(_update("c9", "update-other"), b"x", now=10.0)
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None and store.commit(lease, 1, [_release("c9", 1)], _record(1), now=11.0)
+    assert len(store.expire_transfers(now=1e9)) == 1
+    with pytest.raises(TransferGone):
+        store.record_transfer(header, now=1e9, max_staleness=0)
+
+
+def test_an_id_counted_whole_then_completed_in_chunks_with_other_bytes_is_a_replay(store: RoundStore) -> None:
+    header, chunks = _chunked()
+    for i, chunk in enumerate(chunks):  # its chunks, kept before an update of its id (other bytes) is counted whole
+        _put(store, header, i, chunk)
+    whole = header.model_copy(update={"payload": PayloadInfo(size=3, sha256="9" * 64)})
+    assert store.record(whole, b"abc", now=1.0) is RecordResult.RECORDED
+    assert store.record_transfer(header, now=2.0) is RecordResult.REPLAY
+
+
 def test_a_refused_transfer_is_dropped(store: RoundStore) -> None:
     header, chunks = _chunked()
     for i, c in enumerate(chunks):
