@@ -143,8 +143,8 @@ def _parsed(raw: bytes, data_bytes: int) -> tuple[Entry, ...]:
 def _parse(raw: bytes, data_bytes: int) -> tuple[Entry, ...]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TensorDecodeError(f"payload is not valid safetensors: header is not JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested past the stack, a 5,000-digit number
+        raise TensorDecodeError(f"payload is not valid safetensors: header is not JSON ({str(exc)[:200]})") from exc
     if not isinstance(header, dict):
         raise TensorDecodeError("payload is not valid safetensors: header is not a JSON object")
     header.pop("__metadata__", None)
@@ -215,6 +215,9 @@ def split_payload(buffer: bytearray | memoryview) -> tuple[memoryview, tuple[Ent
     return data, parse_header(view[8 : 8 + n], len(data))
 
 
+MAX_DIM = 2**31 - 1  # one side of a tensor; 2**63 beside a 0 made torch's empty tensor overflow
+
+
 def _offsets(name: str, entry: object) -> tuple[int, int]:
     if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
         raise TensorDecodeError(f"tensor {name!r} has dtype {entry['dtype']}; only float dtypes are accepted")
@@ -223,7 +226,7 @@ def _offsets(name: str, entry: object) -> tuple[int, int]:
         and set(entry) == {"dtype", "shape", "data_offsets"}
         and entry["dtype"] in DTYPES
         and isinstance(entry["shape"], list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in entry["shape"])
         and isinstance(entry["data_offsets"], list)
         and len(entry["data_offsets"]) == 2
         and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["data_offsets"])

@@ -76,6 +76,10 @@ def _with_header(header: object, data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
+def _raw_header(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
 MALFORMED = {
     "shorter than the length": b"\x01\x00",
     "header past the end": struct.pack("<Q", 10**6) + b"{}",
@@ -96,6 +100,12 @@ MALFORMED = {
     "missing data": _with_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
     "negative offset": _with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 4),
     "a tensor named __metadata__": st_save({"__metadata__": torch.zeros(2)}),
+    # these three were dead-lettered "internal" (RecursionError, Python's digit limit, torch's overflow)
+    "header nested past the stack": _raw_header(b"[" * 100_000 + b"]" * 100_000),
+    "a 5,000-digit number": _raw_header(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}'),
+    "an empty tensor beside a side of 2**63": _with_header(
+        {"a": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}, b""
+    ),
     "a tensor and one named __metadata__": st_save({"a": torch.zeros(1), "__metadata__": torch.zeros(1)}),
 }
 
