@@ -7,14 +7,14 @@ import signal
 import threading
 
 from prometheus_client import start_http_server
-from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from aggregator.config import config_from_settings
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from aggregator.stores import open_store
-from broker.connect import connect
+from broker.connect import connect, say_retrying, sleeping_until
 from broker.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -42,22 +42,26 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
     # Deliveries held when the connection drops go back to the queue; the store makes their second
     # arrival a no-op, so reconnecting and carrying on is always safe. Any broker error does that, not only a
     # lost connection (a channel the broker closed, a publish it refused): the process never exits for one,
-    # and neither for Redis being unreachable while it starts; it logs, backs off and serves again.
+    # and neither for Redis being unreachable while it starts; it logs a line, backs off and serves again.
+    # SIGTERM or Ctrl-C ends the back-off at once: a process waiting for a broker that never comes still stops.
     @retry(
         retry=retry_if_exception_type((BrokerError, *store.transient_errors)),
         wait=wait_exponential(multiplier=0.5, max=15),
-        before_sleep=before_sleep_log(log, logging.WARNING, exc_info=True),
+        stop=stop_when_event_set(stop),
+        sleep=sleeping_until(stop),
+        before_sleep=say_retrying(log),
+        retry_error_callback=lambda _: None,  # stopped while backing off
     )
     def serve() -> None:
         transport = connect(
             settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=config.owner, tls=settings.tls_files()
         )
+        log.info("aggregator %s serving federation %r", config.owner, settings.federation)
         try:
             AggregatorService(transport, store, config, metrics=metrics).run(stop)
         finally:
             transport.close()
 
-    log.info("aggregator %s serving federation %r", config.owner, settings.federation)
     serve()
 
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from aggregator.registry import SERVICE_STRATEGIES, served
 from aggregator.rounds import RoundPolicy
 from aggregator.stores.replication import Replication
+from broker.connect import check_broker_url
 from broker.topology import MAILBOX_MAX_BYTES
 from schemas.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from schemas.recipe import RecipeSettings
@@ -96,6 +97,18 @@ class AggregatorSettings(RecipeSettings):
         if self.privacy() is not None and self.strategy != "flexlora":
             raise ValueError("differential privacy aggregates by FlexLoRA's dense path: use --strategy flexlora")
         return self
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker_url(cls, url: str) -> str:
+        return check_broker_url(url)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_store_url(cls, url: str) -> str:
+        from aggregator.stores import check_store_url
+
+        return check_store_url(url)
 
     @field_validator("payload_store")
     @classmethod

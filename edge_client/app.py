@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from prometheus_client import start_http_server
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_when_event_set, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_when_event_set, wait_exponential
 
-from broker.connect import connect
+from broker.connect import connect, say_retrying, sleeping_until
 from broker.errors import BrokerError, ConnectionLost, DeliveryGone
 from broker.transport import Transport
 from edge_client.checkpoint import CheckpointStore
@@ -116,13 +116,15 @@ def load_examples(settings: ClientSettings) -> LocalData:
 
 
 def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Transport:
-    """Connect, retrying with capped exponential backoff while the broker is away (or until stopped)."""
+    """Connect, retrying with capped exponential backoff while the broker is away, or until stopped (which ends
+    the back-off at once, and raises the last ConnectionLost)."""
 
     @retry(
         retry=retry_if_exception_type(ConnectionLost),
         wait=wait_exponential(multiplier=0.5, max=30),
         stop=stop_when_event_set(stop),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        sleep=sleeping_until(stop),
+        before_sleep=say_retrying(log),
         reraise=True,
     )
     def attempt() -> Transport:

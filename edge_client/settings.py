@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from broker.connect import check_broker_url
 from edge_client.ranks import RankPolicy, rank_policy
 from edge_client.resources import RankChoice
 from edge_client.tasks import task_names
@@ -62,6 +63,11 @@ class ClientSettings(RecipeSettings):
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; choose from {task_names()}")
         return self
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker_url(cls, url: str) -> str:
+        return check_broker_url(url)
 
     @field_validator("rank_schedule", mode="before")
     @classmethod

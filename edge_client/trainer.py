@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -43,6 +44,10 @@ class TrainResult:
     start_score: float | None = None
 
 
+class Interrupted(Exception):
+    """A local epoch stopped before its last step (the process was asked to stop)."""
+
+
 class LocalTrainer:
     """Trains only the LoRA factors of a PeftModel on the device's own examples."""
 
@@ -70,9 +75,11 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.encoded)
 
-    def train(self) -> TrainResult:
+    def train(self, stop: threading.Event | None = None) -> TrainResult:
         """One local epoch of `local_steps` steps from the current adapter; a fresh optimiser each time,
-        since the factors were just replaced by the aggregator's and old moments no longer apply."""
+        since the factors were just replaced by the aggregator's and old moments no longer apply. Interrupted
+        (raised after the step under way) once `stop` is set: the epoch is not finished, and the adapter holds
+        the steps it took."""
         start_score = score(self.model, self.tokenizer, self.held_out) if self.held_out else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=0.0)
@@ -94,6 +101,9 @@ class LocalTrainer:
             losses.append(float(loss.item()))
             if self.on_step is not None:
                 self.on_step(step, losses[-1])
+            if stop is not None and stop.is_set() and step + 1 < self.config.local_steps:
+                self.model.eval()
+                raise Interrupted(f"stopped after local step {step + 1} of {self.config.local_steps}")
         self.model.eval()
         return TrainResult(sum(losses) / len(losses), len(losses), self.num_samples, start_score)
 

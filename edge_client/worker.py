@@ -16,7 +16,7 @@ from broker.topology import JOIN_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Message, Subscription, Transport
 from edge_client.checkpoint import CheckpointStore
 from edge_client.ranks import RankPolicy
-from edge_client.trainer import LocalTrainer, TrainConfig, TrainResult
+from edge_client.trainer import Interrupted, LocalTrainer, TrainConfig, TrainResult
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import Reason, SchemaError
 from schemas.lora import RankRequest, adapter_rank, join_lora, recut, split_lora
@@ -209,7 +209,13 @@ class EdgeWorker:
                 choice = self.config.rank_policy(self.rounds_done)
                 if choice.rank != self.rank:
                     self.change_rank(choice.rank, stop, reason=choice.reason)
-            result = self.trainer.train()
+            start = self.trainer.adapter()
+            try:
+                result = self.trainer.train(stop)
+            except Interrupted as exc:  # asked to stop: nothing is published, and the part-epoch is undone
+                self.trainer.load(start)
+                log.info("%s: %s; nothing published", self.config.client_id, exc)
+                return None
             header, data = self.prepare(result)
             self.pending = (header, data, result)
             self._sent = False

@@ -44,14 +44,43 @@ def _logging(verbose: bool, log_format: str = "rich") -> None:
     else:
         handler = RichHandler(console=console, show_path=False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler])
-    # pika logs every step of every connection and channel at INFO; what a user needs from it is a warning.
+    # pika logs every step of every connection and channel at INFO, and each refused connection as a dozen ERROR
+    # lines with a traceback (an aggregator waiting for a broker printed 70 lines a retry). What pika reports
+    # reaches the user through our own errors and their one line each (broker.transports.rabbitmq).
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _given(**values: Any) -> dict[str, Any]:
     """Flags the user actually passed; the rest come from FLEXLORA_* variables or the defaults."""
     return {k: v for k, v in values.items() if v is not None and v != ()}
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line for an error a user can act on (a service unreachable or refusing, a port taken, a bad
+    variable), instead of a traceback; None for anything else, which is a bug and keeps its traceback."""
+    import errno
+
+    import redis
+    from pydantic_settings import SettingsError
+
+    from broker.errors import BrokerError, ConnectionLost
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"cannot reach Redis: {exc}"
+    if isinstance(exc, ConnectionLost):
+        return str(exc)
+    if isinstance(exc, BrokerError):
+        hint = ""
+        if "NOT_FOUND - no exchange" in str(exc):
+            hint = " (no aggregator has declared this federation yet: start one, or check --federation)"
+        return f"the broker refused: {exc}{hint}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"{exc.strerror}: is the --metrics-port in use by another process?"
+    if isinstance(exc, SettingsError):
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        return f"invalid setting in the environment: {exc}{cause}"
+    return None
 
 
 def _settings_error(exc: ValidationError) -> typer.Exit:

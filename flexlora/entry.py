@@ -13,6 +13,13 @@ def main() -> None:
     except ShadowedPackage as exc:
         print(f"flexlora: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from flexlora.cli import app
+    from flexlora.cli import app, explain
 
-    app()
+    try:
+        app()
+    except Exception as exc:
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"flexlora: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -19,6 +19,13 @@ SCHEMES = (
 )
 
 
+def check_store_url(url: str) -> str:
+    """`url` if it names a round store; else ValueError listing what does (settings check it at start-up)."""
+    if not url.startswith(SCHEMES):
+        raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")
+    return url
+
+
 def open_store(
     url: str,
     federation: str,
@@ -38,4 +45,5 @@ def open_store(
         from aggregator.stores.redis import RedisRoundStore
 
         return RedisRoundStore.from_url(url, federation, tls=tls, replication=replication or NO_WAIT, payloads=payloads)
-    raise ValueError(f"no round store for {url!r}; give one of {', '.join(SCHEMES)}")
+    check_store_url(url)
+    raise AssertionError("unreachable: check_store_url refuses every other URL")

@@ -140,7 +140,11 @@ class RabbitMQTransport(Transport):
             self._publish_channel = self._conn.channel()
             self._publish_channel.confirm_delivery()
         except Exception as exc:
-            self._ready.set_exception(_convert(exc))
+            converted = _convert(exc)
+            if isinstance(converted, ConnectionLost):  # say where, and why (pika's own str() is often empty)
+                where = ", ".join(f"{p.host}:{p.port}" for p, _ in self.candidates)
+                converted = ConnectionLost(f"cannot connect to the broker at {where}: {_reason(exc)}")
+            self._ready.set_exception(converted)
             return
         self._ready.set_result(None)
         try:
@@ -443,7 +447,12 @@ def _convert(exc: BaseException) -> BaseException:
     if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
         return BrokerError(f"channel closed by the broker: {exc.reply_code} {exc.reply_text}")
     if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionWrongStateError, OSError)):
-        return ConnectionLost(f"{type(exc).__name__}: {exc}")
+        return ConnectionLost(_reason(exc))
     if isinstance(exc, pika.exceptions.AMQPError):
-        return BrokerError(f"{type(exc).__name__}: {exc}")
+        return BrokerError(_reason(exc))
     return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """An error in words: many of pika's say nothing in str() (a refused connection: ""), only in repr()."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)

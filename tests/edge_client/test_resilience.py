@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundPolicy
@@ -145,9 +146,9 @@ def test_a_30_second_training_step_keeps_a_5_second_heartbeat_connection(
     worker = build_worker(_settings(federation), transport, tiny_model())
     train = worker.trainer.train
 
-    def slow_train() -> TrainResult:
+    def slow_train(stop: threading.Event | None = None) -> TrainResult:
         time.sleep(30)  # one long step: nothing on this thread talks to the broker meanwhile
-        return train()
+        return train(stop)
 
     worker.trainer.train = slow_train  # type: ignore[method-assign]
     try:
@@ -219,3 +220,27 @@ def test_client_refuses_malformed_or_empty_data_and_resolves_rank_auto(tmp_path:
     assert worker.config.rank == auto.resolved_rank().rank >= 1
     assert worker.config.lora_alpha == DEFAULT_RECIPE.alpha(worker.config.rank)
     assert worker.trainer.num_samples == 2
+
+
+def test_a_client_asked_to_stop_mid_training_stops_after_that_step_and_publishes_nothing() -> None:
+    """SIGTERM or Ctrl-C mid-epoch once let the epoch run to its end and published the update."""
+    broker = MemoryBroker()
+    settings = _settings("f").model_copy(update={"local_steps": 50})
+    transport = MemoryTransport(broker)
+    transport.declare(Topology("f").core())
+    worker = build_worker(settings, transport, tiny_model())
+    before = worker.trainer.adapter()
+    stop, steps = threading.Event(), list[int]()
+
+    def on_step(step: int, _loss: float) -> None:
+        steps.append(step)
+        if step == 2:
+            stop.set()  # the signal arrives during step 3
+
+    worker.trainer.on_step = on_step
+    assert worker.round(stop) is None
+    assert steps == [0, 1, 2], "it stopped after the step under way"
+    assert broker.depth(Topology("f").updates_queue) == 0, "nothing was published"
+    assert worker.pending is None and worker.rounds_done == 0
+    assert all(torch.equal(worker.trainer.adapter()[k], v) for k, v in before.items()), "the part-epoch is undone"
+    worker.close()
