@@ -34,6 +34,11 @@ class JsonFormatter(logging.Formatter):
 
 
 NOISY_LOGGERS = ("pika",)
+# The services' log options, flags and FLEXLORA_LOG_FORMAT / FLEXLORA_VERBOSE (compose sets them per service).
+LogFormat = Annotated[
+    str, typer.Option(envvar="FLEXLORA_LOG_FORMAT", help="rich (terminal) or json (one object per line)")
+]
+Verbose = Annotated[bool, typer.Option("--verbose/--quiet", envvar="FLEXLORA_VERBOSE")]
 
 
 def _logging(verbose: bool, log_format: str = "rich") -> None:
@@ -187,8 +192,8 @@ def aggregator(
     check: Annotated[
         bool, typer.Option("--check", help="exit 0 if an aggregator of this federation is alive on this host")
     ] = False,
-    log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+    log_format: LogFormat = "rich",
+    verbose: Verbose = True,
 ) -> None:
     """Consume updates into rounds, run FlexLoRA, publish an adapter to every participant at its rank."""
     from aggregator.app import run_aggregator
@@ -314,8 +319,8 @@ def client(
         int | None, typer.Option(help="held-out examples scored (ROUGE-L) each round and reported (0 = off)")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
-    log_format: Annotated[str, typer.Option(help="rich (terminal) or json (one object per line)")] = "rich",
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+    log_format: LogFormat = "rich",
+    verbose: Verbose = True,
 ) -> None:
     """Train a LoRA adapter locally at this device's rank and federate it round after round."""
     from edge_client.app import run_client
@@ -458,12 +463,14 @@ def aggregate(
 @app.command()
 def export(
     out: Annotated[str, typer.Option(help="directory to write the PEFT adapter into")],
-    federation: Annotated[str, typer.Option()] = "default",
-    redis_url: Annotated[str, typer.Option(help="the federation's round store")] = "redis://127.0.0.1:6379/0",
+    federation: Annotated[str | None, typer.Option(help="namespace of queues and Redis keys")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="the federation's round store")] = None,
     version: Annotated[int | None, typer.Option(help="global version (default: the newest)")] = None,
     client_id: Annotated[str | None, typer.Option(help="export this client's release")] = None,
     rank: Annotated[int | None, typer.Option(help="export a release at this rank (default: the largest)")] = None,
-    payload_store: Annotated[str, typer.Option(help="the aggregators' payload_store (redis or file:///dir)")] = "redis",
+    payload_store: Annotated[
+        str | None, typer.Option(help="the aggregators' payload_store (redis or file:///dir)")
+    ] = None,
 ) -> None:
     """Write a global version's adapter as a PEFT directory that PeftModel.from_pretrained loads."""
     from pathlib import Path
@@ -472,21 +479,25 @@ def export(
     from aggregator.stores import open_store
     from flexlora.aggregate import export_release
 
-    store = open_store(redis_url, federation, payloads=open_payloads(payload_store, federation))
+    settings = _read_settings(None, redis_url, federation, payload_store=payload_store)
+    payloads = open_payloads(settings.payload_store, settings.federation)
+    store = open_store(settings.redis_url, settings.federation, tls=settings.tls_files(), payloads=payloads)
     try:
         path, header = export_release(store, Path(out), version=version, client_id=client_id, rank=rank)
     except ValueError as exc:
-        console.print(f"[red]cannot export:[/] {exc}", highlight=False, soft_wrap=True)
+        where = f"federation {settings.federation!r}"
+        console.print(f"[red]cannot export {where}:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"{path}: version {header.version}, rank {header.rank}, alpha {header.lora_alpha}")
 
 
-def _read_settings(broker_url: str | None, redis_url: str | None, federation: str | None) -> Any:
+def _read_settings(broker_url: str | None, redis_url: str | None, federation: str | None, **more: Any) -> Any:
     """Where a federation lives, from flags or FLEXLORA_* variables (the aggregator's names and defaults)."""
     from aggregator.settings import AggregatorSettings
 
     try:
-        return AggregatorSettings(**_given(broker_url=broker_url, redis_url=redis_url, federation=federation))
+        given = _given(broker_url=broker_url, redis_url=redis_url, federation=federation, **more)
+        return AggregatorSettings(**given)
     except ValidationError as exc:
         raise _settings_error(exc) from exc
 

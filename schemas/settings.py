@@ -97,8 +97,10 @@ KNOWN_NAMES = frozenset(
         "state_dir",
         "eval_examples",
         "signing_key",
-        # read directly: the model cache, and the test suite's service addresses
+        # read directly: the model cache, the services' log options, and the test suite's service addresses
         "cache",
+        "log_format",
+        "verbose",
         "test_amqp_url",
         "test_redis_url",
     }

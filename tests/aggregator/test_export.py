@@ -101,5 +101,11 @@ def test_export_writes_a_loadable_peft_adapter(federation: str, tmp_path: Path) 
         )
         assert missing.exit_code == 2
         assert "released at ranks [4, 8]" in missing.output
+        # the federation and its store from FLEXLORA_* variables, as every other command reads them (export once
+        # read federation "default" whatever the environment said)
+        env = {"FLEXLORA_FEDERATION": federation, "FLEXLORA_REDIS_URL": REDIS_URL, "FLEXLORA_LOG_FORMAT": "json"}
+        from_env = runner.invoke(app, ["export", "--out", str(tmp_path / "from-env")], env=env)
+        assert from_env.exit_code == 0, from_env.output
+        assert "version 1, rank 8" in from_env.output
     finally:
         store.wipe()

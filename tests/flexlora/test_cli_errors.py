@@ -4,6 +4,7 @@ traceback per retry, and a process that stops when asked even while it waits for
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -50,8 +51,9 @@ def test_a_malformed_service_url_is_refused_at_start(flag: str, value: str) -> N
 def test_an_aggregator_waiting_for_a_broker_logs_a_line_a_retry_and_stops_when_asked() -> None:
     """It once printed seventy lines and two tracebacks a retry, and ignored SIGINT and SIGTERM for good."""
     url = f"amqp://guest:guest@127.0.0.1:{_closed_port()}/%2F"
-    command = _flexlora("aggregator", "--federation", "nowhere", "--broker-url", url, "--log-format", "json")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    command = _flexlora("aggregator", "--federation", "nowhere", "--broker-url", url)
+    env = {**os.environ, "FLEXLORA_LOG_FORMAT": "json"}  # as compose sets it
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     try:
         time.sleep(8)  # imports, then retries at 0, 1, 2, 4 s
         proc.send_signal(signal.SIGTERM)
