@@ -12,6 +12,7 @@ import json
 import logging
 
 from aggregator.participants import client_adapters
+from aggregator.publishing import tell_refused
 from aggregator.rounds import Lease, RecordedUpdate, RoundStore
 from aggregator.strategies import Strategy, finite_result
 from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
@@ -66,5 +67,6 @@ def drop_culprits(
             transport.publish(topology.dead_letter_exchange, UPDATE_ROUTING_KEY, b"", headers, message_id=update_id)
         except Exception:  # the count in the store is the record that matters; the copy is for inspection
             log.warning("could not put a record of dropped update %s in the dead-letter queue", update_id)
+        tell_refused(transport, topology, header.client_id, update_id, REASON, detail)
         dropped.append(update_id)
     return dropped

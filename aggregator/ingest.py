@@ -100,6 +100,7 @@ class Ingest:
         metrics: AggregatorMetrics,
         clock: Callable[[], float],
         answer_join: Callable[[StoredRelease], None],
+        tell_refused: Callable[[Message, str, str], None] = lambda message, reason, detail: None,
         recorded: Callable[[LoraUpdate, Mapping[str, LoraFactors]], None] = lambda header, factors: None,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -113,6 +114,7 @@ class Ingest:
         self.metrics = metrics
         self.clock = clock
         self.answer_join = answer_join
+        self.tell_refused = tell_refused  # a notice in the sender's mailbox for each update dead-lettered
         self.recorded = recorded  # told of every update this process recorded, with its validated factors
         self.stopping = stopping  # the process is asked to stop: give back what the store cannot take now
 
@@ -152,7 +154,7 @@ class Ingest:
             raise  # the caller reconnects; an unsettled delivery comes back to some consumer
         except SchemaError as exc:
             log.warning("dead-lettering %s (%s): %s", kind, exc.reason, exc.detail)
-            self._dead_letter(delivery, exc.reason, exc.detail)
+            self._dead_letter(delivery, exc.reason, exc.detail, kind == "update")
         except self.store.transient_errors:
             # Not the message's fault, and held while the process could: give it back for a later try.
             self.counters["requeued"] += 1
@@ -164,13 +166,15 @@ class Ingest:
             time.sleep(min(1.0, self.config.poll_s * 5))
         except Exception as exc:
             log.exception("handling a %s failed; dead-lettering it as internal", kind)
-            self._dead_letter(delivery, Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._dead_letter(delivery, Reason.INTERNAL, f"{type(exc).__name__}: {exc}", kind == "update")
             if self.config.fail_fast:
                 raise
 
-    def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+    def _dead_letter(self, delivery: Delivery, reason: str, detail: str, tell: bool = False) -> None:
         delivery.dead_letter(reason, detail)
         self.refused(reason)
+        if tell:
+            self.tell_refused(delivery.message, reason, detail)
 
     def refused(self, reason: str) -> None:
         """Count a dead-lettered message here and, for `flexlora status`, in the store."""

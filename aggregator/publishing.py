@@ -8,7 +8,9 @@ read back from the store.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,9 +19,26 @@ from aggregator.releasing import send_release, shared_cuts
 from aggregator.rounds import GLOBAL_RELEASE, Blob, RoundStore, StoredRelease
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
-from broker.transport import Transport
+from broker.transport import Message, Transport
+from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, REFUSED_KEY
 
 log = logging.getLogger(__name__)
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+def tell_refused(
+    transport: Transport, topology: Topology, client_id: str, update_id: str, reason: str, detail: str
+) -> None:
+    """Put a notice that `update_id` was refused in its client's mailbox, if the client has one (a notice never
+    makes a mailbox), so the client stops waiting for an adapter that will not come and says why. Best effort:
+    the dead letter is the record, and a client that misses the notice times out as before."""
+    headers = {REFUSED_KEY: update_id, REASON_KEY: reason, DETAIL_KEY: detail[:1000]}
+    try:
+        transport.publish(topology.adapters_exchange, client_id, b"", headers, message_id=f"refused:{update_id}")
+    except ConnectionLost:
+        raise
+    except BrokerError as exc:  # no mailbox (unroutable), or refused: nobody to tell
+        log.debug("could not tell %s that update %s was refused: %s", client_id, update_id, exc)
 
 
 class Publisher:
@@ -80,6 +99,17 @@ class Publisher:
             for _ in ready:
                 self.metrics.published()
         self.store.mark_published(version)
+
+    def tell_refused(self, message: Message, reason: str, detail: str) -> None:
+        """`tell_refused` for a dead-lettered update, when its header names a client and an update id (read
+        leniently: a header refused for its schema may still name them)."""
+        try:
+            fields = json.loads(message.headers.get(HEADER_KEY) or "null")
+        except ValueError:
+            return
+        client, update = (fields.get("client_id"), fields.get("update_id")) if isinstance(fields, dict) else (0, 0)
+        if isinstance(client, str) and _CLIENT_ID.fullmatch(client) and isinstance(update, str) and update:
+            tell_refused(self.transport, self.topology, client, update[:128], reason, detail)
 
     def answer_join(self, release: StoredRelease) -> None:
         """Send a join's answer into the client's mailbox without declaring it (PublishRefused if there is none)."""

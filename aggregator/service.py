@@ -132,6 +132,7 @@ class AggregatorService:
             metrics=self.metrics,
             clock=clock,
             answer_join=self.publisher.answer_join,
+            tell_refused=self.publisher.tell_refused,
             recorded=self._recorded,
             stopping=lambda: self._stop.is_set(),
         )

@@ -20,7 +20,18 @@ from edge_client.trainer import Interrupted, LocalTrainer, TrainConfig, TrainRes
 from schemas.chunks import CHUNK_KEY, DEFAULT_CHUNK_BYTES, parse_chunk
 from schemas.errors import Reason, SchemaError
 from schemas.lora import RankRequest, adapter_rank, join_lora, recut, split_lora
-from schemas.messages import HEADER_KEY, SHARED_RELEASE, AdapterRelease, JoinRequest, LoraUpdate, parse_release
+from schemas.messages import (
+    DETAIL_KEY,
+    HEADER_KEY,
+    REASON_KEY,
+    REFUSED_KEY,
+    RETRAIN_REASONS,
+    SHARED_RELEASE,
+    AdapterRelease,
+    JoinRequest,
+    LoraUpdate,
+    parse_release,
+)
 from schemas.ranks import AlphaPattern, RankPattern
 from schemas.signing import SIGNATURE_KEY, sign
 from schemas.tensors import decode_tensors, encode_tensors
@@ -62,6 +73,14 @@ class EdgeConfig:
 
 class AdapterTimeout(TimeoutError):
     """No adapter newer than the one held arrived in time."""
+
+
+class UpdateRefused(Exception):
+    """An aggregator refused the update this client waits on (a notice in its mailbox): it will not be counted."""
+
+    def __init__(self, update_id: str, reason: str, detail: str) -> None:
+        super().__init__(f"the federation refused update {update_id} ({reason}): {detail}")
+        self.update_id, self.reason, self.detail = update_id, reason, detail
 
 
 @dataclass(frozen=True)
@@ -196,7 +215,14 @@ class EdgeWorker:
             if self.pending is None:
                 self.join(stop)
         while (rounds is None or self.rounds_done < rounds) and not (stop is not None and stop.is_set()):
-            outcome = self.round(stop)
+            try:
+                outcome = self.round(stop)
+            except UpdateRefused as refused:
+                if refused.reason not in RETRAIN_REASONS:
+                    raise
+                log.warning("%s: %s; training again from the newest version", self.config.client_id, refused)
+                self.join(stop)
+                continue
             if outcome is None:
                 break
             if on_round is not None:
@@ -225,7 +251,13 @@ class EdgeWorker:
         if not self._sent:
             self.send(header, data)
             self._sent = True
-        release = self.wait_for_adapter(stop)
+        try:
+            release = self.wait_for_adapter(stop)
+        except UpdateRefused:  # never counted: a restart must not send it again
+            self.pending = None
+            if self.checkpoints is not None:
+                self.checkpoints.clear_pending()
+            raise
         if release is None:
             return None
         self.pending = None
@@ -335,6 +367,14 @@ class EdgeWorker:
                 return None
             delivery = self._subscription.get(0.5)
             if delivery is None:
+                continue
+            refused = delivery.message.headers.get(REFUSED_KEY)
+            if refused is not None:
+                delivery.ack()
+                if self.pending is not None and refused == self.pending[0].update_id:
+                    headers = delivery.message.headers
+                    raise UpdateRefused(refused, headers.get(REASON_KEY, "?"), headers.get(DETAIL_KEY, ""))
+                log.info("%s: a refusal of update %s, not the one it waits on", self.config.client_id, refused)
                 continue
             try:
                 release = parse_release(delivery.message.headers.get(HEADER_KEY))

@@ -65,6 +65,7 @@ def explain(exc: BaseException) -> str | None:
     """One line for an error a user can act on (a service unreachable or refusing, a port taken, a bad
     variable), instead of a traceback; None for anything else, which is a bug and keeps its traceback."""
     import errno
+    import sys
 
     import redis
     from pydantic_settings import SettingsError
@@ -82,6 +83,9 @@ def explain(exc: BaseException) -> str | None:
         return f"the broker refused: {exc}{hint}"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"{exc.strerror}: is the --metrics-port in use by another process?"
+    worker = sys.modules.get("edge_client.worker")  # loaded if it raised: a client's own ends
+    if worker is not None and isinstance(exc, (worker.UpdateRefused, worker.AdapterTimeout)):
+        return str(exc)
     if isinstance(exc, SettingsError):
         cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
         return f"invalid setting in the environment: {exc}{cause}"

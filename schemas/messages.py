@@ -26,6 +26,11 @@ SCHEMA_VERSION: Literal[1] = 1
 HEADER_KEY = "x-flexlora-header"
 REASON_KEY = "x-flexlora-reason"
 DETAIL_KEY = "x-flexlora-detail"
+# A refusal notice in a client's mailbox (no body): the update id an aggregator dead-lettered, with REASON_KEY and
+# DETAIL_KEY. A client acts only on one naming the update it waits on (ids are random: no one else can name it).
+REFUSED_KEY = "x-flexlora-refused"
+# Reasons a client meets by training again from the newest version; any other refusal stops it, saying why.
+RETRAIN_REASONS = frozenset({"stale", "version", "norm-outlier"})
 # Headers a dead-lettered copy lost because the whole table would not have fitted (see MAX_HEADERS_BYTES).
 DROPPED_KEY = "x-flexlora-dropped-headers"
 # A message whose string headers take more than this is refused ("header-size") before anything is parsed;
