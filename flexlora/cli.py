@@ -286,7 +286,9 @@ def client(
     tls_ca_file: Annotated[str | None, typer.Option(help="CA (PEM) that signs the servers' certificates")] = None,
     tls_cert_file: Annotated[str | None, typer.Option(help="this process's certificate (PEM): mutual TLS")] = None,
     tls_key_file: Annotated[str | None, typer.Option(help="its private key (PEM), unless in the cert file")] = None,
-    federation: Annotated[str | None, typer.Option()] = None,
+    federation: Annotated[
+        str | None, typer.Option(help="the federation to join (its aggregators' --federation)")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="smollm2 (bundled), tiny, a model directory or a .gguf")] = None,
     rank: Annotated[
         str | None, typer.Option(help="LoRA rank this device trains at, or auto (measured before every round)")
@@ -305,15 +307,17 @@ def client(
     target_module: Annotated[list[str] | None, typer.Option(help="module to adapt; repeat for several")] = None,
     task: Annotated[list[str] | None, typer.Option(help="built-in task for local data; repeat for several")] = None,
     data: Annotated[str | None, typer.Option(help="JSONL with instruction/input/output (Alpaca, Dolly, NI)")] = None,
-    samples_per_task: Annotated[int | None, typer.Option()] = None,
+    samples_per_task: Annotated[
+        int | None, typer.Option(help="built-in task examples this device holds per task")
+    ] = None,
     local_steps: Annotated[int | None, typer.Option(help="training steps per round")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="examples per local step")] = None,
     scaling: Annotated[str | None, typer.Option(help="LoRA scaling: rslora (default), rank or fixed")] = None,
     alpha_factor: Annotated[float | None, typer.Option(help="alpha = factor · rank^exponent of the scaling")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="peak learning rate of a local run")] = None,
     schedule: Annotated[str | None, typer.Option(help="local schedule: linear (default), constant, cosine")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps of a local run")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option(help="seeds the data draw, the LoRA init and the batches")] = None,
     rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (0 = run until stopped)")] = None,
     heartbeat_s: Annotated[int | None, typer.Option(help="AMQP heartbeat in seconds")] = None,
     adapter_timeout_s: Annotated[float | None, typer.Option(help="how long to wait for a round's adapter")] = None,
