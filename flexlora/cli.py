@@ -544,6 +544,13 @@ def status(
         typer.echo(report.to_json())
     else:
         render(report, Console(), now)
+    unused = not (report.version or report.open_round.updates or report.aggregators or report.refusals)
+    if unused:  # a misspelt --federation shows an empty federation rather than an error: say so
+        console.print(
+            f"[yellow]nothing of federation {settings.federation!r} is in this store:[/] no version, update, "
+            "aggregator or refusal (is --federation or FLEXLORA_FEDERATION the one the aggregators use?)",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -68,3 +68,17 @@ def test_an_aggregator_waiting_for_a_broker_logs_a_line_a_retry_and_stops_when_a
     assert len(retries) >= 2 and all("cannot connect to the broker at 127.0.0.1" in e["message"] for e in retries)
     assert all(e["level"] == "warning" and "error" not in e for e in entries), "one line each, no traceback"
     assert "Traceback" not in out
+
+
+@pytest.mark.services
+def test_the_status_of_a_federation_nothing_has_used_says_so() -> None:
+    """A misspelt --federation showed an empty version 0 and exited 0, so the typo went unnoticed."""
+    from typer.testing import CliRunner
+
+    from flexlora.cli import app
+    from tests.conftest import AMQP_URL, REDIS_URL
+
+    where = ["--federation", "never-used-by-anyone", "--redis-url", REDIS_URL, "--broker-url", AMQP_URL]
+    result = CliRunner().invoke(app, ["status", *where])
+    assert result.exit_code == 0
+    assert "nothing of federation 'never-used-by-anyone' is in this store" in result.output
