@@ -12,7 +12,9 @@ import json
 import logging
 
 from aggregator.participants import client_adapters
+from aggregator.planning import global_request
 from aggregator.publishing import tell_refused
+from aggregator.registry import strategy_spec
 from aggregator.rounds import Lease, RecordedUpdate, RoundStore
 from aggregator.strategies import Strategy, finite_result
 from aggregator.validation import PIN_FINGERPRINT, PIN_MODULES
@@ -21,16 +23,25 @@ from broker.transport import Transport
 from schemas.errors import Reason
 from schemas.lora import module_shapes
 from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, LoraUpdate
+from schemas.recipe import DEFAULT_RECIPE, Recipe
 
 log = logging.getLogger(__name__)
 REASON = Reason.AGGREGATION
 
 
 def find_culprits(
-    store: RoundStore, strategy: Strategy, recorded: list[RecordedUpdate]
+    store: RoundStore,
+    strategy: Strategy,
+    recorded: list[RecordedUpdate],
+    global_rank: int = 0,
+    recipe: Recipe = DEFAULT_RECIPE,
 ) -> list[tuple[LoraUpdate, str]]:
-    """Each update of a round that fails on its own, with why it cannot be aggregated."""
+    """Each update of a round that fails on its own, with why it cannot be aggregated: cut at its own rank and,
+    where the strategy releases a global cut, at the round's (a larger rank at a smaller alpha / rank makes the
+    same ΔW larger factors: an update finite at its own cut can overflow only in the global one)."""
     fingerprint, shapes = store.pinned(PIN_FINGERPRINT), store.pinned(PIN_MODULES)
+    nested = strategy_spec(strategy.name).nested_cuts
+    requests = [item.header.request for item in recorded]
     out = []
     for item in recorded:
         h = item.header
@@ -42,7 +53,10 @@ def find_culprits(
             own = json.dumps({m: list(s) for m, s in module_shapes(client.factors).items()}, sort_keys=True)
             if shapes is not None and own != shapes:
                 raise ValueError("its module shapes are not the federation's")
-            finite_result(strategy.aggregate([client], [1.0], [h.request]))
+            cuts = [h.request]
+            if nested:
+                cuts.append(global_request(requests, list(client.factors), global_rank, recipe))
+            finite_result(strategy.aggregate([client], [1.0], cuts))
         except store.transient_errors:
             raise
         except Exception as exc:
@@ -51,13 +65,20 @@ def find_culprits(
 
 
 def drop_culprits(
-    store: RoundStore, transport: Transport, topology: Topology, strategy: Strategy, lease: Lease
+    store: RoundStore,
+    transport: Transport,
+    topology: Topology,
+    strategy: Strategy,
+    lease: Lease,
+    global_rank: int = 0,
+    recipe: Recipe = DEFAULT_RECIPE,
 ) -> list[str]:
-    """Take the updates that cannot be aggregated out of the leased round; returns the ids dropped."""
+    """Take the updates that cannot be aggregated out of the leased round; returns the ids dropped. `global_rank`
+    and `recipe`: the round's, which its global cut depends on."""
     round_id = lease.round_id
     recorded = store.round_updates(round_id)
     dropped = []
-    for header, detail in find_culprits(store, strategy, recorded):
+    for header, detail in find_culprits(store, strategy, recorded, global_rank, recipe):
         update_id = header.update_id
         if not store.drop_update(lease, header.client_id, update_id):
             continue  # the round moved on meanwhile, or another aggregator took its lease

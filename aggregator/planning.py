@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,10 +111,7 @@ def aggregate_round(
     wanted = {i.client_id: i.request for i in inputs}
     spec = strategy_spec(strategy.name)
     if spec.nested_cuts or privacy is not None:
-        # The global cut is uniform, at the largest rank any module of any client is cut at.
-        modules = _modules(inputs, folded)
-        top = max(global_rank, *(r.max_rank(modules) for r in wanted.values()))
-        wanted[GLOBAL_RELEASE] = RankRequest(top, recipe.alpha(top))
+        wanted[GLOBAL_RELEASE] = global_request(wanted.values(), _modules(inputs, folded), global_rank, recipe)
     if privacy is not None:
         return _private_round(inputs, round_id, wanted, step.server_lr, global_at, privacy)
     carried: list[ClientAdapter] = []
@@ -146,6 +143,15 @@ def aggregate_round(
     if eta != 1.0:
         result = _scaled(result, eta)
     return RoundPlan(weights, wanted, finite_result(result), {**result.info, **info})
+
+
+def global_request(
+    requests: Iterable[RankRequest], modules: Sequence[str], global_rank: int, recipe: Recipe
+) -> RankRequest:
+    """The global release's cut: uniform, at the largest rank any module of any client is cut at (and at least
+    `global_rank`), at the recipe's alpha for that rank."""
+    top = max(global_rank, *(r.max_rank(modules) for r in requests))
+    return RankRequest(top, recipe.alpha(top))
 
 
 def round_weights(

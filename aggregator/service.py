@@ -288,7 +288,10 @@ class AggregatorService:
         except Exception:
             # Not Redis, not the broker: an update the round cannot aggregate. Drop it (refused, "aggregation")
             # rather than fail the round every few seconds forever; with none to blame, retry as before.
-            dropped = drop_culprits(self.store, self.transport, self.topology, self.strategy, lease)
+            c = self.config
+            dropped = drop_culprits(
+                self.store, self.transport, self.topology, self.strategy, lease, c.global_rank, c.recipe
+            )
             for _ in dropped:
                 self._refused(REFUSED_AGGREGATION)
             if not dropped:
