@@ -53,6 +53,8 @@ def run_aggregator(settings: AggregatorSettings, stop: threading.Event | None = 
         retry_error_callback=lambda _: None,  # stopped while backing off
     )
     def serve() -> None:
+        if stop.is_set():  # asked to stop during the back-off: no attempt more (one may wait out a timeout)
+            return
         transport = connect(
             settings.broker_url, heartbeat=settings.heartbeat_s, connection_name=config.owner, tls=settings.tls_files()
         )

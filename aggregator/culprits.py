@@ -12,7 +12,7 @@ import json
 import logging
 
 from aggregator.participants import client_adapters
-from aggregator.planning import global_request
+from aggregator.planning import global_request, scaled
 from aggregator.publishing import tell_refused
 from aggregator.registry import strategy_spec
 from aggregator.rounds import Lease, RecordedUpdate, RoundStore
@@ -35,6 +35,7 @@ def find_culprits(
     recorded: list[RecordedUpdate],
     global_rank: int = 0,
     recipe: Recipe = DEFAULT_RECIPE,
+    server_lr: float = 1.0,
 ) -> list[tuple[LoraUpdate, str]]:
     """Each update of a round that fails on its own, with why it cannot be aggregated: cut at its own rank and,
     where the strategy releases a global cut, at the round's (a larger rank at a smaller alpha / rank makes the
@@ -56,7 +57,7 @@ def find_culprits(
             cuts = [h.request]
             if nested:
                 cuts.append(global_request(requests, list(client.factors), global_rank, recipe))
-            finite_result(strategy.aggregate([client], [1.0], cuts))
+            finite_result(scaled(strategy.aggregate([client], [1.0], cuts), server_lr))
         except store.transient_errors:
             raise
         except Exception as exc:
@@ -72,13 +73,14 @@ def drop_culprits(
     lease: Lease,
     global_rank: int = 0,
     recipe: Recipe = DEFAULT_RECIPE,
+    server_lr: float = 1.0,
 ) -> list[str]:
-    """Take the updates that cannot be aggregated out of the leased round; returns the ids dropped. `global_rank`
-    and `recipe`: the round's, which its global cut depends on."""
+    """Take the updates that cannot be aggregated out of the leased round; returns the ids dropped. `global_rank`,
+    `recipe` and `server_lr`: the round's, which its global cut and its scale depend on."""
     round_id = lease.round_id
     recorded = store.round_updates(round_id)
     dropped = []
-    for header, detail in find_culprits(store, strategy, recorded, global_rank, recipe):
+    for header, detail in find_culprits(store, strategy, recorded, global_rank, recipe, server_lr):
         update_id = header.update_id
         if not store.drop_update(lease, header.client_id, update_id):
             continue  # the round moved on meanwhile, or another aggregator took its lease

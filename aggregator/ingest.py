@@ -174,7 +174,10 @@ class Ingest:
         delivery.dead_letter(reason, detail)
         self.refused(reason)
         if tell:
-            self.tell_refused(delivery.message, reason, detail)
+            try:
+                self.tell_refused(delivery.message, reason, detail)
+            except Exception:  # a notice is best effort: the dead letter is the record
+                log.warning("could not tell the sender of a refused update", exc_info=True)
 
     def refused(self, reason: str) -> None:
         """Count a dead-lettered message here and, for `flexlora status`, in the store."""
@@ -277,6 +280,9 @@ class Ingest:
         factor = self.config.norm_outlier_factor
         if factor is None:
             return
+        if self.store.counted(valid.header.client_id, valid.header.update_id):
+            return  # a redelivery of an update counted already: recording it finds it a duplicate, whatever the
+            # round's median has become since (refused here, its client was told a counted update was refused)
         norms = sorted(self.store.norms(self.store.status().round_id))
         if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
             raise SchemaError(

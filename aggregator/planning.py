@@ -141,7 +141,7 @@ def aggregate_round(
     else:
         result = strategy.aggregate([i.adapter for i in inputs], weights, list(wanted.values()), carried)
     if eta != 1.0:
-        result = _scaled(result, eta)
+        result = scaled(result, eta)
     return RoundPlan(weights, wanted, finite_result(result), {**result.info, **info})
 
 
@@ -275,7 +275,7 @@ def _private_round(
     return RoundPlan(weights, wanted, finite_result(AggregationResult(adapters=adapters, info=info)), info)
 
 
-def _scaled(result: AggregationResult, factor: float) -> AggregationResult:
+def scaled(result: AggregationResult, factor: float) -> AggregationResult:
     """Every released adapter times `factor` (B scaled: the SVD of cX is c times the SVD of X)."""
     adapters = {
         request: {m: LoraFactors(A=f.A, B=f.B * factor) for m, f in modules.items()}

@@ -20,10 +20,15 @@ from aggregator.rounds import GLOBAL_RELEASE, Blob, RoundStore, StoredRelease
 from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Message, Transport
+from schemas.errors import Reason
 from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, REFUSED_KEY
 
 log = logging.getLogger(__name__)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# Refusals after which the named client is not told: nothing shows the message came from it.
+_SENDER_UNPROVEN = frozenset(
+    {Reason.HEADER_SIZE, Reason.SCHEMA, Reason.FEDERATION, Reason.IDENTITY, Reason.SIGNATURE, Reason.REPLAY}
+)
 
 
 def tell_refused(
@@ -35,9 +40,7 @@ def tell_refused(
     headers = {REFUSED_KEY: update_id, REASON_KEY: reason, DETAIL_KEY: detail[:1000]}
     try:
         transport.publish(topology.adapters_exchange, client_id, b"", headers, message_id=f"refused:{update_id}")
-    except ConnectionLost:
-        raise
-    except BrokerError as exc:  # no mailbox (unroutable), or refused: nobody to tell
+    except BrokerError as exc:  # no mailbox (unroutable), refused, or the connection gone: nobody told
         log.debug("could not tell %s that update %s was refused: %s", client_id, update_id, exc)
 
 
@@ -54,9 +57,11 @@ class Publisher:
         owner: str,
         chunk_bytes: int,
         claim_s: float,
+        require_identity: bool = False,
     ) -> None:
         self.transport, self.store, self.topology, self.metrics = transport, store, topology, metrics
         self.owner, self.chunk_bytes, self.claim_s = owner, chunk_bytes, claim_s
+        self.require_identity = require_identity  # refusal notices only where the broker user is the client
         self._declared: set[str] = set()
         self._declaring_thread = ThreadPoolExecutor(1, thread_name_prefix="mailboxes")
         self._declaring: Future[None] | None = None
@@ -101,15 +106,25 @@ class Publisher:
         self.store.mark_published(version)
 
     def tell_refused(self, message: Message, reason: str, detail: str) -> None:
-        """`tell_refused` for a dead-lettered update, when its header names a client and an update id (read
-        leniently: a header refused for its schema may still name them)."""
+        """`tell_refused` for a dead-lettered update whose header names its client and update id, unless the
+        refusal means the sender may not be that client (its identity, signature or header did not check out, or
+        the id was counted with other bytes: a replay), the federation requires identities and the broker user
+        is not the client's, or that update id was counted (a redelivered copy refused for the round's state
+        since: its client must not drop an update that counts)."""
+        if reason in _SENDER_UNPROVEN:
+            return
         try:
             fields = json.loads(message.headers.get(HEADER_KEY) or "null")
-        except ValueError:
+        except (ValueError, RecursionError):  # a header nested past the stack is refused "schema" first
             return
         client, update = (fields.get("client_id"), fields.get("update_id")) if isinstance(fields, dict) else (0, 0)
-        if isinstance(client, str) and _CLIENT_ID.fullmatch(client) and isinstance(update, str) and update:
-            tell_refused(self.transport, self.topology, client, update[:128], reason, detail)
+        if not (isinstance(client, str) and _CLIENT_ID.fullmatch(client) and isinstance(update, str) and update):
+            return
+        if self.require_identity and message.user_id != self.topology.client_user(client):
+            return
+        if self.store.counted(client, update):
+            return
+        tell_refused(self.transport, self.topology, client, update[:128], reason, detail)
 
     def answer_join(self, release: StoredRelease) -> None:
         """Send a join's answer into the client's mailbox without declaring it (PublishRefused if there is none)."""

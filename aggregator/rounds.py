@@ -375,6 +375,10 @@ class RoundStore(abc.ABC):
         """A federation fact, or None while unset (reading never sets it)."""
 
     @abc.abstractmethod
+    def counted(self, client_id: str, update_id: str) -> bool:
+        """Whether this client's update id was counted (recorded in some round; dropped ones stay counted)."""
+
+    @abc.abstractmethod
     def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
         """Take an update out of the leased round, still open (it cannot be aggregated); its id stays counted as
         seen, so a redelivery is not counted again. Fenced like `commit`: only the holder of the round's newest

@@ -90,6 +90,7 @@ class AggregatorService:
             owner=config.owner,
             chunk_bytes=config.chunk_bytes,
             claim_s=config.lease_s,
+            require_identity=config.require_identity,
         )
         self._last_republish = 0.0
         self._privacy_refused: str | None = None  # why the open round may not commit (its ε would pass the budget)
@@ -290,7 +291,14 @@ class AggregatorService:
             # rather than fail the round every few seconds forever; with none to blame, retry as before.
             c = self.config
             dropped = drop_culprits(
-                self.store, self.transport, self.topology, self.strategy, lease, c.global_rank, c.recipe
+                self.store,
+                self.transport,
+                self.topology,
+                self.strategy,
+                lease,
+                c.global_rank,
+                c.recipe,
+                c.server_lr,
             )
             for _ in dropped:
                 self._refused(REFUSED_AGGREGATION)

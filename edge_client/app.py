@@ -128,6 +128,8 @@ def connect_with_retry(settings: ClientSettings, stop: threading.Event) -> Trans
         reraise=True,
     )
     def attempt() -> Transport:
+        if stop.is_set():  # asked to stop during the back-off: no attempt more (one may wait out a timeout)
+            raise ConnectionLost("asked to stop before the broker answered")
         return connect(
             settings.broker_url,
             heartbeat=settings.heartbeat_s,

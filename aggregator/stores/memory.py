@@ -328,6 +328,10 @@ class MemoryRoundStore(RoundStore):
         with self._lock:
             return self._pins.get(name)
 
+    def counted(self, client_id: str, update_id: str) -> bool:
+        with self._lock:
+            return record_id(client_id, update_id) in self._seen
+
     def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
         rid = record_id(client_id, update_id)
         round_id = lease.round_id

@@ -767,6 +767,9 @@ class RedisRoundStore(RoundStore):
         value = cast(bytes | None, self.r.hget(self.keys.pins, name))
         return None if value is None else value.decode()
 
+    def counted(self, client_id: str, update_id: str) -> bool:
+        return bool(self.r.sismember(self.keys.seen, record_id(client_id, update_id)))
+
     def drop_update(self, lease: Lease, client_id: str, update_id: str) -> bool:
         k = self.keys
         rid, round_id = record_id(client_id, update_id), lease.round_id

@@ -35,3 +35,18 @@ def test_an_update_finite_at_its_own_cut_that_overflows_the_global_one_is_the_cu
     [(culprit, detail)] = find_culprits(store, FlexLoRA(), recorded, global_rank=0, recipe=FIXED)
     assert culprit.client_id == "mallory" and "NaN or infinite" in detail
     assert find_culprits(store, FlexLoRA(), recorded[:1], global_rank=0, recipe=FIXED) == []
+
+
+def test_an_update_that_overflows_only_once_scaled_by_the_server_step_is_the_culprit() -> None:
+    """Rank 64 at alpha 16 (scale 0.25), every value 6.25e17: its cut's B is about 2e38, finite; the round
+    multiplies the cut by server_lr 2, to inf. Tried without that scale, no update was to blame."""
+    store = MemoryRoundStore()
+    big = LoraFactors(A=torch.full((64, 64), 6.25e17), B=torch.full((64, 64), 6.25e17))
+    body, info = encode_tensors(join_lora({MODULE: big}))
+    mallory, _ = synthetic_update("f", "mallory", 64, 0, shape=SHAPE, seed=2)
+    mallory = mallory.model_copy(update={"lora_alpha": 16.0, "payload": info})
+    assert store.record(mallory, body, now=1.0) is RecordResult.RECORDED
+    recorded = store.round_updates(0)
+    assert find_culprits(store, FlexLoRA(), recorded, recipe=FIXED) == []
+    [(culprit, _)] = find_culprits(store, FlexLoRA(), recorded, recipe=FIXED, server_lr=2.0)
+    assert culprit.client_id == "mallory"

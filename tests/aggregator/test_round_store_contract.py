@@ -200,6 +200,15 @@ def test_a_stale_lease_holder_cannot_commit(store: RoundStore) -> None:
     assert store.version() == 1
 
 
+def test_counted_says_which_ids_a_client_had_counted_even_after_a_drop(store: RoundStore) -> None:
+    assert not store.counted("c1", "update-1")
+    store.record(_update("c1", "update-1"), b"x", now=1.0)
+    assert store.counted("c1", "update-1") and not store.counted("c2", "update-1")
+    lease = store.acquire(0, "agg", ttl_s=30)
+    assert lease is not None and store.drop_update(lease, "c1", "update-1")
+    assert store.counted("c1", "update-1"), "a dropped update stays counted: its redelivery is not counted again"
+
+
 def test_a_stale_lease_holder_cannot_drop_an_update_from_the_round_another_commits(store: RoundStore) -> None:
     """A finaliser paused past its lease must not take an update out of the round while the new holder commits
     the updates it read by count: the late one would be acked, then neither aggregated nor carried over."""
