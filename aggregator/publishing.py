@@ -25,9 +25,18 @@ from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, REFUSED_KEY
 
 log = logging.getLogger(__name__)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
-# Refusals after which the named client is not told: nothing shows the message came from it.
+# Refusals after which the named client is not told: nothing shows the message came from it (and a fault of
+# ours, "internal", may have come before the sender's checks).
 _SENDER_UNPROVEN = frozenset(
-    {Reason.HEADER_SIZE, Reason.SCHEMA, Reason.FEDERATION, Reason.IDENTITY, Reason.SIGNATURE, Reason.REPLAY}
+    {
+        Reason.HEADER_SIZE,
+        Reason.SCHEMA,
+        Reason.FEDERATION,
+        Reason.IDENTITY,
+        Reason.SIGNATURE,
+        Reason.REPLAY,
+        Reason.INTERNAL,
+    }
 )
 
 
