@@ -280,11 +280,11 @@ class Ingest:
         factor = self.config.norm_outlier_factor
         if factor is None:
             return
-        if self.store.counted(valid.header.client_id, valid.header.update_id):
-            return  # a redelivery of an update counted already: recording it finds it a duplicate, whatever the
-            # round's median has become since (refused here, its client was told a counted update was refused)
         norms = sorted(self.store.norms(self.store.status().round_id))
         if len(norms) >= 3 and valid.norm > factor * norms[len(norms) // 2]:
+            if self.store.counted(valid.header.client_id, valid.header.update_id):
+                return  # a redelivery of an update counted already: recording it finds it a duplicate, whatever
+                # the round's median has become since (refused here, its client was told a counted one was refused)
             raise SchemaError(
                 f"‖ΔW‖ = {valid.norm:.4g} is over {factor:g}× the round's median {norms[len(norms) // 2]:.4g}",
                 reason=Reason.NORM_OUTLIER,

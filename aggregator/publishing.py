@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from pydantic import TypeAdapter, ValidationError
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.releasing import send_release, shared_cuts
@@ -21,10 +22,10 @@ from broker.errors import BrokerError, ConnectionLost
 from broker.topology import Topology
 from broker.transport import Message, Transport
 from schemas.errors import Reason
-from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, REFUSED_KEY
+from schemas.messages import DETAIL_KEY, HEADER_KEY, REASON_KEY, REFUSED_KEY, ClientId
 
 log = logging.getLogger(__name__)
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_CLIENT_ID = TypeAdapter(ClientId)  # the headers' own bound on a client id
 # Refusals after which the named client is not told: nothing shows the message came from it (and a fault of
 # ours, "internal", may have come before the sender's checks).
 _SENDER_UNPROVEN = frozenset(
@@ -127,7 +128,11 @@ class Publisher:
         except (ValueError, RecursionError):  # a header nested past the stack is refused "schema" first
             return
         client, update = (fields.get("client_id"), fields.get("update_id")) if isinstance(fields, dict) else (0, 0)
-        if not (isinstance(client, str) and _CLIENT_ID.fullmatch(client) and isinstance(update, str) and update):
+        if not (isinstance(update, str) and update):
+            return
+        try:
+            client = _CLIENT_ID.validate_python(client)
+        except ValidationError:
             return
         if self.require_identity and message.user_id != self.topology.client_user(client):
             return
